@@ -1,0 +1,661 @@
+//! The key-value API: get, put, delete, transactions and compaction.
+//!
+//! Requests are builders that are awaited directly:
+//!
+//! ```no_run
+//! # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
+//! use etcdv3::{SortOrder, SortTarget};
+//! let kv = client.kv();
+//! kv.put("/app/a", "1").await?;
+//! let resp = kv
+//!     .get("/app/")
+//!     .prefix()
+//!     .sort(SortTarget::Key, SortOrder::Descend)
+//!     .limit(10)
+//!     .await?;
+//! for item in &resp.kvs {
+//!     println!("{} = {}", item.key_str()?, item.value_str()?);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use tonic::transport::Channel;
+
+use crate::client::{CallOpts, Client, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::proto::etcdserverpb as pb;
+use crate::txn::Txn;
+use crate::types::{IntoBytes, KeyValue, ResponseHeader, prefix_range_end};
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Marker for a request built as a transaction operation (see [`Op`](crate::Op)): it has no
+/// client to be sent with and cannot be awaited on its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Detached;
+
+/// The key-value API of a [`Client`]; get it with [`Client::kv`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    client: Client,
+}
+
+pub(crate) fn kv_client(ch: Channel, cfg: &Config) -> pb::kv_client::KvClient<Channel> {
+    pb::kv_client::KvClient::new(ch)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(cfg.max_encoding_bytes())
+}
+
+impl Kv {
+    pub(crate) fn new(client: Client) -> Self {
+        Kv { client }
+    }
+
+    /// Read `key` (or, with the builder's options, a range of keys).
+    pub fn get(&self, key: impl IntoBytes) -> Get {
+        Get::with(self.clone(), key.into_bytes())
+    }
+
+    /// Read every key in the store (the range `"\0"`..`"\0"`). Combine with `limit`,
+    /// `keys_only`, `count_only` to keep the answer small.
+    pub fn get_all(&self) -> Get {
+        Get::with(self.clone(), Bytes::from_static(b"\0")).from_key()
+    }
+
+    /// Write `value` at `key`.
+    pub fn put(&self, key: impl IntoBytes, value: impl IntoBytes) -> Put {
+        Put::with(self.clone(), key.into_bytes(), value.into_bytes())
+    }
+
+    /// Delete `key` (or, with the builder's options, a range of keys).
+    pub fn delete(&self, key: impl IntoBytes) -> Delete {
+        Delete::with(self.clone(), key.into_bytes())
+    }
+
+    /// Start a transaction: `when(compares)`, `and_then(ops)`, `or_else(ops)`, then await it.
+    pub fn txn(&self) -> Txn {
+        Txn::with(self.clone())
+    }
+
+    /// Compact the key-value history up to `revision`: older versions of keys become
+    /// unreadable, and watches from before it fail with [`ErrorKind::Compacted`].
+    pub fn compact(&self, revision: i64) -> Compact {
+        Compact {
+            kv: self.clone(),
+            req: pb::CompactionRequest {
+                revision,
+                physical: false,
+            },
+            opts: CallOpts::default(),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        self.client.config()
+    }
+
+    pub(crate) async fn range(&self, req: pb::RangeRequest, opts: CallOpts) -> Result<GetResponse> {
+        validate_range(&req)?;
+        let cfg = self.config().clone();
+        let resp = self
+            .client
+            .unary(req, opts, |ch, r| {
+                let mut c = kv_client(ch, &cfg);
+                async move { c.range(r).await }
+            })
+            .await?;
+        Ok(GetResponse::from_pb(resp))
+    }
+
+    async fn put_pb(&self, req: pb::PutRequest, opts: CallOpts) -> Result<PutResponse> {
+        validate_put(&req)?;
+        check_size(req.encoded_len(), self.config())?;
+        let cfg = self.config().clone();
+        let resp = self
+            .client
+            .unary(req, opts, |ch, r| {
+                let mut c = kv_client(ch, &cfg);
+                async move { c.put(r).await }
+            })
+            .await?;
+        Ok(PutResponse::from_pb(resp))
+    }
+
+    async fn delete_pb(&self, req: pb::DeleteRangeRequest, opts: CallOpts) -> Result<DeleteResponse> {
+        validate_delete(&req)?;
+        let cfg = self.config().clone();
+        let resp = self
+            .client
+            .unary(req, opts, |ch, r| {
+                let mut c = kv_client(ch, &cfg);
+                async move { c.delete_range(r).await }
+            })
+            .await?;
+        Ok(DeleteResponse::from_pb(resp))
+    }
+
+    pub(crate) async fn txn_pb(&self, req: pb::TxnRequest, opts: CallOpts) -> Result<crate::TxnResponse> {
+        crate::txn::validate_txn(&req, self.config())?;
+        check_size(req.encoded_len(), self.config())?;
+        let cfg = self.config().clone();
+        let resp = self
+            .client
+            .unary(req, opts, |ch, r| {
+                let mut c = kv_client(ch, &cfg);
+                async move { c.txn(r).await }
+            })
+            .await?;
+        Ok(crate::TxnResponse::from_pb(resp))
+    }
+
+    async fn compact_pb(&self, req: pb::CompactionRequest, opts: CallOpts) -> Result<CompactResponse> {
+        let cfg = self.config().clone();
+        let resp = self
+            .client
+            .unary(req, opts, |ch, r| {
+                let mut c = kv_client(ch, &cfg);
+                async move { c.compact(r).await }
+            })
+            .await?;
+        Ok(CompactResponse {
+            header: ResponseHeader::from_pb(resp.header),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client-side validation: reject what the server would reject anyway, with the same kind.
+
+fn empty_key() -> Error {
+    Error::new(ErrorKind::EmptyKey, "key is not provided")
+}
+
+pub(crate) fn validate_range(req: &pb::RangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(empty_key());
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_put(req: &pb::PutRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(empty_key());
+    }
+    if req.ignore_value && !req.value.is_empty() {
+        return Err(Error::new(
+            ErrorKind::ValueProvided,
+            "ignore_value is set and a value is given",
+        ));
+    }
+    if req.ignore_lease && req.lease != 0 {
+        return Err(Error::new(
+            ErrorKind::LeaseProvided,
+            "ignore_lease is set and a lease is given",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_delete(req: &pb::DeleteRangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(empty_key());
+    }
+    Ok(())
+}
+
+pub(crate) fn check_size(len: usize, cfg: &Config) -> Result<()> {
+    if len > cfg.max_request_bytes {
+        return Err(Error::new(
+            ErrorKind::RequestTooLarge,
+            format!(
+                "request of {len} bytes exceeds the limit of {} bytes (max_request_bytes)",
+                cfg.max_request_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sorting
+
+/// Order of a sorted range read.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SortOrder {
+    /// No sorting (keys come in key order).
+    None,
+    /// Lowest first.
+    Ascend,
+    /// Highest first.
+    Descend,
+}
+
+/// What a sorted range read sorts by.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SortTarget {
+    /// The key.
+    Key,
+    /// The key's version.
+    Version,
+    /// The key's create revision.
+    Create,
+    /// The key's last modification revision.
+    Mod,
+    /// The value.
+    Value,
+}
+
+impl SortOrder {
+    fn to_pb(self) -> pb::range_request::SortOrder {
+        match self {
+            SortOrder::None => pb::range_request::SortOrder::None,
+            SortOrder::Ascend => pb::range_request::SortOrder::Ascend,
+            SortOrder::Descend => pb::range_request::SortOrder::Descend,
+        }
+    }
+}
+
+impl SortTarget {
+    fn to_pb(self) -> pb::range_request::SortTarget {
+        match self {
+            SortTarget::Key => pb::range_request::SortTarget::Key,
+            SortTarget::Version => pb::range_request::SortTarget::Version,
+            SortTarget::Create => pb::range_request::SortTarget::Create,
+            SortTarget::Mod => pb::range_request::SortTarget::Mod,
+            SortTarget::Value => pb::range_request::SortTarget::Value,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Get
+
+/// A range read; await it (or turn a [`Detached`] one into a transaction [`Op`](crate::Op)).
+#[must_use = "a request does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Get<C = Kv> {
+    pub(crate) ctx: C,
+    pub(crate) req: pb::RangeRequest,
+    opts: CallOpts,
+}
+
+impl<C> Get<C> {
+    pub(crate) fn with(ctx: C, key: Bytes) -> Self {
+        Get {
+            ctx,
+            req: pb::RangeRequest {
+                key,
+                ..Default::default()
+            },
+            opts: CallOpts::default(),
+        }
+    }
+
+    /// Read every key that starts with the key. An empty key with `prefix()` reads all keys.
+    pub fn prefix(mut self) -> Self {
+        if self.req.key.is_empty() {
+            // Go's convention: an empty prefix means every key.
+            self.req.key = Bytes::from_static(b"\0");
+            self.req.range_end = Bytes::from_static(b"\0");
+        } else {
+            self.req.range_end = prefix_range_end(&self.req.key);
+        }
+        self
+    }
+
+    /// Read every key greater than or equal to the key.
+    pub fn from_key(mut self) -> Self {
+        if self.req.key.is_empty() {
+            self.req.key = Bytes::from_static(b"\0");
+        }
+        self.req.range_end = Bytes::from_static(b"\0");
+        self
+    }
+
+    /// Read the half-open range `[key, end)`.
+    pub fn range(mut self, end: impl IntoBytes) -> Self {
+        self.req.range_end = end.into_bytes();
+        self
+    }
+
+    /// Return at most `limit` keys (0: no limit). [`GetResponse::more`] tells whether more exist.
+    pub fn limit(mut self, limit: i64) -> Self {
+        self.req.limit = limit;
+        self
+    }
+
+    /// Read as of `revision` (0 or unset: the latest). A compacted revision fails with
+    /// [`ErrorKind::Compacted`], a future one with [`ErrorKind::FutureRevision`].
+    pub fn revision(mut self, revision: i64) -> Self {
+        self.req.revision = revision;
+        self
+    }
+
+    /// Sort the result by `target` in `order`.
+    pub fn sort(mut self, target: SortTarget, order: SortOrder) -> Self {
+        self.req.sort_target = target.to_pb() as i32;
+        self.req.sort_order = order.to_pb() as i32;
+        self
+    }
+
+    /// Return keys without values.
+    pub fn keys_only(mut self) -> Self {
+        self.req.keys_only = true;
+        self
+    }
+
+    /// Return only the count of matching keys ([`GetResponse::count`]), no key-value pairs.
+    pub fn count_only(mut self) -> Self {
+        self.req.count_only = true;
+        self
+    }
+
+    /// Serve the read from the local member without consensus (faster; may be stale).
+    pub fn serializable(mut self) -> Self {
+        self.req.serializable = true;
+        self
+    }
+
+    /// Only keys whose last modification revision is at least `rev`.
+    pub fn min_mod_revision(mut self, rev: i64) -> Self {
+        self.req.min_mod_revision = rev;
+        self
+    }
+
+    /// Only keys whose last modification revision is at most `rev`.
+    pub fn max_mod_revision(mut self, rev: i64) -> Self {
+        self.req.max_mod_revision = rev;
+        self
+    }
+
+    /// Only keys created at revision `rev` or later.
+    pub fn min_create_revision(mut self, rev: i64) -> Self {
+        self.req.min_create_revision = rev;
+        self
+    }
+
+    /// Only keys created at revision `rev` or earlier.
+    pub fn max_create_revision(mut self, rev: i64) -> Self {
+        self.req.max_create_revision = rev;
+        self
+    }
+
+    /// This request's deadline, overriding the client's default request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.opts.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for Get<Kv> {
+    type Output = Result<GetResponse>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.ctx.range(self.req, self.opts).await })
+    }
+}
+
+/// The answer to a [`Get`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct GetResponse {
+    /// Response header.
+    pub header: ResponseHeader,
+    /// The key-value pairs read (empty for `count_only`).
+    pub kvs: Vec<KeyValue>,
+    /// True when `limit` cut the answer short and more keys match.
+    pub more: bool,
+    /// How many keys match the request, regardless of `limit`.
+    pub count: i64,
+}
+
+impl GetResponse {
+    pub(crate) fn from_pb(r: pb::RangeResponse) -> Self {
+        GetResponse {
+            header: ResponseHeader::from_pb(r.header),
+            kvs: r.kvs.into_iter().map(KeyValue::from_pb).collect(),
+            more: r.more,
+            count: r.count,
+        }
+    }
+
+    /// The first key-value pair, if any (the one for a single-key read).
+    pub fn first(&self) -> Option<&KeyValue> {
+        self.kvs.first()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Put
+
+/// A write of one key; await it (or turn a [`Detached`] one into a transaction [`Op`](crate::Op)).
+#[must_use = "a request does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Put<C = Kv> {
+    pub(crate) ctx: C,
+    pub(crate) req: pb::PutRequest,
+    opts: CallOpts,
+}
+
+impl<C> Put<C> {
+    pub(crate) fn with(ctx: C, key: Bytes, value: Bytes) -> Self {
+        Put {
+            ctx,
+            req: pb::PutRequest {
+                key,
+                value,
+                ..Default::default()
+            },
+            opts: CallOpts::default(),
+        }
+    }
+
+    /// Attach the key to lease `id`: the key is deleted when the lease expires.
+    pub fn lease(mut self, id: i64) -> Self {
+        self.req.lease = id;
+        self
+    }
+
+    /// Return the key-value pair as it was before this write ([`PutResponse::prev_kv`]).
+    pub fn prev_kv(mut self) -> Self {
+        self.req.prev_kv = true;
+        self
+    }
+
+    /// Keep the key's current value (update only its lease). The value given must be empty,
+    /// else [`ErrorKind::ValueProvided`]; the key must exist, else [`ErrorKind::KeyNotFound`].
+    pub fn ignore_value(mut self) -> Self {
+        self.req.ignore_value = true;
+        self
+    }
+
+    /// Keep the key's current lease (update only its value). No lease may be given, else
+    /// [`ErrorKind::LeaseProvided`]; the key must exist, else [`ErrorKind::KeyNotFound`].
+    pub fn ignore_lease(mut self) -> Self {
+        self.req.ignore_lease = true;
+        self
+    }
+
+    /// This request's deadline, overriding the client's default request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.opts.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for Put<Kv> {
+    type Output = Result<PutResponse>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.ctx.put_pb(self.req, self.opts).await })
+    }
+}
+
+/// The answer to a [`Put`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct PutResponse {
+    /// Response header; `header.revision` is the revision this write created.
+    pub header: ResponseHeader,
+    /// The previous key-value pair, when `prev_kv` was asked for and the key existed.
+    pub prev_kv: Option<KeyValue>,
+}
+
+impl PutResponse {
+    pub(crate) fn from_pb(r: pb::PutResponse) -> Self {
+        PutResponse {
+            header: ResponseHeader::from_pb(r.header),
+            prev_kv: r.prev_kv.map(KeyValue::from_pb),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delete
+
+/// A delete of a key or range; await it (or turn a [`Detached`] one into an [`Op`](crate::Op)).
+#[must_use = "a request does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Delete<C = Kv> {
+    pub(crate) ctx: C,
+    pub(crate) req: pb::DeleteRangeRequest,
+    opts: CallOpts,
+}
+
+impl<C> Delete<C> {
+    pub(crate) fn with(ctx: C, key: Bytes) -> Self {
+        Delete {
+            ctx,
+            req: pb::DeleteRangeRequest {
+                key,
+                ..Default::default()
+            },
+            opts: CallOpts::default(),
+        }
+    }
+
+    /// Delete every key that starts with the key. An empty key with `prefix()` deletes all keys.
+    pub fn prefix(mut self) -> Self {
+        if self.req.key.is_empty() {
+            // Go's convention: an empty prefix means every key.
+            self.req.key = Bytes::from_static(b"\0");
+            self.req.range_end = Bytes::from_static(b"\0");
+        } else {
+            self.req.range_end = prefix_range_end(&self.req.key);
+        }
+        self
+    }
+
+    /// Delete every key greater than or equal to the key.
+    pub fn from_key(mut self) -> Self {
+        if self.req.key.is_empty() {
+            self.req.key = Bytes::from_static(b"\0");
+        }
+        self.req.range_end = Bytes::from_static(b"\0");
+        self
+    }
+
+    /// Delete the half-open range `[key, end)`.
+    pub fn range(mut self, end: impl IntoBytes) -> Self {
+        self.req.range_end = end.into_bytes();
+        self
+    }
+
+    /// Return the deleted key-value pairs ([`DeleteResponse::prev_kvs`]).
+    pub fn prev_kv(mut self) -> Self {
+        self.req.prev_kv = true;
+        self
+    }
+
+    /// This request's deadline, overriding the client's default request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.opts.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for Delete<Kv> {
+    type Output = Result<DeleteResponse>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.ctx.delete_pb(self.req, self.opts).await })
+    }
+}
+
+/// The answer to a [`Delete`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct DeleteResponse {
+    /// Response header; `header.revision` is the revision this delete created (when it
+    /// deleted anything).
+    pub header: ResponseHeader,
+    /// How many keys were deleted.
+    pub deleted: i64,
+    /// The deleted key-value pairs, when `prev_kv` was asked for.
+    pub prev_kvs: Vec<KeyValue>,
+}
+
+impl DeleteResponse {
+    pub(crate) fn from_pb(r: pb::DeleteRangeResponse) -> Self {
+        DeleteResponse {
+            header: ResponseHeader::from_pb(r.header),
+            deleted: r.deleted,
+            prev_kvs: r.prev_kvs.into_iter().map(KeyValue::from_pb).collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compact
+
+/// A compaction of the key-value history; await it.
+#[must_use = "a request does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Compact {
+    kv: Kv,
+    req: pb::CompactionRequest,
+    opts: CallOpts,
+}
+
+impl Compact {
+    /// Wait until the compaction has been physically applied to the backend, so that the space
+    /// can be reclaimed (defragmentation) and the history is certainly gone.
+    pub fn physical(mut self) -> Self {
+        self.req.physical = true;
+        self
+    }
+
+    /// This request's deadline, overriding the client's default request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.opts.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for Compact {
+    type Output = Result<CompactResponse>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.kv.compact_pb(self.req, self.opts).await })
+    }
+}
+
+/// The answer to a [`Compact`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct CompactResponse {
+    /// Response header.
+    pub header: ResponseHeader,
+}

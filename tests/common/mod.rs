@@ -1,0 +1,57 @@
+//! Shared helpers of the integration tests: a real etcd per test, and a client for it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use etcdv3::Client;
+use etcdv3::testkit::EtcdCluster;
+
+/// A fresh single-member etcd (the binary from `ETCD_BIN`, PATH or /usr/bin/etcd).
+pub(crate) async fn etcd() -> EtcdCluster {
+    match EtcdCluster::builder().start_async().await {
+        Ok(c) => c,
+        Err(e) => panic!("could not start etcd (run scripts/install-etcd.sh?): {e}"),
+    }
+}
+
+/// A fresh etcd started with extra flags.
+pub(crate) async fn etcd_with(args: &[&str]) -> EtcdCluster {
+    let b = EtcdCluster::builder().args(args.iter().copied());
+    match b.start_async().await {
+        Ok(c) => c,
+        Err(e) => panic!("could not start etcd with {args:?}: {e}"),
+    }
+}
+
+/// A connected client for `cluster`, with a 10 s request timeout so nothing hangs a test.
+pub(crate) async fn client(cluster: &EtcdCluster) -> Client {
+    Client::builder(cluster.endpoints())
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect to test etcd")
+}
+
+/// Wait until `cond` returns true, polling every 20 ms, for at most `timeout`.
+pub(crate) async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The major.minor of the etcd under test, e.g. (3, 5).
+pub(crate) fn version_of(cluster: &EtcdCluster) -> (u32, u32) {
+    let v = cluster.version();
+    let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
