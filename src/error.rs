@@ -451,6 +451,8 @@ fn kind_from_code(code: tonic::Code, msg: &str) -> ErrorKind {
     match code {
         Code::Unavailable => ErrorKind::Unavailable,
         Code::DeadlineExceeded => ErrorKind::Deadline,
+        // tonic reports its own enforcement of the request's grpc-timeout this way.
+        Code::Cancelled if msg == "Timeout expired" => ErrorKind::Deadline,
         Code::Cancelled => ErrorKind::Canceled,
         Code::Unimplemented => ErrorKind::Unimplemented,
         Code::PermissionDenied => ErrorKind::PermissionDenied,
@@ -529,6 +531,7 @@ mod tests {
             (tonic::Code::Unavailable, "connection refused", ErrorKind::Unavailable),
             (tonic::Code::ResourceExhausted, "trying to send message larger than max (10 vs. 5)", ErrorKind::RequestTooLarge),
             (tonic::Code::Internal, "something odd", ErrorKind::Other),
+            (tonic::Code::Cancelled, "Timeout expired", ErrorKind::Deadline),
         ];
         for (code, msg, kind) in cases {
             let e = Error::from_status(tonic::Status::new(code, msg));

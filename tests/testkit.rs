@@ -216,6 +216,73 @@ fn no_etcd_left_behind_after_a_panic() {
     assert!(!Path::new(&dir).exists(), "temp dir {dir} not removed");
 }
 
+/// Set (to a file path) only in the child process of
+/// `no_etcd_left_behind_after_an_abort`.
+const ABORT_HELPER_ENV: &str = "ETCDV3_TESTKIT_ABORT_HELPER";
+
+/// Not a test on its own: in the child process of
+/// `no_etcd_left_behind_after_an_abort` it starts a cluster, writes its pids
+/// and directory to a file and aborts, so no destructor runs.
+#[test]
+fn abort_helper() {
+    let Some(info) = std::env::var_os(ABORT_HELPER_ENV) else {
+        return;
+    };
+    let cluster = EtcdCluster::builder().members(2).start().unwrap();
+    cluster.stop(1).unwrap();
+    let pids: Vec<String> = (0..2)
+        .map(|i| cluster.pid(i).unwrap().to_string())
+        .collect();
+    let dir = cluster.dir().unwrap().to_string_lossy().into_owned();
+    std::fs::write(&info, format!("{}\n{dir}\n", pids.join(" "))).unwrap();
+    std::process::abort();
+}
+
+#[test]
+fn no_etcd_left_behind_after_an_abort() {
+    let info = std::env::temp_dir().join(format!("etcdv3-testkit-abort-{}", std::process::id()));
+    let _ = std::fs::remove_file(&info);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "abort_helper", "--test-threads=1", "--nocapture"])
+        .env(ABORT_HELPER_ENV, &info)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the helper must have aborted");
+    let text = std::fs::read_to_string(&info).unwrap();
+    let _ = std::fs::remove_file(&info);
+    let mut lines = text.lines();
+    let pids: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let dir = lines.next().unwrap().to_owned();
+    assert_eq!(pids.len(), 2);
+    // The watchdog acts as soon as the aborted process is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for _ in 0..3000 {
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|&p| process_alive_with(p, &dir))
+            .collect();
+        if alive.is_empty() && processes_mentioning(&dir).is_empty() && !Path::new(&dir).exists() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the abort: etcd pids {alive:?} alive, dir {dir} exists: {}",
+            Path::new(&dir).exists()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("gave up waiting for the watchdog");
+}
+
 #[tokio::test]
 async fn async_start_and_waits() {
     let cluster = EtcdClusterBuilder::default().start_async().await.unwrap();

@@ -81,7 +81,8 @@ pub(crate) struct Transport {
 
 impl Transport {
     fn endpoint(cfg: &Config, ep: &ParsedEndpoint, exec: &ExecutorAdapter) -> Result<Endpoint> {
-        let mut e = Endpoint::from_shared(ep.uri.clone())
+        // No `Endpoint::timeout`: each request carries its own deadline (see `Client::unary`).
+        let e = Endpoint::from_shared(ep.uri.clone())
             .map_err(|err| {
                 Error::invalid_argument(format!("endpoint {:?}", ep.original)).with_source(err)
             })?
@@ -91,9 +92,6 @@ impl Transport {
             .keep_alive_timeout(cfg.keep_alive_timeout)
             .keep_alive_while_idle(true)
             .executor(exec.clone());
-        if let Some(t) = cfg.request_timeout {
-            e = e.timeout(t);
-        }
         Ok(e)
     }
 

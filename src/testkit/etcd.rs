@@ -389,7 +389,10 @@ impl Member {
 /// directory. Dropping the cluster sends `SIGCONT` and `SIGKILL` to every member,
 /// reaps it and removes the temporary directory (set `ETCDV3_TESTKIT_KEEP_DIR=1`
 /// to keep it). When the drop happens during a panic, the end of every member's
-/// log is printed to stderr.
+/// log is printed to stderr. Should the process end without dropping the
+/// cluster (killed by a signal, aborted, `std::process::exit`), a small
+/// watchdog process (`/bin/sh`, one per cluster) notices, kills the members and
+/// removes the directory.
 ///
 /// Members are numbered from 0. Accessors taking a member index panic when it is
 /// out of range; operations return [`TestkitError::NoSuchMember`].
@@ -410,6 +413,39 @@ pub struct EtcdCluster {
     common_args: Vec<OsString>,
     startup_timeout: Duration,
     dir: Option<TempDir>,
+    watchdog: Option<Child>,
+}
+
+/// The file, in the cluster's temporary directory, listing the members' pids.
+const PID_FILE: &str = "pids";
+
+/// The watchdog's script. It waits for its stdin to close, which happens when
+/// the process owning the cluster exits *without* dropping it (killed, aborted,
+/// `std::process::exit`...), then kills the members listed in the pid file and
+/// removes the temporary directory. A normal drop kills the watchdog first.
+/// Terminal signals are ignored so that Ctrl-C does not end it before its job.
+const WATCHDOG_SCRIPT: &str = r#"trap '' INT TERM HUP QUIT PIPE
+read -r _
+if [ -f "$1/pids" ]; then
+  for p in $(cat "$1/pids"); do kill -CONT "$p"; kill -KILL "$p"; done 2>/dev/null
+fi
+rm -rf "$1"
+"#;
+
+/// Starts the watchdog of a cluster whose temporary directory is `dir` (best
+/// effort: without `/bin/sh` there is none). Its stdin is a pipe whose write end
+/// only this process holds (std opens pipes close-on-exec).
+fn spawn_watchdog(dir: &Path) -> Option<Child> {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(WATCHDOG_SCRIPT)
+        .arg("etcdv3-testkit-watchdog")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
 }
 
 fn make_temp_dir(base: Option<&Path>) -> Result<TempDir, TestkitError> {
@@ -572,13 +608,32 @@ impl EtcdCluster {
             token,
             common_args,
             startup_timeout: cfg.startup_timeout,
+            watchdog: spawn_watchdog(dir.path()),
             dir: Some(dir),
         };
         for i in 0..cluster.members.len() {
             let child = cluster.spawn_member(i, "new")?;
             cluster.members[i].lock().child = Some(child);
+            cluster.write_pid_file();
         }
         Ok(cluster)
+    }
+
+    /// Records the pids of the running members for the watchdog (atomically:
+    /// written aside, then renamed). Best effort.
+    fn write_pid_file(&self) {
+        let Some(dir) = self.dir.as_ref().map(TempDir::path) else {
+            return;
+        };
+        let pids: Vec<String> = self
+            .members
+            .iter()
+            .filter_map(|m| m.lock().child.as_ref().map(|c| c.id().to_string()))
+            .collect();
+        let tmp = dir.join(format!("{PID_FILE}.tmp"));
+        if fs::write(&tmp, pids.join("\n") + "\n").is_ok() {
+            let _ = fs::rename(&tmp, dir.join(PID_FILE));
+        }
     }
 
     fn initial_cluster(&self) -> String {
@@ -658,6 +713,7 @@ impl EtcdCluster {
                 p.child = None;
                 p.stopped = false;
                 drop(p);
+                self.write_pid_file();
                 return Err(TestkitError::Exited {
                     index,
                     status,
@@ -994,6 +1050,8 @@ impl EtcdCluster {
                 // Exited (and now reaped) or unknowable: treat as gone.
                 p.child = None;
                 p.stopped = false;
+                drop(p);
+                self.write_pid_file();
                 false
             }
             None => false,
@@ -1014,15 +1072,18 @@ impl EtcdCluster {
     pub fn kill(&self, index: usize) -> Result<(), TestkitError> {
         let m = self.member(index)?;
         let mut p = m.lock();
-        let mut child = p.child.take().ok_or(TestkitError::NotRunning { index })?;
-        p.stopped = false;
-        // SIGKILL also ends a stopped process.
+        let child = p.child.as_mut().ok_or(TestkitError::NotRunning { index })?;
+        // SIGKILL also ends a stopped process. (std reports success when the
+        // process has already exited.)
         child
             .kill()
             .map_err(|e| TestkitError::io(format!("killing member {index}"), e))?;
-        child
-            .wait()
-            .map_err(|e| TestkitError::io(format!("reaping member {index}"), e))?;
+        let reaped = child.wait();
+        p.child = None;
+        p.stopped = false;
+        drop(p);
+        self.write_pid_file();
+        reaped.map_err(|e| TestkitError::io(format!("reaping member {index}"), e))?;
         Ok(())
     }
 
@@ -1073,6 +1134,8 @@ impl EtcdCluster {
         let mut p = m.lock();
         p.child = Some(child);
         p.stopped = false;
+        drop(p);
+        self.write_pid_file();
         Ok(())
     }
 
@@ -1104,6 +1167,11 @@ impl Drop for EtcdCluster {
                 let _ = child.wait();
             }
             p.stopped = false;
+        }
+        // Every member is gone: the watchdog has nothing left to do.
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
         }
         if std::thread::panicking() {
             for (i, m) in self.members.iter().enumerate() {
