@@ -111,10 +111,7 @@ impl fmt::Debug for Config {
             .field("keep_alive_interval", &self.keep_alive_interval)
             .field("keep_alive_timeout", &self.keep_alive_timeout)
             .field("user", &self.credentials.as_ref().map(|c| c.user.as_str()))
-            .field(
-                "password",
-                &self.credentials.as_ref().map(|_| "<redacted>"),
-            )
+            .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_txn_ops", &self.max_txn_ops)
             .finish()
@@ -369,10 +366,10 @@ impl Client {
             return Ok(None);
         };
         let current = || auth.token.read().ok().and_then(|g| g.clone());
-        if let Some(t) = current() {
-            if Some(t.0) != stale {
-                return Ok(Some(t));
-            }
+        if let Some(t) = current()
+            && Some(t.0) != stale
+        {
+            return Ok(Some(t));
         }
         let _guard = auth.refresh.lock().await;
         // Someone else may have refreshed while we waited.
@@ -396,8 +393,11 @@ impl Client {
             .map_err(Error::from_status)?
             .into_inner();
         let value = AsciiMetadataValue::try_from(resp.token.as_str()).map_err(|e| {
-            Error::new(ErrorKind::Protocol, "server sent an auth token that is not ASCII")
-                .with_source(e)
+            Error::new(
+                ErrorKind::Protocol,
+                "server sent an auth token that is not ASCII",
+            )
+            .with_source(e)
         })?;
         let fresh = (prev_gen + 1, value);
         if let Ok(mut g) = auth.token.write() {
@@ -431,17 +431,19 @@ impl Client {
             if let Some((_, t)) = &token {
                 request.metadata_mut().insert("token", t.clone());
             }
-            let remaining = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            let remaining =
+                deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
             let result = with_deadline(remaining, call(channel, request)).await?;
             match result {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) => {
                     let err = Error::from_status(status);
-                    if err.is_auth_token_error() && stale.is_none() {
-                        if let Some((generation, _)) = token {
-                            stale = Some(generation);
-                            continue;
-                        }
+                    if err.is_auth_token_error()
+                        && stale.is_none()
+                        && let Some((generation, _)) = token
+                    {
+                        stale = Some(generation);
+                        continue;
                     }
                     return Err(err);
                 }
@@ -455,7 +457,10 @@ fn deadline_error() -> Error {
 }
 
 /// Await `fut` within `timeout` (if any); a missed deadline is [`ErrorKind::Deadline`].
-pub(crate) async fn with_deadline<F: Future>(timeout: Option<Duration>, fut: F) -> Result<F::Output> {
+pub(crate) async fn with_deadline<F: Future>(
+    timeout: Option<Duration>,
+    fut: F,
+) -> Result<F::Output> {
     match timeout {
         None => Ok(fut.await),
         Some(t) => tokio::time::timeout(t, fut)

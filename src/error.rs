@@ -498,8 +498,12 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.inner.kind.as_str();
         if self.inner.message.is_empty() {
-            write!(f, "{}", self.inner.kind)
+            f.write_str(kind)
+        } else if self.inner.message.contains(kind) {
+            // The message already says it (e.g. "etcdserver: key not found").
+            f.write_str(&self.inner.message)
         } else {
             write!(f, "{}: {}", self.inner.kind, self.inner.message)
         }
@@ -522,16 +526,52 @@ mod tests {
     #[test]
     fn classifies_server_messages() {
         let cases = [
-            (tonic::Code::InvalidArgument, "etcdserver: key is not provided", ErrorKind::EmptyKey),
-            (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted", ErrorKind::Compacted),
-            (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision", ErrorKind::FutureRevision),
-            (tonic::Code::InvalidArgument, "etcdserver: duplicate key given in txn request", ErrorKind::DuplicateKey),
-            (tonic::Code::Unavailable, "etcdserver: no leader", ErrorKind::NoLeader),
-            (tonic::Code::Unauthenticated, "etcdserver: invalid auth token", ErrorKind::InvalidAuthToken),
-            (tonic::Code::Unavailable, "connection refused", ErrorKind::Unavailable),
-            (tonic::Code::ResourceExhausted, "trying to send message larger than max (10 vs. 5)", ErrorKind::RequestTooLarge),
+            (
+                tonic::Code::InvalidArgument,
+                "etcdserver: key is not provided",
+                ErrorKind::EmptyKey,
+            ),
+            (
+                tonic::Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+                ErrorKind::Compacted,
+            ),
+            (
+                tonic::Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+                ErrorKind::FutureRevision,
+            ),
+            (
+                tonic::Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+                ErrorKind::DuplicateKey,
+            ),
+            (
+                tonic::Code::Unavailable,
+                "etcdserver: no leader",
+                ErrorKind::NoLeader,
+            ),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+                ErrorKind::InvalidAuthToken,
+            ),
+            (
+                tonic::Code::Unavailable,
+                "connection refused",
+                ErrorKind::Unavailable,
+            ),
+            (
+                tonic::Code::ResourceExhausted,
+                "trying to send message larger than max (10 vs. 5)",
+                ErrorKind::RequestTooLarge,
+            ),
             (tonic::Code::Internal, "something odd", ErrorKind::Other),
-            (tonic::Code::Cancelled, "Timeout expired", ErrorKind::Deadline),
+            (
+                tonic::Code::Cancelled,
+                "Timeout expired",
+                ErrorKind::Deadline,
+            ),
         ];
         for (code, msg, kind) in cases {
             let e = Error::from_status(tonic::Status::new(code, msg));
@@ -552,5 +592,7 @@ mod tests {
         assert!(e.is_compacted());
         assert_eq!(e.compact_revision(), Some(7));
         assert_eq!(e.to_string(), "required revision has been compacted: x");
+        let e = Error::new(ErrorKind::EmptyKey, "key is not provided");
+        assert_eq!(e.to_string(), "key is not provided");
     }
 }

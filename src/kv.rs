@@ -127,7 +127,11 @@ impl Kv {
         Ok(PutResponse::from_pb(resp))
     }
 
-    async fn delete_pb(&self, req: pb::DeleteRangeRequest, opts: CallOpts) -> Result<DeleteResponse> {
+    async fn delete_pb(
+        &self,
+        req: pb::DeleteRangeRequest,
+        opts: CallOpts,
+    ) -> Result<DeleteResponse> {
         validate_delete(&req)?;
         let cfg = self.config().clone();
         let resp = self
@@ -140,7 +144,11 @@ impl Kv {
         Ok(DeleteResponse::from_pb(resp))
     }
 
-    pub(crate) async fn txn_pb(&self, req: pb::TxnRequest, opts: CallOpts) -> Result<crate::TxnResponse> {
+    pub(crate) async fn txn_pb(
+        &self,
+        req: pb::TxnRequest,
+        opts: CallOpts,
+    ) -> Result<crate::TxnResponse> {
         crate::txn::validate_txn(&req, self.config())?;
         check_size(req.encoded_len(), self.config())?;
         let cfg = self.config().clone();
@@ -154,7 +162,11 @@ impl Kv {
         Ok(crate::TxnResponse::from_pb(resp))
     }
 
-    async fn compact_pb(&self, req: pb::CompactionRequest, opts: CallOpts) -> Result<CompactResponse> {
+    async fn compact_pb(
+        &self,
+        req: pb::CompactionRequest,
+        opts: CallOpts,
+    ) -> Result<CompactResponse> {
         let cfg = self.config().clone();
         let resp = self
             .client

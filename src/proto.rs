@@ -3,7 +3,13 @@
 //! The only module where prost/tonic types are defined. It is private; the deliberate escape
 //! hatch for low-level use is [`crate::raw`], which re-exports it.
 
-#![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic, rustdoc::all)]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::all
+)]
 
 /// Multi-version concurrency control types: key-value pairs and watch events.
 pub mod mvccpb {

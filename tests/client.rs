@@ -70,7 +70,10 @@ fn works_on_a_multi_thread_runtime() {
         for h in handles {
             h.await.unwrap();
         }
-        assert_eq!(c.kv().get("mt/").prefix().count_only().await.unwrap().count, 40);
+        assert_eq!(
+            c.kv().get("mt/").prefix().count_only().await.unwrap().count,
+            40
+        );
     });
 }
 
@@ -132,7 +135,10 @@ async fn close_ends_background_tasks_while_clones_live() {
     assert!(metrics.num_alive_tasks() > baseline);
     c.close().await;
     wait_for_tasks(baseline).await;
-    assert_eq!(clone.kv().get("x").await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        clone.kv().get("x").await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
 }
 
 #[tokio::test]
@@ -250,7 +256,12 @@ async fn token_auth_and_wrong_password() {
         .await
         .unwrap();
     root.kv().put("k", "v").await.unwrap();
-    assert_eq!(root.kv().get("k").await.unwrap().kvs[0].value_str().unwrap(), "v");
+    assert_eq!(
+        root.kv().get("k").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "v"
+    );
     // A lazy client authenticates on first use.
     let lazy = Client::builder(etcd.endpoints())
         .user("root", "rootpw")

@@ -23,7 +23,10 @@ async fn empty_key_is_rejected_without_a_round_trip() {
     let c = client(&etcd).await;
     let kv = c.kv();
     assert_eq!(kv.get("").await.unwrap_err().kind(), ErrorKind::EmptyKey);
-    assert_eq!(kv.put("", "v").await.unwrap_err().kind(), ErrorKind::EmptyKey);
+    assert_eq!(
+        kv.put("", "v").await.unwrap_err().kind(),
+        ErrorKind::EmptyKey
+    );
     assert_eq!(kv.delete("").await.unwrap_err().kind(), ErrorKind::EmptyKey);
     let e = kv
         .txn()
@@ -47,7 +50,11 @@ async fn empty_key_is_rejected_without_a_round_trip() {
 async fn too_many_txn_ops_client_side_and_server_side() {
     let etcd = etcd().await;
     let c = client(&etcd).await;
-    let ops = |n: usize| (0..n).map(|i| Op::put(format!("k{i}"), "v")).collect::<Vec<_>>();
+    let ops = |n: usize| {
+        (0..n)
+            .map(|i| Op::put(format!("k{i}"), "v"))
+            .collect::<Vec<_>>()
+    };
 
     // Client-side, at etcd's default limit of 128.
     let e = c.kv().txn().and_then(ops(129)).await.unwrap_err();
@@ -61,7 +68,11 @@ async fn too_many_txn_ops_client_side_and_server_side() {
         .and_then([Op::txn().or_else(ops(129))])
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::TooManyOps, "nested txns are checked too");
+    assert_eq!(
+        e.kind(),
+        ErrorKind::TooManyOps,
+        "nested txns are checked too"
+    );
     // 128 is fine.
     let ok = c.kv().txn().and_then(ops(128)).await.unwrap();
     assert_eq!(ok.responses.len(), 128);
@@ -104,13 +115,20 @@ async fn request_too_large_client_side_and_server_side() {
     assert_eq!(e.kind(), ErrorKind::RequestTooLarge, "{e}");
     assert!(e.grpc_code().is_some());
     // ...and so does its gRPC layer for a message over its receive limit.
-    let e = lax.kv().put("big", vec![b'y'; 3 * 1024 * 1024]).await.unwrap_err();
+    let e = lax
+        .kv()
+        .put("big", vec![b'y'; 3 * 1024 * 1024])
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RequestTooLarge, "{e}");
 
     // Just under the limit works, and is read back whole (no 4 MiB decode cap either).
     let fits = vec![b'z'; 1400 * 1024];
     c.kv().put("fits", fits.clone()).await.unwrap();
-    assert_eq!(c.kv().get("fits").await.unwrap().kvs[0].value().len(), fits.len());
+    assert_eq!(
+        c.kv().get("fits").await.unwrap().kvs[0].value().len(),
+        fits.len()
+    );
     for i in 0..4 {
         c.kv().put(format!("fits{i}"), fits.clone()).await.unwrap();
     }
@@ -147,7 +165,10 @@ async fn duplicate_key_in_txn_is_typed() {
     let e = c
         .kv()
         .txn()
-        .and_then([Op::from(Op::put("dup/a", "1")), Op::from(Op::delete("dup/").prefix())])
+        .and_then([
+            Op::from(Op::put("dup/a", "1")),
+            Op::from(Op::delete("dup/").prefix()),
+        ])
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::DuplicateKey, "{e}");
@@ -174,15 +195,34 @@ async fn deadline_when_the_server_does_not_answer() {
     assert!(took < Duration::from_secs(3), "deadline honoured: {took:?}");
     // A per-request timeout overrides the client's default.
     let t = Instant::now();
-    let e = c.kv().get("k").timeout(Duration::from_millis(100)).await.unwrap_err();
+    let e = c
+        .kv()
+        .get("k")
+        .timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Deadline);
-    assert!(t.elapsed() < Duration::from_millis(390), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(390),
+        "{:?}",
+        t.elapsed()
+    );
     proxy.pass();
     // Once traffic flows again the same client works (new or resumed connection).
-    common::wait_until(Duration::from_secs(20), "client works after the blackhole", || {
-        let c = c.clone();
-        async move { c.kv().get("k").timeout(Duration::from_secs(2)).await.is_ok() }
-    })
+    common::wait_until(
+        Duration::from_secs(20),
+        "client works after the blackhole",
+        || {
+            let c = c.clone();
+            async move {
+                c.kv()
+                    .get("k")
+                    .timeout(Duration::from_secs(2))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
     .await;
 }
 
@@ -215,7 +255,9 @@ async fn invalid_configuration_is_rejected() {
     let none: [&str; 0] = [];
     let e = Client::builder(none).connect_lazy().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    let e = Client::builder(["not an endpoint"]).connect_lazy().unwrap_err();
+    let e = Client::builder(["not an endpoint"])
+        .connect_lazy()
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     let e = Client::connect(["ftp://127.0.0.1:1"]).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
@@ -230,9 +272,17 @@ async fn closed_client_fails_with_closed() {
     kv.put("k", "v").await.unwrap();
     c.close().await;
     assert_eq!(kv.get("k").await.unwrap_err().kind(), ErrorKind::Closed);
-    assert_eq!(clone.kv().put("k", "w").await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        clone.kv().put("k", "w").await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
     assert_eq!(clone.raw().unwrap_err().kind(), ErrorKind::Closed);
     // The server still has the old value: nothing was sent after close.
     let other = client(&etcd).await;
-    assert_eq!(other.kv().get("k").await.unwrap().kvs[0].value_str().unwrap(), "v");
+    assert_eq!(
+        other.kv().get("k").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "v"
+    );
 }

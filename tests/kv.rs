@@ -69,7 +69,9 @@ async fn put_then_get_single_key_with_metadata() {
     assert_eq!(none.count, 0);
 
     // Binary keys and values round-trip.
-    kv.put(vec![0u8, 159, 146, 150], &[1u8, 2, 255]).await.unwrap();
+    kv.put(vec![0u8, 159, 146, 150], &[1u8, 2, 255])
+        .await
+        .unwrap();
     let bin = kv.get(&[0u8, 159, 146, 150]).await.unwrap();
     assert_eq!(bin.kvs[0].value().as_ref(), &[1u8, 2, 255]);
     assert!(bin.kvs[0].key_str().is_err());
@@ -84,11 +86,20 @@ async fn get_prefix_from_key_range_and_all() {
         kv.put(k, format!("v-{k}")).await.unwrap();
     }
     assert_eq!(keys(&kv.get("a/").prefix().await.unwrap()), ["a/1", "a/2"]);
-    assert_eq!(keys(&kv.get("a").prefix().await.unwrap()), ["a", "a/1", "a/2"]);
+    assert_eq!(
+        keys(&kv.get("a").prefix().await.unwrap()),
+        ["a", "a/1", "a/2"]
+    );
     assert_eq!(keys(&kv.get("b").from_key().await.unwrap()), ["b", "c"]);
-    assert_eq!(keys(&kv.get("a").range("b").await.unwrap()), ["a", "a/1", "a/2"]);
+    assert_eq!(
+        keys(&kv.get("a").range("b").await.unwrap()),
+        ["a", "a/1", "a/2"]
+    );
     assert_eq!(keys(&kv.get("a/2").range("c").await.unwrap()), ["a/2", "b"]);
-    assert_eq!(keys(&kv.get_all().await.unwrap()), ["a", "a/1", "a/2", "b", "c"]);
+    assert_eq!(
+        keys(&kv.get_all().await.unwrap()),
+        ["a", "a/1", "a/2", "b", "c"]
+    );
     // An empty key with prefix() means every key, as in Go's client.
     assert_eq!(kv.get("").prefix().count_only().await.unwrap().count, 5);
     assert_eq!(values(&kv.get("c").await.unwrap()), ["v-c"]);
@@ -100,7 +111,9 @@ async fn limit_more_count_keys_only_count_only() {
     let c = client(&etcd).await;
     let kv = c.kv();
     for i in 0..10 {
-        kv.put(format!("p/{i}"), format!("value-{i}")).await.unwrap();
+        kv.put(format!("p/{i}"), format!("value-{i}"))
+            .await
+            .unwrap();
     }
     let r = kv.get("p/").prefix().limit(3).await.unwrap();
     assert_eq!(keys(&r), ["p/0", "p/1", "p/2"]);
@@ -156,19 +169,52 @@ async fn sort_by_every_target_and_order() {
     kv.put("s/a", "3").await.unwrap();
     let get = |t, o| kv.get("s/").prefix().sort(t, o);
 
-    assert_eq!(keys(&get(SortTarget::Key, SortOrder::Ascend).await.unwrap()), ["s/a", "s/b", "s/c"]);
-    assert_eq!(keys(&get(SortTarget::Key, SortOrder::Descend).await.unwrap()), ["s/c", "s/b", "s/a"]);
-    assert_eq!(keys(&get(SortTarget::Value, SortOrder::Ascend).await.unwrap()), ["s/b", "s/c", "s/a"]);
-    assert_eq!(keys(&get(SortTarget::Value, SortOrder::Descend).await.unwrap()), ["s/a", "s/c", "s/b"]);
-    assert_eq!(keys(&get(SortTarget::Create, SortOrder::Ascend).await.unwrap()), ["s/c", "s/a", "s/b"]);
-    assert_eq!(keys(&get(SortTarget::Create, SortOrder::Descend).await.unwrap()), ["s/b", "s/a", "s/c"]);
+    assert_eq!(
+        keys(&get(SortTarget::Key, SortOrder::Ascend).await.unwrap()),
+        ["s/a", "s/b", "s/c"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Key, SortOrder::Descend).await.unwrap()),
+        ["s/c", "s/b", "s/a"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Value, SortOrder::Ascend).await.unwrap()),
+        ["s/b", "s/c", "s/a"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Value, SortOrder::Descend).await.unwrap()),
+        ["s/a", "s/c", "s/b"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Create, SortOrder::Ascend).await.unwrap()),
+        ["s/c", "s/a", "s/b"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Create, SortOrder::Descend).await.unwrap()),
+        ["s/b", "s/a", "s/c"]
+    );
     // Last modified: b (rev 4) < c (rev 6) < a (rev 7).
-    assert_eq!(keys(&get(SortTarget::Mod, SortOrder::Ascend).await.unwrap()), ["s/b", "s/c", "s/a"]);
-    assert_eq!(keys(&get(SortTarget::Mod, SortOrder::Descend).await.unwrap()), ["s/a", "s/c", "s/b"]);
-    assert_eq!(keys(&get(SortTarget::Version, SortOrder::Ascend).await.unwrap()), ["s/b", "s/c", "s/a"]);
-    assert_eq!(keys(&get(SortTarget::Version, SortOrder::Descend).await.unwrap()), ["s/a", "s/c", "s/b"]);
+    assert_eq!(
+        keys(&get(SortTarget::Mod, SortOrder::Ascend).await.unwrap()),
+        ["s/b", "s/c", "s/a"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Mod, SortOrder::Descend).await.unwrap()),
+        ["s/a", "s/c", "s/b"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Version, SortOrder::Ascend).await.unwrap()),
+        ["s/b", "s/c", "s/a"]
+    );
+    assert_eq!(
+        keys(&get(SortTarget::Version, SortOrder::Descend).await.unwrap()),
+        ["s/a", "s/c", "s/b"]
+    );
     // Sorted and limited: the top one by version.
-    let top = get(SortTarget::Version, SortOrder::Descend).limit(1).await.unwrap();
+    let top = get(SortTarget::Version, SortOrder::Descend)
+        .limit(1)
+        .await
+        .unwrap();
     assert_eq!(keys(&top), ["s/a"]);
     assert_eq!(top.kvs[0].version(), 3);
 }
@@ -185,10 +231,22 @@ async fn mod_and_create_revision_filters() {
     assert!(ra < rb && rb < rc && rc < ra2);
     let g = || kv.get("f/").prefix();
 
-    assert_eq!(keys(&g().min_mod_revision(rc).await.unwrap()), ["f/a", "f/c"]);
-    assert_eq!(keys(&g().max_mod_revision(rc).await.unwrap()), ["f/b", "f/c"]);
-    assert_eq!(keys(&g().min_create_revision(rb).await.unwrap()), ["f/b", "f/c"]);
-    assert_eq!(keys(&g().max_create_revision(rb).await.unwrap()), ["f/a", "f/b"]);
+    assert_eq!(
+        keys(&g().min_mod_revision(rc).await.unwrap()),
+        ["f/a", "f/c"]
+    );
+    assert_eq!(
+        keys(&g().max_mod_revision(rc).await.unwrap()),
+        ["f/b", "f/c"]
+    );
+    assert_eq!(
+        keys(&g().min_create_revision(rb).await.unwrap()),
+        ["f/b", "f/c"]
+    );
+    assert_eq!(
+        keys(&g().max_create_revision(rb).await.unwrap()),
+        ["f/a", "f/b"]
+    );
     assert_eq!(
         keys(&g().min_mod_revision(rb).max_mod_revision(rc).await.unwrap()),
         ["f/b", "f/c"]
@@ -211,7 +269,14 @@ async fn put_with_lease_prev_kv_ignore_value_ignore_lease() {
     assert_eq!(p.value_str().unwrap(), "v1");
     assert_eq!(p.lease(), lease1);
     // No prev_kv asked: none returned.
-    assert!(kv.put("l", "v2").lease(lease1).await.unwrap().prev_kv.is_none());
+    assert!(
+        kv.put("l", "v2")
+            .lease(lease1)
+            .await
+            .unwrap()
+            .prev_kv
+            .is_none()
+    );
 
     // ignore_value: keep the value, move the key to lease2.
     kv.put("l", "").ignore_value().lease(lease2).await.unwrap();
@@ -240,7 +305,12 @@ async fn put_with_lease_prev_kv_ignore_value_ignore_lease() {
     // Client-side rejections, same kinds as the server's.
     let e = kv.put("l", "x").ignore_value().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ValueProvided);
-    let e = kv.put("l", "x").ignore_lease().lease(lease1).await.unwrap_err();
+    let e = kv
+        .put("l", "x")
+        .ignore_lease()
+        .lease(lease1)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LeaseProvided);
 }
 
@@ -255,18 +325,40 @@ async fn server_rejects_flag_conflicts_with_the_same_kinds() {
     use etcdv3::raw::etcdserverpb::{PutRequest, RangeRequest};
     let err = |s: tonic::Status| etcdv3::Error::from(s).kind();
     let e = raw
-        .put(PutRequest { key: "k".into(), value: "x".into(), ignore_value: true, ..Default::default() })
+        .put(PutRequest {
+            key: "k".into(),
+            value: "x".into(),
+            ignore_value: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err(e), ErrorKind::ValueProvided);
     let e = raw
-        .put(PutRequest { key: "k".into(), lease: 5, ignore_lease: true, ..Default::default() })
+        .put(PutRequest {
+            key: "k".into(),
+            lease: 5,
+            ignore_lease: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err(e), ErrorKind::LeaseProvided);
-    let e = raw.put(PutRequest { key: "".into(), ..Default::default() }).await.unwrap_err();
+    let e = raw
+        .put(PutRequest {
+            key: "".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err(e), ErrorKind::EmptyKey);
-    let e = raw.range(RangeRequest { key: "".into(), ..Default::default() }).await.unwrap_err();
+    let e = raw
+        .range(RangeRequest {
+            key: "".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err(e), ErrorKind::EmptyKey);
 }
 
@@ -285,7 +377,11 @@ async fn delete_single_prefix_range_from_key_with_prev_kv() {
 
     let r = kv.delete("d/b").range("d/d").prev_kv().await.unwrap();
     assert_eq!(r.deleted, 2);
-    let gone: Vec<_> = r.prev_kvs.iter().map(|k| k.value_str().unwrap().to_owned()).collect();
+    let gone: Vec<_> = r
+        .prev_kvs
+        .iter()
+        .map(|k| k.value_str().unwrap().to_owned())
+        .collect();
     assert_eq!(gone, ["d/b", "d/c"]);
 
     let r = kv.delete("e/").prefix().prev_kv().await.unwrap();
@@ -322,8 +418,14 @@ async fn txn_compares_on_every_target_with_every_operator() {
         (Compare::version("absent", CompareOp::Equal, 0), true),
         (Compare::create_revision("t", CompareOp::Equal, r1), true),
         (Compare::create_revision("t", CompareOp::Less, r1), false),
-        (Compare::create_revision("t", CompareOp::Greater, r1 - 1), true),
-        (Compare::create_revision("t", CompareOp::NotEqual, r1), false),
+        (
+            Compare::create_revision("t", CompareOp::Greater, r1 - 1),
+            true,
+        ),
+        (
+            Compare::create_revision("t", CompareOp::NotEqual, r1),
+            false,
+        ),
         (Compare::mod_revision("t", CompareOp::Equal, r2), true),
         (Compare::mod_revision("t", CompareOp::Less, r2 + 1), true),
         (Compare::mod_revision("t", CompareOp::Greater, r2), false),
@@ -358,7 +460,12 @@ async fn txn_range_compares_and_branches() {
     kv.put("s", "other").await.unwrap();
     // Every key under r/ has value "ok".
     let all_ok = Compare::value("r/", CompareOp::Equal, "ok").with_prefix();
-    let r = kv.txn().when([all_ok.clone()]).and_then([Op::put("res", "yes")]).await.unwrap();
+    let r = kv
+        .txn()
+        .when([all_ok.clone()])
+        .and_then([Op::put("res", "yes")])
+        .await
+        .unwrap();
     assert!(r.succeeded);
     kv.put("r/b", "bad").await.unwrap();
     let r = kv

@@ -572,3 +572,120 @@ async fn proxy_in_front_of_real_etcd() {
     // The member itself was never affected.
     assert!(check_health_async(cluster.client_addr(0), Duration::from_secs(5)).await);
 }
+
+/// One HTTP/2 frame.
+fn h2_frame(frame_type: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        frame_type,
+        flags,
+    ];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK "literal header field without indexing, new name" (short strings).
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    assert!(name.len() < 127 && value.len() < 127);
+    out.push(0x00);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// A unary gRPC `KV/Put` over raw HTTP/2 through the proxy: the proxy cuts the
+/// connection right after the request (not after the preceding control frames),
+/// and etcd applies the put although the client never gets an answer.
+#[tokio::test]
+async fn proxy_cuts_after_a_grpc_request() {
+    let cluster = EtcdClusterBuilder::default().start_async().await.unwrap();
+    let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
+    let long = Duration::from_secs(5);
+    let mut sock = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+
+    // Preface and SETTINGS; wait for the server's SETTINGS to come back.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    sock.write_all(&hello).await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(long, sock.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[3], 0x4, "the server starts with SETTINGS");
+
+    proxy.cut_after_next_request();
+    // Control frames do not trigger the cut: SETTINGS ack, WINDOW_UPDATE, PING.
+    sock.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
+    sock.write_all(&h2_frame(0x8, 0, 0, &[0, 1, 0, 0]))
+        .await
+        .unwrap();
+    sock.write_all(&h2_frame(0x6, 0, 0, &[7; 8])).await.unwrap();
+
+    // HEADERS (END_HEADERS) then DATA (END_STREAM), in separate writes.
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", "POST");
+    hpack_literal(&mut block, ":scheme", "http");
+    hpack_literal(&mut block, ":path", "/etcdserverpb.KV/Put");
+    hpack_literal(&mut block, ":authority", &proxy.addr().to_string());
+    hpack_literal(&mut block, "content-type", "application/grpc");
+    hpack_literal(&mut block, "te", "trailers");
+    sock.write_all(&h2_frame(0x1, 0x4, 1, &block))
+        .await
+        .unwrap();
+    // PutRequest { key: "testkit/cut", value: "applied" }.
+    let mut msg = vec![0x0a, 11];
+    msg.extend_from_slice(b"testkit/cut");
+    msg.extend_from_slice(&[0x12, 7]);
+    msg.extend_from_slice(b"applied");
+    let mut grpc = vec![0u8];
+    grpc.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    grpc.extend_from_slice(&msg);
+    sock.write_all(&h2_frame(0x0, 0x1, 1, &grpc)).await.unwrap();
+
+    // The client sees the connection close without a response HEADERS frame
+    // for stream 1.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(long, sock.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy must close the connection");
+    let mut i = 0;
+    while i + 9 <= rest.len() {
+        let len = (usize::from(rest[i]) << 16)
+            | (usize::from(rest[i + 1]) << 8)
+            | usize::from(rest[i + 2]);
+        let stream =
+            u32::from_be_bytes([rest[i + 5], rest[i + 6], rest[i + 7], rest[i + 8]]) & 0x7fff_ffff;
+        assert_ne!(stream, 1, "no answer to the request may reach the client");
+        i += 9 + len;
+    }
+    assert!(!proxy.cut_armed());
+
+    // etcd applied the put anyway.
+    let deadline = Instant::now() + long;
+    loop {
+        let body = r#"{"key":"dGVzdGtpdC9jdXQ="}"#;
+        let req = format!(
+            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(cluster.client_addr(0))
+            .await
+            .unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = String::new();
+        tokio::time::timeout(long, s.read_to_string(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
+        if resp.contains("YXBwbGllZA==") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the put was not applied: {resp}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

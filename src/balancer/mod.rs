@@ -32,12 +32,16 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<ParsedEndpoint> {
     }
     let uri = if let Some(rest) = t.strip_prefix("unix://") {
         if rest.is_empty() {
-            return Err(Error::invalid_argument(format!("endpoint {s:?}: no socket path")));
+            return Err(Error::invalid_argument(format!(
+                "endpoint {s:?}: no socket path"
+            )));
         }
         format!("unix:{rest}")
     } else if let Some(rest) = t.strip_prefix("unix:") {
         if rest.is_empty() {
-            return Err(Error::invalid_argument(format!("endpoint {s:?}: no socket path")));
+            return Err(Error::invalid_argument(format!(
+                "endpoint {s:?}: no socket path"
+            )));
         }
         format!("unix:{rest}")
     } else if t.starts_with("https://") {
@@ -114,7 +118,10 @@ impl Transport {
         }
         Err(Error::new(
             ErrorKind::Unavailable,
-            format!("could not connect to any endpoint: [{}]", failures.join("; ")),
+            format!(
+                "could not connect to any endpoint: [{}]",
+                failures.join("; ")
+            ),
         ))
     }
 
@@ -215,7 +222,14 @@ mod tests {
             parse_endpoint("unix://localhost:2379").map(|e| e.uri).ok(),
             Some("unix:localhost:2379".to_owned())
         );
-        for bad in ["", "localhost", "ftp://x:1", "http://:99", "h:notaport", "unix://"] {
+        for bad in [
+            "",
+            "localhost",
+            "ftp://x:1",
+            "http://:99",
+            "h:notaport",
+            "unix://",
+        ] {
             let err = parse_endpoint(bad).err().map(|e| e.kind());
             assert_eq!(err, Some(ErrorKind::InvalidArgument), "{bad:?}");
         }
