@@ -226,11 +226,11 @@ impl ClientBuilder {
     /// used. When credentials are set, the client also authenticates now, so a wrong password
     /// fails here with [`ErrorKind::AuthFailed`].
     pub async fn connect(self) -> Result<Client> {
-        let exec = ExecutorAdapter(self.executor);
+        let exec = ExecutorAdapter(self.executor.clone());
         let transport = Transport::connect(&self.cfg, &exec).await?;
-        let client = Client::from_parts(self.cfg, Arc::new(transport));
-        if client.inner.auth.is_some() {
-            client.token(None).await?;
+        let client = Client::from_parts(self.cfg, Arc::new(transport), self.executor);
+        if client.shared().auth.is_some() {
+            client.shared().token(None).await?;
         }
         Ok(client)
     }
@@ -238,9 +238,13 @@ impl ClientBuilder {
     /// Build the client without any I/O: the connection (and authentication) happen on the
     /// first request. Fails only on invalid configuration.
     pub fn connect_lazy(self) -> Result<Client> {
-        let exec = ExecutorAdapter(self.executor);
+        let exec = ExecutorAdapter(self.executor.clone());
         let transport = Transport::lazy(&self.cfg, &exec)?;
-        Ok(Client::from_parts(self.cfg, Arc::new(transport)))
+        Ok(Client::from_parts(
+            self.cfg,
+            Arc::new(transport),
+            self.executor,
+        ))
     }
 }
 
@@ -258,10 +262,19 @@ struct AuthState {
     refresh: tokio::sync::Mutex<()>,
 }
 
-struct Inner {
+/// What every clone of a client, and every background worker, shares: configuration, the
+/// transport, auth state and the executor. Workers hold an `Arc<Shared>` (not a `Client`), so
+/// they never keep a client alive; they end when their own handles are gone.
+pub(crate) struct Shared {
     cfg: Config,
     transport: SharedTransport,
     auth: Option<AuthState>,
+    #[allow(dead_code)] // used by the watch and lease workers
+    executor: Arc<dyn Executor>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
 }
 
 /// An etcd v3 client.
@@ -286,8 +299,8 @@ pub struct Client {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("endpoint", &self.inner.transport.pinned_endpoint())
-            .field("config", &self.inner.cfg)
+            .field("endpoint", &self.shared().transport.pinned_endpoint())
+            .field("config", &self.shared().cfg)
             .finish()
     }
 }
@@ -312,7 +325,7 @@ impl Client {
         Self::builder(endpoints).connect().await
     }
 
-    fn from_parts(cfg: Config, transport: SharedTransport) -> Client {
+    fn from_parts(cfg: Config, transport: SharedTransport, executor: Arc<dyn Executor>) -> Client {
         let auth = cfg.credentials.clone().map(|creds| AuthState {
             creds,
             token: RwLock::new(None),
@@ -320,11 +333,19 @@ impl Client {
         });
         Client {
             inner: Arc::new(Inner {
-                cfg,
-                transport,
-                auth,
+                shared: Arc::new(Shared {
+                    cfg,
+                    transport,
+                    auth,
+                    executor,
+                }),
             }),
         }
+    }
+
+    /// The state shared with background workers.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
     }
 
     /// The key-value API.
@@ -337,32 +358,84 @@ impl Client {
     /// conveniences (validation, deadlines, auth token refresh).
     pub fn raw(&self) -> Result<RawClients> {
         Ok(RawClients::new(
-            self.inner.transport.channel()?,
-            &self.inner.cfg,
+            self.shared().transport.channel()?,
+            &self.shared().cfg,
         ))
     }
 
     /// The endpoints this client was configured with.
     pub fn endpoints(&self) -> Vec<String> {
-        self.inner.transport.endpoints()
+        self.shared().transport.endpoints()
     }
 
     /// Close the client: the connection is dropped and every later request, on every clone,
     /// fails with [`ErrorKind::Closed`]. Requests already in flight finish or fail on their own.
     pub async fn close(&self) {
-        self.inner.transport.close();
+        self.shared().transport.close();
         tokio::task::yield_now().await;
     }
 
     pub(crate) fn config(&self) -> &Config {
-        &self.inner.cfg
+        &self.shared().cfg
+    }
+
+    /// Send one unary request; see [`Shared::unary`].
+    pub(crate) async fn unary<T, R, F, Fut>(&self, req: T, opts: CallOpts, call: F) -> Result<R>
+    where
+        T: Clone,
+        F: Fn(Channel, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.shared().unary(req, opts, call).await
+    }
+}
+
+#[allow(dead_code)] // stream helpers are used by the watch and lease workers
+impl Shared {
+    /// The client configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The channel to open a stream or send a request on (`Closed` after [`Client::close`]).
+    pub(crate) fn channel(&self) -> Result<Channel> {
+        self.transport.channel()
+    }
+
+    /// Whether [`Client::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.transport.channel().is_err()
+    }
+
+    /// Run a background task through the client's executor.
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.executor.spawn(Box::pin(fut));
+    }
+
+    /// A request for a new stream: carries the auth token (when auth is configured).
+    /// `stale` names a token generation the server rejected, forcing re-authentication.
+    pub(crate) async fn stream_request<T>(
+        &self,
+        msg: T,
+        stale: Option<u64>,
+    ) -> Result<(tonic::Request<T>, Option<u64>)> {
+        let token = self.token(stale).await?;
+        let mut request = tonic::Request::new(msg);
+        let generation = token.map(|(generation, t)| {
+            request.metadata_mut().insert("token", t);
+            generation
+        });
+        Ok((request, generation))
     }
 
     /// The current auth token, authenticating first when there is none or when `stale` names
     /// the generation that the server just rejected. Concurrent callers share one
     /// Authenticate call.
-    async fn token(&self, stale: Option<u64>) -> Result<Option<(u64, AsciiMetadataValue)>> {
-        let Some(auth) = &self.inner.auth else {
+    pub(crate) async fn token(
+        &self,
+        stale: Option<u64>,
+    ) -> Result<Option<(u64, AsciiMetadataValue)>> {
+        let Some(auth) = &self.auth else {
             return Ok(None);
         };
         let current = || auth.token.read().ok().and_then(|g| g.clone());
@@ -378,17 +451,17 @@ impl Client {
             Some(t) => t.0,
             None => 0,
         };
-        let channel = self.inner.transport.channel()?;
+        let channel = self.transport.channel()?;
         let mut client = pb::auth_client::AuthClient::new(channel);
         let req = pb::AuthenticateRequest {
             name: auth.creds.user.clone(),
             password: auth.creds.password.clone(),
         };
         let mut request = tonic::Request::new(req);
-        if let Some(t) = self.inner.cfg.request_timeout {
+        if let Some(t) = self.cfg.request_timeout {
             request.set_timeout(t);
         }
-        let resp = with_deadline(self.inner.cfg.request_timeout, client.authenticate(request))
+        let resp = with_deadline(self.cfg.request_timeout, client.authenticate(request))
             .await?
             .map_err(Error::from_status)?
             .into_inner();
@@ -414,12 +487,12 @@ impl Client {
         F: Fn(Channel, tonic::Request<T>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
     {
-        let timeout = opts.timeout.or(self.inner.cfg.request_timeout);
+        let timeout = opts.timeout.or(self.cfg.request_timeout);
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut stale = None;
         loop {
             let token = self.token(stale).await?;
-            let channel = self.inner.transport.channel()?;
+            let channel = self.transport.channel()?;
             let mut request = tonic::Request::new(req.clone());
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(tokio::time::Instant::now());

@@ -557,8 +557,27 @@ impl EtcdCluster {
         version: &str,
         caps: Capabilities,
     ) -> Result<Self, TestkitError> {
-        let dir = make_temp_dir(cfg.base_dir.as_deref())?;
         let ports = pick_free_ports(cfg.members * 2)?;
+        Self::spawn_on(cfg, binary, version, caps, &ports)
+    }
+
+    /// Like `spawn`, with given ports: client and peer port of member 0, then of
+    /// member 1, and so on.
+    fn spawn_on(
+        cfg: &EtcdClusterBuilder,
+        binary: &Path,
+        version: &str,
+        caps: Capabilities,
+        ports: &[u16],
+    ) -> Result<Self, TestkitError> {
+        if ports.len() != cfg.members * 2 {
+            return Err(TestkitError::Config(format!(
+                "{} ports for {} members",
+                ports.len(),
+                cfg.members
+            )));
+        }
+        let dir = make_temp_dir(cfg.base_dir.as_deref())?;
         let dir_name = dir
             .path()
             .file_name()
@@ -1216,6 +1235,47 @@ mod tests {
                 .is_err()
         );
         assert!(EtcdCluster::builder().validate().is_ok());
+    }
+
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn cluster_and_futures_are_thread_safe() {
+        // Never polled: only the types matter.
+        let start = EtcdCluster::builder().start_async();
+        assert_send(&start);
+        fn check(cluster: &EtcdCluster) {
+            assert_send_sync(cluster);
+            assert_send(&cluster.wait_healthy_async(0, Duration::ZERO));
+            assert_send(&cluster.wait_all_healthy_async(Duration::ZERO));
+            assert_send(&cluster.restart_async(0));
+            assert_send(&cluster.leader_async(Duration::ZERO));
+        }
+        let _ = check;
+    }
+
+    /// A member whose client port is taken exits, and the clash is recognised
+    /// (that is what makes `start` retry with new ports).
+    #[test]
+    fn port_clash_is_detected() {
+        let binary = find_etcd_binary().unwrap();
+        let version = etcd_version(&binary).unwrap();
+        let caps = Capabilities::probe(&binary).unwrap();
+        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut ports = pick_free_ports(1).unwrap();
+        ports.insert(0, taken.local_addr().unwrap().port());
+        let cfg = EtcdCluster::builder();
+        let cluster = EtcdCluster::spawn_on(&cfg, &binary, &version, caps, &ports).unwrap();
+        let err = cluster
+            .wait_all_healthy_until(Instant::now() + Duration::from_secs(20))
+            .unwrap_err();
+        assert!(
+            matches!(err, TestkitError::Exited { index: 0, .. }),
+            "{err}"
+        );
+        assert!(cluster.port_clash());
+        assert!(!cluster.is_running(0));
     }
 
     #[test]

@@ -570,6 +570,12 @@ mod tests {
     }
 
     #[test]
+    fn proxy_is_thread_safe() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<FaultProxy>();
+    }
+
+    #[test]
     fn h2_tracker_detects_other_protocols() {
         let mut t = H2Tracker::new();
         assert_eq!(t.feed(b"PRI"), None);
