@@ -3,13 +3,19 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use tonic::metadata::AsciiMetadataValue;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
+use tower::ServiceExt;
+use tracing::Instrument;
 
-use crate::balancer::{self, ParsedEndpoint, SharedTransport, Transport};
+use crate::balancer::retry::{Attempt, RetryState};
+use crate::balancer::{
+    self, Balancer, DefaultRetryPolicy, ParsedEndpoint, Pick, RetryPolicy, SharedTransport,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kv::Kv;
 use crate::proto::etcdserverpb as pb;
@@ -55,6 +61,13 @@ where
 #[derive(Clone)]
 pub(crate) struct ExecutorAdapter(Arc<dyn Executor>);
 
+impl ExecutorAdapter {
+    #[allow(dead_code)] // used by unit tests and per-member connections
+    pub(crate) fn new(exec: Arc<dyn Executor>) -> Self {
+        ExecutorAdapter(exec)
+    }
+}
+
 impl<F> hyper::rt::Executor<F> for ExecutorAdapter
 where
     F: Future<Output = ()> + Send + 'static,
@@ -75,6 +88,25 @@ pub(crate) struct Config {
     pub(crate) credentials: Option<Credentials>,
     pub(crate) max_request_bytes: usize,
     pub(crate) max_txn_ops: usize,
+    pub(crate) require_leader: bool,
+    pub(crate) ordering_guard: OrderingGuard,
+    pub(crate) auto_sync_interval: Option<Duration>,
+    pub(crate) retry_policy: Arc<dyn RetryPolicy>,
+}
+
+/// What the client does when a serializable read is answered from a revision older than one
+/// it has already seen (which happens after switching to a member that lags behind).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrderingGuard {
+    /// Fail the read with [`ErrorKind::StaleRead`] (the default).
+    #[default]
+    Error,
+    /// Mark the lagging endpoint failed and read again from another one (within the deadline);
+    /// [`ErrorKind::StaleRead`] if none is current.
+    RetryElsewhere,
+    /// Accept stale serializable reads.
+    Off,
 }
 
 impl Config {
@@ -114,6 +146,10 @@ impl fmt::Debug for Config {
             .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_txn_ops", &self.max_txn_ops)
+            .field("require_leader", &self.require_leader)
+            .field("ordering_guard", &self.ordering_guard)
+            .field("auto_sync_interval", &self.auto_sync_interval)
+            .field("retry_policy", &self.retry_policy)
             .finish()
     }
 }
@@ -158,6 +194,10 @@ impl ClientBuilder {
                 credentials: None,
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
                 max_txn_ops: DEFAULT_MAX_TXN_OPS,
+                require_leader: false,
+                ordering_guard: OrderingGuard::default(),
+                auto_sync_interval: None,
+                retry_policy: Arc::new(DefaultRetryPolicy::default()),
             },
             executor: Arc::new(TokioExecutor),
         }
@@ -216,6 +256,40 @@ impl ClientBuilder {
         self
     }
 
+    /// Send `hasleader` with every unary request, so a member that has lost its leader
+    /// refuses it ([`ErrorKind::NoLeader`]) instead of answering from a minority partition.
+    /// Read-only requests then move to another member. Default off (each request builder can
+    /// ask for it); watch and keep-alive streams set it on their own.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.cfg.require_leader = on;
+        self
+    }
+
+    /// What to do when a serializable read answers from an older revision than this client has
+    /// already seen (default [`OrderingGuard::Error`]).
+    pub fn ordering_guard(mut self, guard: OrderingGuard) -> Self {
+        self.cfg.ordering_guard = guard;
+        self
+    }
+
+    /// Refresh the endpoint list from the cluster's member list every `interval` (client URLs
+    /// of started, non-learner members). Off by default; [`Client::sync`] does it on demand.
+    pub fn auto_sync_interval(mut self, interval: Duration) -> Self {
+        self.cfg.auto_sync_interval = Some(interval);
+        self
+    }
+
+    /// Replace the [`DefaultRetryPolicy`] with `policy`.
+    pub fn retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.cfg.retry_policy = Arc::new(policy);
+        self
+    }
+
+    #[cfg(test)]
+    pub(crate) fn config_for_tests(&self) -> &Config {
+        &self.cfg
+    }
+
     /// Spawn the client's background tasks through `executor` instead of `tokio::spawn`.
     pub fn executor(mut self, executor: impl Executor) -> Self {
         self.executor = Arc::new(executor);
@@ -227,7 +301,7 @@ impl ClientBuilder {
     /// fails here with [`ErrorKind::AuthFailed`].
     pub async fn connect(self) -> Result<Client> {
         let exec = ExecutorAdapter(self.executor.clone());
-        let transport = Transport::connect(&self.cfg, &exec).await?;
+        let transport = Balancer::connect(&self.cfg, &exec).await?;
         let client = Client::from_parts(self.cfg, Arc::new(transport), self.executor);
         if client.shared().auth.is_some() {
             client.shared().token(None).await?;
@@ -239,7 +313,7 @@ impl ClientBuilder {
     /// first request. Fails only on invalid configuration.
     pub fn connect_lazy(self) -> Result<Client> {
         let exec = ExecutorAdapter(self.executor.clone());
-        let transport = Transport::lazy(&self.cfg, &exec)?;
+        let transport = Balancer::lazy(&self.cfg, &exec)?;
         Ok(Client::from_parts(
             self.cfg,
             Arc::new(transport),
@@ -249,9 +323,37 @@ impl ClientBuilder {
 }
 
 /// Options of one request that the generic call path understands.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct CallOpts {
+    /// The RPC's name, for tracing and retry decisions.
+    pub(crate) method: &'static str,
+    /// Read-only: safe to retry after it may have reached a server.
+    pub(crate) idempotent: bool,
     pub(crate) timeout: Option<Duration>,
+    /// `Some(true)`: send `hasleader`; `None`: the client's default.
+    pub(crate) require_leader: Option<bool>,
+}
+
+impl CallOpts {
+    /// A mutation (retried only when it never reached a server).
+    pub(crate) const fn mutation(method: &'static str) -> Self {
+        CallOpts {
+            method,
+            idempotent: false,
+            timeout: None,
+            require_leader: None,
+        }
+    }
+
+    /// A read-only call (retried on unavailable-class errors).
+    pub(crate) const fn read(method: &'static str) -> Self {
+        CallOpts {
+            method,
+            idempotent: true,
+            timeout: None,
+            require_leader: None,
+        }
+    }
 }
 
 struct AuthState {
@@ -269,12 +371,15 @@ pub(crate) struct Shared {
     cfg: Config,
     transport: SharedTransport,
     auth: Option<AuthState>,
-    #[allow(dead_code)] // used by the watch and lease workers
     executor: Arc<dyn Executor>,
+    /// The highest header revision any response has shown (for the ordering guard).
+    max_revision: AtomicI64,
 }
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Dropping this stops the auto-sync task (it waits on the receiver).
+    _auto_sync_stop: Option<tokio::sync::watch::Sender<()>>,
 }
 
 /// An etcd v3 client.
@@ -331,14 +436,23 @@ impl Client {
             token: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
         });
+        let auto_sync = cfg.auto_sync_interval;
+        let shared = Arc::new(Shared {
+            cfg,
+            transport,
+            auth,
+            executor,
+            max_revision: AtomicI64::new(0),
+        });
+        let stop = auto_sync.map(|interval| {
+            let (tx, rx) = tokio::sync::watch::channel(());
+            shared.spawn(auto_sync_task(Arc::downgrade(&shared), interval, rx));
+            tx
+        });
         Client {
             inner: Arc::new(Inner {
-                shared: Arc::new(Shared {
-                    cfg,
-                    transport,
-                    auth,
-                    executor,
-                }),
+                shared,
+                _auto_sync_stop: stop,
             }),
         }
     }
@@ -363,9 +477,30 @@ impl Client {
         ))
     }
 
-    /// The endpoints this client was configured with.
+    /// The endpoints requests are balanced over (as configured, or as last synced).
     pub fn endpoints(&self) -> Vec<String> {
         self.shared().transport.endpoints()
+    }
+
+    /// The endpoint requests currently go to.
+    pub fn pinned_endpoint(&self) -> String {
+        self.shared().transport.pinned_endpoint()
+    }
+
+    /// Replace the endpoint list at run time. Connections to endpoints that stay are kept.
+    pub fn set_endpoints<I, S>(&self, endpoints: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let eps: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        self.shared().transport.set_endpoints(&eps)
+    }
+
+    /// Replace the endpoint list with the client URLs of the cluster's started, non-learner
+    /// members (as Go's client does on auto-sync). Returns the new list.
+    pub async fn sync(&self) -> Result<Vec<String>> {
+        sync_endpoints(self.shared()).await
     }
 
     /// Close the client: the connection is dropped and every later request, on every clone,
@@ -382,12 +517,72 @@ impl Client {
     /// Send one unary request; see [`Shared::unary`].
     pub(crate) async fn unary<T, R, F, Fut>(&self, req: T, opts: CallOpts, call: F) -> Result<R>
     where
-        T: Clone,
-        F: Fn(Channel, tonic::Request<T>) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+        T: Clone + Send + Sync + 'static,
+        R: Send + 'static,
+        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
+            + Send
+            + 'static,
     {
         self.shared().unary(req, opts, call).await
     }
+}
+
+/// The auto-sync task: refreshes the endpoint list every `interval` until the client is gone
+/// (its `Inner` drops the sender, which wakes this task at once).
+async fn auto_sync_task(
+    shared: Weak<Shared>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.is_closed() {
+            return;
+        }
+        if let Err(e) = sync_endpoints(&shared).await {
+            tracing::debug!(error = %e, "endpoint auto-sync failed");
+        }
+    }
+}
+
+/// Member list -> client URLs of started (named), non-learner members -> the endpoint set.
+async fn sync_endpoints(shared: &Arc<Shared>) -> Result<Vec<String>> {
+    let max = shared.cfg.max_encoding_bytes();
+    let resp = shared
+        .unary(
+            pb::MemberListRequest {
+                linearizable: false,
+            },
+            CallOpts::read("MemberList"),
+            move |ch, r| {
+                let mut c = pb::cluster_client::ClusterClient::new(ch)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(max);
+                async move { c.member_list(r).await }
+            },
+        )
+        .await?;
+    let eps: Vec<String> = resp
+        .members
+        .into_iter()
+        .filter(|m| !m.name.is_empty() && !m.is_learner)
+        .flat_map(|m| m.client_ur_ls)
+        .collect();
+    if eps.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            "member list has no started member with client URLs",
+        ));
+    }
+    shared.transport.set_endpoints(&eps)?;
+    Ok(eps)
 }
 
 #[allow(dead_code)] // stream helpers are used by the watch and lease workers
@@ -400,6 +595,32 @@ impl Shared {
     /// The channel to open a stream or send a request on (`Closed` after [`Client::close`]).
     pub(crate) fn channel(&self) -> Result<Channel> {
         self.transport.channel()
+    }
+
+    /// The balancer's choice for a new request or stream. Report the outcome with
+    /// [`Shared::report_failure`] so a broken endpoint is left for another.
+    pub(crate) fn pick(&self) -> Result<Pick> {
+        self.transport.pick()
+    }
+
+    /// The endpoint of `pick` failed at the connection level: back it off, move the pin on.
+    pub(crate) fn report_failure(&self, pick: &Pick, err: &Error) {
+        self.transport.report_failure(pick, err);
+    }
+
+    /// How many endpoints the balancer has.
+    pub(crate) fn endpoint_count(&self) -> usize {
+        self.transport.len()
+    }
+
+    /// Record a revision seen in a response header.
+    pub(crate) fn observe_revision(&self, rev: i64) {
+        self.max_revision.fetch_max(rev, Ordering::Relaxed);
+    }
+
+    /// The highest revision seen in any response header so far.
+    pub(crate) fn max_revision(&self) -> i64 {
+        self.max_revision.load(Ordering::Relaxed)
     }
 
     /// Whether [`Client::close`] was called.
@@ -479,50 +700,146 @@ impl Shared {
         Ok(Some(fresh))
     }
 
-    /// Send one unary request through the shared path: deadline, auth token (re-authenticating
-    /// once when the server says the token is invalid), error classification.
-    pub(crate) async fn unary<T, R, F, Fut>(&self, req: T, opts: CallOpts, call: F) -> Result<R>
+    /// Send one unary request through the shared path: a tower `Retry` (with the configured
+    /// [`RetryPolicy`]) around single attempts. Each attempt goes to the balancer's pick, carries
+    /// the remaining deadline, the auth token (re-authenticating once when the server says it
+    /// is invalid) and `hasleader` when asked; connection-level failures move the pin on.
+    pub(crate) async fn unary<T, R, F, Fut>(
+        self: &Arc<Self>,
+        req: T,
+        opts: CallOpts,
+        call: F,
+    ) -> Result<R>
+    where
+        T: Clone + Send + Sync + 'static,
+        R: Send + 'static,
+        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
+            + Send
+            + 'static,
+    {
+        self.unary_at(req, opts, call).await.map(|(r, _)| r)
+    }
+
+    /// Like [`Shared::unary`], also returning which endpoint answered.
+    pub(crate) async fn unary_at<T, R, F, Fut>(
+        self: &Arc<Self>,
+        req: T,
+        opts: CallOpts,
+        call: F,
+    ) -> Result<(R, Pick)>
+    where
+        T: Clone + Send + Sync + 'static,
+        R: Send + 'static,
+        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
+            + Send
+            + 'static,
+    {
+        let timeout = opts.timeout.or(self.cfg.request_timeout);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let shared = self.clone();
+        let attempt = tower::service_fn(move |att: Attempt<T>| {
+            let shared = shared.clone();
+            let call = call.clone();
+            async move { shared.attempt(att, opts, call).await }
+        });
+        let policy = RetryState {
+            policy: self.cfg.retry_policy.clone(),
+            method: opts.method,
+            idempotent: opts.idempotent,
+            deadline,
+            endpoints: self.transport.len(),
+            attempts: 0,
+            failures: Vec::new(),
+        };
+        tower::retry::Retry::new(policy, attempt)
+            .oneshot(Attempt { msg: req, deadline })
+            .await
+    }
+
+    /// One attempt of a unary request on the balancer's current pick.
+    async fn attempt<T, R, F, Fut>(
+        self: Arc<Self>,
+        att: Attempt<T>,
+        opts: CallOpts,
+        call: F,
+    ) -> Result<(R, Pick)>
     where
         T: Clone,
         F: Fn(Channel, tonic::Request<T>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
     {
-        let timeout = opts.timeout.or(self.cfg.request_timeout);
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let require_leader = opts.require_leader.unwrap_or(self.cfg.require_leader);
         let mut stale = None;
         loop {
             let token = self.token(stale).await?;
-            let channel = self.transport.channel()?;
-            let mut request = tonic::Request::new(req.clone());
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    return Err(deadline_error());
+            let pick = self.transport.pick()?;
+            let mut request = tonic::Request::new(att.msg.clone());
+            let remaining = match att.deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(deadline_error());
+                    }
+                    request.set_timeout(left);
+                    Some(left)
                 }
-                request.set_timeout(left);
-            }
+                None => None,
+            };
             if let Some((_, t)) = &token {
                 request.metadata_mut().insert("token", t.clone());
             }
-            let remaining =
-                deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-            let result = with_deadline(remaining, call(channel, request)).await?;
-            match result {
-                Ok(resp) => return Ok(resp.into_inner()),
-                Err(status) => {
-                    let err = Error::from_status(status);
-                    if err.is_auth_token_error()
-                        && stale.is_none()
-                        && let Some((generation, _)) = token
-                    {
-                        stale = Some(generation);
-                        continue;
-                    }
-                    return Err(err);
-                }
+            if require_leader {
+                request
+                    .metadata_mut()
+                    .insert("hasleader", MetadataValue::from_static("true"));
             }
+            let span = tracing::debug_span!(
+                "etcd_request",
+                method = opts.method,
+                endpoint = pick.endpoint(),
+                outcome = tracing::field::Empty,
+            );
+            let result = with_deadline(remaining, call(pick.channel(), request))
+                .instrument(span.clone())
+                .await;
+            let err = match result {
+                Ok(Ok(resp)) => {
+                    span.record("outcome", "ok");
+                    self.transport.report_success(&pick);
+                    return Ok((resp.into_inner(), pick));
+                }
+                Ok(Err(status)) => Error::from_status(status),
+                Err(deadline) => deadline.maybe_sent(true),
+            };
+            let err = err.at_endpoint(pick.endpoint());
+            span.record("outcome", tracing::field::display(err.kind()));
+            if err.is_auth_token_error()
+                && stale.is_none()
+                && let Some((generation, _)) = token
+            {
+                stale = Some(generation);
+                continue;
+            }
+            if is_endpoint_failure(&err) {
+                self.transport.report_failure(&pick, &err);
+            }
+            return Err(err);
         }
     }
+}
+
+/// Errors that say the endpoint (not the request) is the problem: its connection failed, or
+/// the member cannot serve (no leader, stopping, a learner).
+pub(crate) fn is_endpoint_failure(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::Unavailable
+            | ErrorKind::NoLeader
+            | ErrorKind::Stopped
+            | ErrorKind::NotSupportedForLearner
+    )
 }
 
 fn deadline_error() -> Error {

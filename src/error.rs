@@ -138,6 +138,9 @@ pub enum ErrorKind {
     NotSupportedForLearner,
     /// No connection to the server could be used (transport failure, refused, reset).
     Unavailable,
+    /// A serializable read answered from a revision older than one this client has already
+    /// seen (the member serving it lags behind); see the client's ordering guard.
+    StaleRead,
     /// The server does not implement this RPC (older etcd version).
     Unimplemented,
 
@@ -226,6 +229,7 @@ impl ErrorKind {
             Unhealthy => "unhealthy cluster",
             NotSupportedForLearner => "rpc not supported for learner",
             Unavailable => "unavailable",
+            StaleRead => "stale read: the serving member is behind a revision already seen",
             Unimplemented => "not implemented by the server",
             WrongDowngradeVersionFormat => "wrong downgrade target version format",
             InvalidDowngradeTargetVersion => "invalid downgrade target version",
@@ -264,6 +268,12 @@ struct Inner {
     grpc_code: Option<i32>,
     compact_revision: Option<i64>,
     source: Option<BoxError>,
+    /// True when the request may have reached a server (so a mutation may have been applied).
+    maybe_sent: bool,
+    /// The endpoint the failed attempt went to.
+    endpoint: Option<String>,
+    /// Each endpoint's own failure, when every endpoint failed.
+    endpoint_errors: Vec<(String, String)>,
 }
 
 impl Error {
@@ -276,6 +286,9 @@ impl Error {
                 grpc_code: None,
                 compact_revision: None,
                 source: None,
+                maybe_sent: false,
+                endpoint: None,
+                endpoint_errors: Vec::new(),
             }),
         }
     }
@@ -294,6 +307,48 @@ impl Error {
     pub(crate) fn with_compact_revision(mut self, rev: i64) -> Self {
         self.inner.compact_revision = Some(rev);
         self
+    }
+
+    pub(crate) fn maybe_sent(mut self, maybe_sent: bool) -> Self {
+        self.inner.maybe_sent = maybe_sent;
+        self
+    }
+
+    pub(crate) fn at_endpoint(mut self, endpoint: &str) -> Self {
+        self.inner.endpoint = Some(endpoint.to_owned());
+        self
+    }
+
+    pub(crate) fn with_endpoint_errors(mut self, errors: Vec<(String, String)>) -> Self {
+        self.inner.endpoint_errors = errors;
+        self
+    }
+
+    /// The endpoint whose answer (or failure) this error reports, when known.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.inner.endpoint.as_deref()
+    }
+
+    /// When every endpoint failed: each endpoint with its own failure, as
+    /// `(endpoint, error message)`.
+    pub fn endpoint_errors(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.inner
+            .endpoint_errors
+            .iter()
+            .map(|(e, m)| (e.as_str(), m.as_str()))
+    }
+
+    /// True when the outcome of the request is unknown: it may have reached a server and been
+    /// applied, but no answer arrived (connection lost mid-request, deadline, server-side
+    /// timeout, leader change). A mutation that failed this way must not be blindly repeated
+    /// if applying it twice matters; read the key to find out.
+    pub fn is_indeterminate(&self) -> bool {
+        use ErrorKind::*;
+        self.inner.maybe_sent
+            && matches!(
+                self.inner.kind,
+                Unavailable | Deadline | Canceled | Timeout | LeaderChanged | Other
+            )
     }
 
     /// Which kind of error this is.
@@ -368,10 +423,26 @@ impl Error {
                 message: msg.to_owned(),
                 grpc_code: Some(code as i32),
                 compact_revision: None,
+                maybe_sent: !never_sent(&status),
                 source: Some(Box::new(status)),
+                endpoint: None,
+                endpoint_errors: Vec::new(),
             }),
         }
     }
+}
+
+/// True when the status says the request never left the client: the connection to the
+/// endpoint could not be established (tonic puts a `ConnectError` in the source chain).
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The server's `etcdserver: ...` messages (as sent by etcd 3.4-3.6) mapped to kinds.
@@ -488,6 +559,15 @@ impl fmt::Debug for Error {
         }
         if let Some(rev) = self.inner.compact_revision {
             d.field("compact_revision", &rev);
+        }
+        if let Some(ep) = &self.inner.endpoint {
+            d.field("endpoint", ep);
+        }
+        if self.inner.maybe_sent {
+            d.field("maybe_sent", &true);
+        }
+        if !self.inner.endpoint_errors.is_empty() {
+            d.field("endpoint_errors", &self.inner.endpoint_errors);
         }
         if let Some(src) = &self.inner.source {
             d.field("source", src);

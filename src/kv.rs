@@ -27,7 +27,7 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::transport::Channel;
 
-use crate::client::{CallOpts, Client, Config};
+use crate::client::{CallOpts, Client, Config, OrderingGuard, Shared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto::etcdserverpb as pb;
 use crate::txn::Txn;
@@ -46,10 +46,10 @@ pub struct Kv {
     client: Client,
 }
 
-pub(crate) fn kv_client(ch: Channel, cfg: &Config) -> pb::kv_client::KvClient<Channel> {
+pub(crate) fn kv_client(ch: Channel, max_encoding: usize) -> pb::kv_client::KvClient<Channel> {
     pb::kv_client::KvClient::new(ch)
         .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(cfg.max_encoding_bytes())
+        .max_encoding_message_size(max_encoding)
 }
 
 impl Kv {
@@ -92,7 +92,7 @@ impl Kv {
                 revision,
                 physical: false,
             },
-            opts: CallOpts::default(),
+            opts: CallOpts::mutation("Compact"),
         }
     }
 
@@ -102,29 +102,55 @@ impl Kv {
 
     pub(crate) async fn range(&self, req: pb::RangeRequest, opts: CallOpts) -> Result<GetResponse> {
         validate_range(&req)?;
-        let cfg = self.config().clone();
-        let resp = self
-            .client
-            .unary(req, opts, |ch, r| {
-                let mut c = kv_client(ch, &cfg);
-                async move { c.range(r).await }
-            })
-            .await?;
-        Ok(GetResponse::from_pb(resp))
+        let shared = self.client.shared();
+        let max = self.config().max_encoding_bytes();
+        let guard = self.config().ordering_guard;
+        let serializable = req.serializable;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let seen = shared.max_revision();
+            let (resp, pick) = shared
+                .unary_at(req.clone(), opts, move |ch, r| {
+                    let mut c = kv_client(ch, max);
+                    async move { c.range(r).await }
+                })
+                .await?;
+            let resp = GetResponse::from_pb(resp);
+            let rev = resp.header.revision;
+            if serializable && rev < seen && guard != OrderingGuard::Off {
+                let err = Error::new(
+                    ErrorKind::StaleRead,
+                    format!(
+                        "serializable read answered at revision {rev}, but revision {seen} was already seen"
+                    ),
+                )
+                .at_endpoint(pick.endpoint());
+                if guard == OrderingGuard::RetryElsewhere && attempts < shared_len(shared) {
+                    shared.report_failure(&pick, &err);
+                    continue;
+                }
+                return Err(err);
+            }
+            shared.observe_revision(rev);
+            return Ok(resp);
+        }
     }
 
     async fn put_pb(&self, req: pb::PutRequest, opts: CallOpts) -> Result<PutResponse> {
         validate_put(&req)?;
         check_size(req.encoded_len(), self.config())?;
-        let cfg = self.config().clone();
+        let max = self.config().max_encoding_bytes();
         let resp = self
             .client
-            .unary(req, opts, |ch, r| {
-                let mut c = kv_client(ch, &cfg);
+            .unary(req, opts, move |ch, r| {
+                let mut c = kv_client(ch, max);
                 async move { c.put(r).await }
             })
             .await?;
-        Ok(PutResponse::from_pb(resp))
+        let resp = PutResponse::from_pb(resp);
+        self.client.shared().observe_revision(resp.header.revision);
+        Ok(resp)
     }
 
     async fn delete_pb(
@@ -133,15 +159,17 @@ impl Kv {
         opts: CallOpts,
     ) -> Result<DeleteResponse> {
         validate_delete(&req)?;
-        let cfg = self.config().clone();
+        let max = self.config().max_encoding_bytes();
         let resp = self
             .client
-            .unary(req, opts, |ch, r| {
-                let mut c = kv_client(ch, &cfg);
+            .unary(req, opts, move |ch, r| {
+                let mut c = kv_client(ch, max);
                 async move { c.delete_range(r).await }
             })
             .await?;
-        Ok(DeleteResponse::from_pb(resp))
+        let resp = DeleteResponse::from_pb(resp);
+        self.client.shared().observe_revision(resp.header.revision);
+        Ok(resp)
     }
 
     pub(crate) async fn txn_pb(
@@ -151,15 +179,17 @@ impl Kv {
     ) -> Result<crate::TxnResponse> {
         crate::txn::validate_txn(&req, self.config())?;
         check_size(req.encoded_len(), self.config())?;
-        let cfg = self.config().clone();
+        let max = self.config().max_encoding_bytes();
         let resp = self
             .client
-            .unary(req, opts, |ch, r| {
-                let mut c = kv_client(ch, &cfg);
+            .unary(req, opts, move |ch, r| {
+                let mut c = kv_client(ch, max);
                 async move { c.txn(r).await }
             })
             .await?;
-        Ok(crate::TxnResponse::from_pb(resp))
+        let resp = crate::TxnResponse::from_pb(resp);
+        self.client.shared().observe_revision(resp.header.revision);
+        Ok(resp)
     }
 
     async fn compact_pb(
@@ -167,11 +197,11 @@ impl Kv {
         req: pb::CompactionRequest,
         opts: CallOpts,
     ) -> Result<CompactResponse> {
-        let cfg = self.config().clone();
+        let max = self.config().max_encoding_bytes();
         let resp = self
             .client
-            .unary(req, opts, |ch, r| {
-                let mut c = kv_client(ch, &cfg);
+            .unary(req, opts, move |ch, r| {
+                let mut c = kv_client(ch, max);
                 async move { c.compact(r).await }
             })
             .await?;
@@ -307,7 +337,7 @@ impl<C> Get<C> {
                 key,
                 ..Default::default()
             },
-            opts: CallOpts::default(),
+            opts: CallOpts::read("Range"),
         }
     }
 
@@ -400,6 +430,13 @@ impl<C> Get<C> {
         self
     }
 
+    /// Ask the serving member to refuse the request when it has no leader (`hasleader`), so
+    /// a member cut off from the cluster cannot answer it; overrides the client's default.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.opts.require_leader = Some(on);
+        self
+    }
+
     /// This request's deadline, overriding the client's default request timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.opts.timeout = Some(timeout);
@@ -467,7 +504,7 @@ impl<C> Put<C> {
                 value,
                 ..Default::default()
             },
-            opts: CallOpts::default(),
+            opts: CallOpts::mutation("Put"),
         }
     }
 
@@ -494,6 +531,13 @@ impl<C> Put<C> {
     /// [`ErrorKind::LeaseProvided`]; the key must exist, else [`ErrorKind::KeyNotFound`].
     pub fn ignore_lease(mut self) -> Self {
         self.req.ignore_lease = true;
+        self
+    }
+
+    /// Ask the serving member to refuse the request when it has no leader (`hasleader`), so
+    /// a member cut off from the cluster cannot answer it; overrides the client's default.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.opts.require_leader = Some(on);
         self
     }
 
@@ -552,7 +596,7 @@ impl<C> Delete<C> {
                 key,
                 ..Default::default()
             },
-            opts: CallOpts::default(),
+            opts: CallOpts::mutation("DeleteRange"),
         }
     }
 
@@ -586,6 +630,13 @@ impl<C> Delete<C> {
     /// Return the deleted key-value pairs ([`DeleteResponse::prev_kvs`]).
     pub fn prev_kv(mut self) -> Self {
         self.req.prev_kv = true;
+        self
+    }
+
+    /// Ask the serving member to refuse the request when it has no leader (`hasleader`), so
+    /// a member cut off from the cluster cannot answer it; overrides the client's default.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.opts.require_leader = Some(on);
         self
     }
 
@@ -648,6 +699,13 @@ impl Compact {
         self
     }
 
+    /// Ask the serving member to refuse the request when it has no leader (`hasleader`), so
+    /// a member cut off from the cluster cannot answer it; overrides the client's default.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.opts.require_leader = Some(on);
+        self
+    }
+
     /// This request's deadline, overriding the client's default request timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.opts.timeout = Some(timeout);
@@ -670,4 +728,9 @@ impl IntoFuture for Compact {
 pub struct CompactResponse {
     /// Response header.
     pub header: ResponseHeader,
+}
+
+/// How many attempts the ordering guard may make: one per endpoint.
+fn shared_len(shared: &Shared) -> usize {
+    shared.endpoint_count()
 }

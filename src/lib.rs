@@ -68,10 +68,11 @@ mod types;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use balancer::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 pub use bytes::Bytes;
 pub use client::{
     BoxFuture, Client, ClientBuilder, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Executor,
-    TokioExecutor,
+    OrderingGuard, TokioExecutor,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use kv::{

@@ -241,7 +241,7 @@ impl<C> Txn<C> {
         Txn {
             ctx,
             req: pb::TxnRequest::default(),
-            opts: CallOpts::default(),
+            opts: CallOpts::mutation("Txn"),
         }
     }
 
@@ -280,6 +280,13 @@ impl<C> Txn<C> {
         self.req
             .failure
             .extend(ops.into_iter().map(|o| o.into().inner));
+        self
+    }
+
+    /// Ask the serving member to refuse the request when it has no leader (`hasleader`), so
+    /// a member cut off from the cluster cannot answer it; overrides the client's default.
+    pub fn require_leader(mut self, on: bool) -> Self {
+        self.opts.require_leader = Some(on);
         self
     }
 

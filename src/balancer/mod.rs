@@ -1,17 +1,26 @@
-//! Endpoints and the connection the client's requests travel on.
+//! The endpoint balancer: many endpoints, one pinned, failover, back-off, run-time changes.
 //!
-//! Today this module parses the endpoint list and keeps one pinned HTTP/2 connection: at
-//! connect time the endpoints are tried in order and the first that answers is pinned (a lazy
-//! client pins the first endpoint). Failover between endpoints at run time, retries and health
-//! checking are the endpoint balancer's job, which is not built yet.
+//! Every endpoint has its own lazily connected HTTP/2 channel. Requests go to the *pinned*
+//! endpoint; when it fails at the connection level (refused, reset, keep-alive timeout, no
+//! leader) it is marked failed with an exponential back-off (with jitter) and the next endpoint
+//! in round-robin order that is not backing off is pinned instead. A failed endpoint becomes a
+//! candidate again when its back-off expires; when every endpoint is backing off, the one whose
+//! back-off ends first is probed. HTTP/2 keep-alive pings detect a dead or paused member.
+//!
+//! Retrying is decided per request by a [`RetryPolicy`] (see [`retry`]); this module only says
+//! where a request goes.
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+pub(crate) mod retry;
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
 use crate::client::{Config, ExecutorAdapter};
 use crate::error::{Error, ErrorKind, Result};
+
+pub use retry::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 
 /// One parsed endpoint: the URI tonic connects to, and the text the user gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +69,7 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<ParsedEndpoint> {
         format!("http://{t}")
     };
     Ok(ParsedEndpoint {
-        original: s.to_owned(),
+        original: s.trim().to_owned(),
         uri,
     })
 }
@@ -75,17 +84,86 @@ fn check_host_port(orig: &str, hp: &str) -> Result<()> {
     Ok(())
 }
 
-/// The pinned connection shared by every clone of a client.
-pub(crate) struct Transport {
-    endpoints: Vec<ParsedEndpoint>,
-    pinned: usize,
-    /// `None` once the client is closed.
-    channel: RwLock<Option<Channel>>,
+/// Health bookkeeping of one endpoint.
+#[derive(Debug, Default)]
+struct Health {
+    /// Consecutive failures (0: healthy).
+    failures: u32,
+    /// While set and in the future, the endpoint is backing off.
+    retry_at: Option<Instant>,
+    /// The last failure, for error messages.
+    last_error: Option<String>,
 }
 
-impl Transport {
+/// One endpoint with its channel.
+pub(crate) struct Slot {
+    pub(crate) endpoint: ParsedEndpoint,
+    channel: Channel,
+    health: Mutex<Health>,
+}
+
+impl Slot {
+    fn backing_off(&self, now: Instant) -> Option<Instant> {
+        let h = self.health.lock().ok()?;
+        h.retry_at.filter(|t| *t > now)
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("endpoint", &self.endpoint.original)
+            .finish()
+    }
+}
+
+/// Where one request goes: the endpoint and its channel.
+#[derive(Clone, Debug)]
+pub(crate) struct Pick {
+    pub(crate) slot: Arc<Slot>,
+}
+
+impl Pick {
+    /// The channel to send on.
+    pub(crate) fn channel(&self) -> Channel {
+        self.slot.channel.clone()
+    }
+
+    /// The endpoint as the user wrote it.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.slot.endpoint.original
+    }
+}
+
+struct State {
+    slots: Vec<Arc<Slot>>,
+    pinned: usize,
+    closed: bool,
+}
+
+/// Back-off of a failed endpoint: 100 ms doubling per consecutive failure up to 5 s, with
+/// ±20 % jitter so many clients do not probe a recovering member in lockstep.
+pub(crate) fn endpoint_backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << failures.min(6).saturating_sub(1));
+    jitter(base.min(Duration::from_secs(5)))
+}
+
+/// `d` scaled by a random factor in [0.8, 1.2].
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let f: f64 = rand::random_range(0.8..1.2);
+    d.mul_f64(f)
+}
+
+/// The set of endpoints shared by every clone of a client.
+pub(crate) struct Balancer {
+    state: RwLock<State>,
+    cfg: Config,
+    exec: ExecutorAdapter,
+}
+
+impl Balancer {
     fn endpoint(cfg: &Config, ep: &ParsedEndpoint, exec: &ExecutorAdapter) -> Result<Endpoint> {
-        // No `Endpoint::timeout`: each request carries its own deadline (see `Client::unary`).
+        // No `Endpoint::timeout`: each request carries its own deadline (see `Shared::unary`).
         let e = Endpoint::from_shared(ep.uri.clone())
             .map_err(|err| {
                 Error::invalid_argument(format!("endpoint {:?}", ep.original)).with_source(err)
@@ -99,79 +177,247 @@ impl Transport {
         Ok(e)
     }
 
-    /// Connect to the first endpoint that answers; the error names every endpoint's failure.
-    pub(crate) async fn connect(cfg: &Config, exec: &ExecutorAdapter) -> Result<Transport> {
-        let endpoints = cfg.parsed_endpoints()?;
-        let mut failures = Vec::new();
-        for (i, ep) in endpoints.iter().enumerate() {
-            let e = Self::endpoint(cfg, ep, exec)?;
-            match e.connect().await {
-                Ok(ch) => {
-                    return Ok(Transport {
-                        endpoints,
-                        pinned: i,
-                        channel: RwLock::new(Some(ch)),
-                    });
-                }
-                Err(err) => failures.push(format!("{}: {}", ep.original, source_chain(&err))),
-            }
-        }
-        Err(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "could not connect to any endpoint: [{}]",
-                failures.join("; ")
-            ),
-        ))
+    fn slot(&self, ep: ParsedEndpoint) -> Result<Arc<Slot>> {
+        let channel = Self::endpoint(&self.cfg, &ep, &self.exec)?.connect_lazy();
+        Ok(Arc::new(Slot {
+            endpoint: ep,
+            channel,
+            health: Mutex::new(Health::default()),
+        }))
     }
 
-    /// Build the transport without any I/O; the connection is made on first use.
-    pub(crate) fn lazy(cfg: &Config, exec: &ExecutorAdapter) -> Result<Transport> {
+    fn new(cfg: &Config, exec: &ExecutorAdapter) -> Result<Balancer> {
         let endpoints = cfg.parsed_endpoints()?;
-        let first = endpoints
-            .first()
-            .ok_or_else(|| Error::invalid_argument("no endpoints given"))?;
-        let ch = Self::endpoint(cfg, first, exec)?.connect_lazy();
-        Ok(Transport {
-            endpoints,
-            pinned: 0,
-            channel: RwLock::new(Some(ch)),
+        let b = Balancer {
+            state: RwLock::new(State {
+                slots: Vec::new(),
+                pinned: 0,
+                closed: false,
+            }),
+            cfg: cfg.clone(),
+            exec: exec.clone(),
+        };
+        let slots = endpoints
+            .into_iter()
+            .map(|ep| b.slot(ep))
+            .collect::<Result<Vec<_>>>()?;
+        b.write().slots = slots;
+        Ok(b)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        match self.state.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        match self.state.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Connect to the first endpoint that answers and pin it; the error names every
+    /// endpoint's failure.
+    pub(crate) async fn connect(cfg: &Config, exec: &ExecutorAdapter) -> Result<Balancer> {
+        let b = Self::new(cfg, exec)?;
+        let slots = b.read().slots.clone();
+        let mut failures = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let e = Self::endpoint(cfg, &slot.endpoint, exec)?;
+            match e.connect().await {
+                Ok(ch) => {
+                    // Replace the lazy channel by the connected one.
+                    let connected = Arc::new(Slot {
+                        endpoint: slot.endpoint.clone(),
+                        channel: ch,
+                        health: Mutex::new(Health::default()),
+                    });
+                    let mut st = b.write();
+                    st.slots[i] = connected;
+                    st.pinned = i;
+                    drop(st);
+                    for s in &slots[..i] {
+                        b.mark_failed_slot(s, "connect failed");
+                    }
+                    return Ok(b);
+                }
+                Err(err) => failures.push((slot.endpoint.original.clone(), source_chain(&err))),
+            }
+        }
+        Err(all_failed(&failures))
+    }
+
+    /// Build without any I/O; connections are made on first use.
+    pub(crate) fn lazy(cfg: &Config, exec: &ExecutorAdapter) -> Result<Balancer> {
+        Self::new(cfg, exec)
+    }
+
+    /// The endpoint for the next request: the pinned one unless it is backing off, then the
+    /// next healthy one (which becomes pinned), else the one whose back-off ends first.
+    pub(crate) fn pick(&self) -> Result<Pick> {
+        let now = Instant::now();
+        {
+            let st = self.read();
+            if st.closed {
+                return Err(closed());
+            }
+            if let Some(slot) = st.slots.get(st.pinned)
+                && slot.backing_off(now).is_none()
+            {
+                return Ok(Pick { slot: slot.clone() });
+            }
+        }
+        let mut st = self.write();
+        if st.closed {
+            return Err(closed());
+        }
+        let n = st.slots.len();
+        if n == 0 {
+            return Err(Error::invalid_argument("no endpoints configured"));
+        }
+        let mut soonest: Option<(usize, Instant)> = None;
+        for step in 0..n {
+            let i = (st.pinned + step) % n;
+            match st.slots[i].backing_off(now) {
+                None => {
+                    st.pinned = i;
+                    return Ok(Pick {
+                        slot: st.slots[i].clone(),
+                    });
+                }
+                Some(t) => {
+                    if soonest.is_none_or(|(_, s)| t < s) {
+                        soonest = Some((i, t));
+                    }
+                }
+            }
+        }
+        // Everything is backing off: probe the one that recovers first.
+        let i = soonest.map(|(i, _)| i).unwrap_or(st.pinned % n);
+        st.pinned = i;
+        Ok(Pick {
+            slot: st.slots[i].clone(),
         })
     }
 
-    /// The channel to send on, or `Closed`.
-    pub(crate) fn channel(&self) -> Result<Channel> {
-        match self.channel.read() {
-            Ok(g) => g.clone().ok_or_else(closed),
-            Err(_) => Err(closed()),
+    fn mark_failed_slot(&self, slot: &Slot, why: &str) {
+        if let Ok(mut h) = slot.health.lock() {
+            h.failures = h.failures.saturating_add(1);
+            h.retry_at = Some(Instant::now() + endpoint_backoff(h.failures));
+            h.last_error = Some(why.to_owned());
         }
     }
 
-    /// Drop the connection; later calls fail with `Closed`.
+    /// The endpoint failed at the connection level: back it off and move the pin on.
+    pub(crate) fn report_failure(&self, pick: &Pick, err: &Error) {
+        self.mark_failed_slot(&pick.slot, &err.to_string());
+        let mut st = self.write();
+        let n = st.slots.len();
+        if n > 1
+            && let Some(cur) = st.slots.get(st.pinned)
+            && Arc::ptr_eq(cur, &pick.slot)
+        {
+            st.pinned = (st.pinned + 1) % n;
+        }
+    }
+
+    /// The endpoint answered: it is healthy.
+    pub(crate) fn report_success(&self, pick: &Pick) {
+        if let Ok(mut h) = pick.slot.health.lock()
+            && h.failures != 0
+        {
+            *h = Health::default();
+        }
+    }
+
+    /// Replace the endpoint set. Endpoints that stay keep their connection; the pin stays on
+    /// its endpoint when that remains, else moves to the first new one.
+    pub(crate) fn set_endpoints(&self, endpoints: &[String]) -> Result<()> {
+        if endpoints.is_empty() {
+            return Err(Error::invalid_argument("no endpoints given"));
+        }
+        let parsed = endpoints
+            .iter()
+            .map(|e| parse_endpoint(e))
+            .collect::<Result<Vec<_>>>()?;
+        let old = self.read().slots.clone();
+        let mut slots = Vec::with_capacity(parsed.len());
+        for ep in parsed {
+            if slots.iter().any(|s: &Arc<Slot>| s.endpoint.uri == ep.uri) {
+                continue;
+            }
+            match old.iter().find(|s| s.endpoint.uri == ep.uri) {
+                Some(s) => slots.push(s.clone()),
+                None => slots.push(self.slot(ep)?),
+            }
+        }
+        let mut st = self.write();
+        let pinned_uri = st.slots.get(st.pinned).map(|s| s.endpoint.uri.clone());
+        st.pinned = pinned_uri
+            .and_then(|u| slots.iter().position(|s| s.endpoint.uri == u))
+            .unwrap_or(0);
+        st.slots = slots;
+        Ok(())
+    }
+
+    /// The number of endpoints.
+    pub(crate) fn len(&self) -> usize {
+        self.read().slots.len()
+    }
+
+    /// The channel of the pinned endpoint, or `Closed`.
+    pub(crate) fn channel(&self) -> Result<Channel> {
+        self.pick().map(|p| p.channel())
+    }
+
+    /// Drop every connection; later calls fail with `Closed`.
     pub(crate) fn close(&self) {
-        let taken = match self.channel.write() {
-            Ok(mut g) => g.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
+        let slots = {
+            let mut st = self.write();
+            st.closed = true;
+            std::mem::take(&mut st.slots)
         };
-        drop(taken);
+        drop(slots);
     }
 
     /// The endpoint requests currently go to.
-    pub(crate) fn pinned_endpoint(&self) -> &str {
-        self.endpoints
-            .get(self.pinned)
-            .map(|e| e.original.as_str())
+    pub(crate) fn pinned_endpoint(&self) -> String {
+        let st = self.read();
+        st.slots
+            .get(st.pinned)
+            .map(|e| e.endpoint.original.clone())
             .unwrap_or_default()
     }
 
     /// All configured endpoints, as given.
     pub(crate) fn endpoints(&self) -> Vec<String> {
-        self.endpoints.iter().map(|e| e.original.clone()).collect()
+        self.read()
+            .slots
+            .iter()
+            .map(|e| e.endpoint.original.clone())
+            .collect()
     }
 }
 
 fn closed() -> Error {
     Error::new(ErrorKind::Closed, "the client was closed")
+}
+
+/// The error of a request that no endpoint could serve: names each endpoint's own failure.
+pub(crate) fn all_failed(failures: &[(String, String)]) -> Error {
+    let list = failures
+        .iter()
+        .map(|(ep, e)| format!("{ep}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("all endpoints failed: [{list}]"),
+    )
+    .with_endpoint_errors(failures.to_vec())
 }
 
 /// Render an error with its causes (`a: b: c`), for messages that list per-endpoint failures.
@@ -197,12 +443,13 @@ pub(crate) const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default connect timeout per endpoint.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Shared so clones of a client share one transport.
-pub(crate) type SharedTransport = Arc<Transport>;
+/// Shared so clones of a client share one balancer.
+pub(crate) type SharedTransport = Arc<Balancer>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::TokioExecutor;
 
     #[test]
     fn parses_endpoint_forms() {
@@ -235,5 +482,98 @@ mod tests {
         }
         let tls = parse_endpoint("https://h:1").err().map(|e| e.kind());
         assert_eq!(tls, Some(ErrorKind::InvalidArgument));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b1 = endpoint_backoff(1);
+        assert!(b1 >= Duration::from_millis(80) && b1 <= Duration::from_millis(120));
+        let b3 = endpoint_backoff(3);
+        assert!(b3 >= Duration::from_millis(320) && b3 <= Duration::from_millis(480));
+        for f in [7, 20, u32::MAX] {
+            assert!(endpoint_backoff(f) <= Duration::from_secs(6), "{f}");
+        }
+    }
+
+    fn balancer(eps: &[&str]) -> Balancer {
+        let cfg = crate::Client::builder(eps.iter().copied())
+            .config_for_tests()
+            .clone();
+        Balancer::new(&cfg, &ExecutorAdapter::new(Arc::new(TokioExecutor))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn picking_pins_fails_over_round_robin_and_probes() {
+        let b = balancer(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let p = b.pick().unwrap();
+        assert_eq!(p.endpoint(), "127.0.0.1:1");
+        // Pinned: the same endpoint again.
+        assert_eq!(b.pick().unwrap().endpoint(), "127.0.0.1:1");
+        let err = Error::new(ErrorKind::Unavailable, "refused");
+        b.report_failure(&p, &err);
+        let p2 = b.pick().unwrap();
+        assert_eq!(p2.endpoint(), "127.0.0.1:2");
+        b.report_failure(&p2, &err);
+        let p3 = b.pick().unwrap();
+        assert_eq!(p3.endpoint(), "127.0.0.1:3");
+        b.report_failure(&p3, &err);
+        // Second failures of 2 and 3 back them off longer (>= 160 ms) than 1 (<= 120 ms).
+        b.report_failure(&p2, &err);
+        b.report_failure(&p3, &err);
+        // All backing off: the one whose back-off ends first is probed.
+        assert_eq!(b.pick().unwrap().endpoint(), "127.0.0.1:1");
+        // Success resets its health; it stays pinned.
+        b.report_success(&b.pick().unwrap());
+        assert_eq!(b.pick().unwrap().endpoint(), "127.0.0.1:1");
+    }
+
+    #[tokio::test]
+    async fn failed_endpoint_is_retried_after_its_backoff() {
+        let b = balancer(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let p = b.pick().unwrap();
+        b.report_failure(&p, &Error::new(ErrorKind::Unavailable, "x"));
+        assert_eq!(b.pick().unwrap().endpoint(), "127.0.0.1:2");
+        let p2 = b.pick().unwrap();
+        b.report_failure(&p2, &Error::new(ErrorKind::Unavailable, "x"));
+        // After both back-offs expire (<= 120 ms for a first failure) round-robin goes on.
+        std::thread::sleep(Duration::from_millis(150));
+        let next = b.pick().unwrap();
+        assert_eq!(next.endpoint(), "127.0.0.1:1");
+    }
+
+    #[tokio::test]
+    async fn set_endpoints_keeps_surviving_connections_and_pin() {
+        let b = balancer(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let p = b.pick().unwrap();
+        b.report_failure(&p, &Error::new(ErrorKind::Unavailable, "x"));
+        let pinned = b.pick().unwrap();
+        assert_eq!(pinned.endpoint(), "127.0.0.1:2");
+        b.set_endpoints(&[
+            "127.0.0.1:3".into(),
+            "127.0.0.1:2".into(),
+            "127.0.0.1:2".into(),
+        ])
+        .unwrap();
+        assert_eq!(b.len(), 2, "duplicates removed");
+        let again = b.pick().unwrap();
+        assert!(Arc::ptr_eq(&again.slot, &pinned.slot), "same slot kept");
+        b.set_endpoints(&["127.0.0.1:4".into()]).unwrap();
+        assert_eq!(b.pick().unwrap().endpoint(), "127.0.0.1:4");
+        assert!(b.set_endpoints(&[]).is_err());
+        b.close();
+        assert_eq!(b.pick().unwrap_err().kind(), ErrorKind::Closed);
+    }
+
+    #[test]
+    fn all_failed_lists_each_endpoint() {
+        let e = all_failed(&[
+            ("a:1".into(), "refused".into()),
+            ("b:2".into(), "timeout".into()),
+        ]);
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.message().contains("a:1: refused"), "{e}");
+        assert!(e.message().contains("b:2: timeout"), "{e}");
+        let per: Vec<_> = e.endpoint_errors().collect();
+        assert_eq!(per, vec![("a:1", "refused"), ("b:2", "timeout")]);
     }
 }

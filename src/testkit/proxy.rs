@@ -509,7 +509,8 @@ impl FaultProxy {
         self.shared.total.load(Ordering::SeqCst)
     }
 
-    /// How many connections are open now.
+    /// How many connections are open now (one cut after a request counts until
+    /// its server side is closed too).
     pub fn connections_active(&self) -> u64 {
         self.shared.active.load(Ordering::SeqCst)
     }
