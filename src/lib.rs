@@ -36,7 +36,9 @@
 //! | KV: get (key, prefix, from-key, range, all keys; limit, revision, sort, keys/count only, serializable, min/max mod/create revision), put (lease, prev_kv, ignore_value, ignore_lease), delete (range, prefix, prev_kv), txn (all compare targets and operators, range compares, nested txns), compact (physical) | ✅ |
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
 //! | Token auth (authenticate, attach token, one shared re-authentication on an invalid token) | basic |
-//! | One pinned connection; endpoints tried in order at connect time | ✅ |
+//! | Many endpoints: pinned endpoint, round-robin failover with back-off, `set_endpoints`, `sync`/auto-sync, keep-alive pings | ✅ |
+//! | Retries inside the deadline through a tower `Retry` with a pluggable [`RetryPolicy`] (reads on unavailable-class errors, writes only when never sent) | ✅ |
+//! | Ordering guard for serializable reads ([`OrderingGuard`]), require-leader | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
@@ -67,6 +69,11 @@ mod types;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+/// The README's code examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub use balancer::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 pub use bytes::Bytes;
