@@ -416,14 +416,21 @@ impl Error {
     pub(crate) fn from_status(status: tonic::Status) -> Self {
         let code = status.code();
         let msg = status.message();
-        let kind = kind_from_message(msg).unwrap_or_else(|| kind_from_code(code, msg));
+        let unsent = never_sent(&status);
+        let kind = kind_from_message(msg).unwrap_or_else(|| {
+            if unsent {
+                ErrorKind::Unavailable
+            } else {
+                kind_from_code(code, msg)
+            }
+        });
         Error {
             inner: Box::new(Inner {
                 kind,
                 message: msg.to_owned(),
                 grpc_code: Some(code as i32),
                 compact_revision: None,
-                maybe_sent: !never_sent(&status),
+                maybe_sent: !unsent,
                 source: Some(Box::new(status)),
                 endpoint: None,
                 endpoint_errors: Vec::new(),
@@ -433,11 +440,18 @@ impl Error {
 }
 
 /// True when the status says the request never left the client: the connection to the
-/// endpoint could not be established (tonic puts a `ConnectError` in the source chain).
+/// endpoint could not be established (tonic puts a `ConnectError` in the source chain), or the
+/// connection closed while the request still waited in hyper's dispatch queue (hyper then
+/// cancels it unsent, the case its own pool retries).
 fn never_sent(status: &tonic::Status) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = cur {
         if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && h.is_canceled()
+        {
             return true;
         }
         cur = e.source();

@@ -52,7 +52,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testkit` | [`testkit`]: start real etcd servers for tests, inject faults |
+//! | `testkit` | `testkit` module: start real etcd servers for tests, inject faults |
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]

@@ -50,7 +50,9 @@ pub trait RetryPolicy: Send + Sync + fmt::Debug + 'static {
     fn retry(&self, ctx: &RetryContext<'_>) -> Option<Duration>;
 }
 
-/// The default [`RetryPolicy`]; see the [module docs](self) for the table.
+/// The default [`RetryPolicy`] (as in etcd's Go client): read-only RPCs are retried on
+/// unavailable-class errors ([`Error::is_retryable`]); every RPC, mutations included, is retried
+/// when it certainly never reached a server. Back-off doubles per round of endpoints.
 #[derive(Debug, Clone)]
 pub struct DefaultRetryPolicy {
     /// Back-off before the second attempt; doubles per attempt (with ±20 % jitter).
