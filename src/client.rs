@@ -92,6 +92,8 @@ pub(crate) struct Config {
     pub(crate) ordering_guard: OrderingGuard,
     pub(crate) auto_sync_interval: Option<Duration>,
     pub(crate) retry_policy: Arc<dyn RetryPolicy>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::tls::TlsOptions>,
 }
 
 /// What the client does when a serializable read is answered from a revision older than one
@@ -198,6 +200,8 @@ impl ClientBuilder {
                 ordering_guard: OrderingGuard::default(),
                 auto_sync_interval: None,
                 retry_policy: Arc::new(DefaultRetryPolicy::default()),
+                #[cfg(feature = "tls")]
+                tls: None,
             },
             executor: Arc::new(TokioExecutor),
         }
@@ -276,6 +280,13 @@ impl ClientBuilder {
     /// of started, non-learner members). Off by default; [`Client::sync`] does it on demand.
     pub fn auto_sync_interval(mut self, interval: Duration) -> Self {
         self.cfg.auto_sync_interval = Some(interval);
+        self
+    }
+
+    /// TLS settings for `https://` endpoints (CA, client certificate, server name).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::TlsOptions) -> Self {
+        self.cfg.tls = Some(tls);
         self
     }
 

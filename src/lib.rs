@@ -64,6 +64,8 @@ mod error;
 mod kv;
 mod proto;
 pub mod raw;
+#[cfg(feature = "tls")]
+mod tls;
 mod txn;
 mod types;
 
@@ -86,5 +88,7 @@ pub use kv::{
     Compact, CompactResponse, Delete, DeleteResponse, Detached, Get, GetResponse, Kv, Put,
     PutResponse, SortOrder, SortTarget,
 };
+#[cfg(feature = "tls")]
+pub use tls::TlsOptions;
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};

@@ -53,10 +53,14 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<ParsedEndpoint> {
             )));
         }
         format!("unix:{rest}")
-    } else if t.starts_with("https://") {
-        return Err(Error::invalid_argument(format!(
-            "endpoint {s:?}: TLS (https://) is not supported by this version of etcdv3 yet"
-        )));
+    } else if let Some(rest) = t.strip_prefix("https://") {
+        if !cfg!(feature = "tls") {
+            return Err(Error::invalid_argument(format!(
+                "endpoint {s:?}: https:// needs the `tls` feature of etcdv3"
+            )));
+        }
+        check_host_port(s, rest.trim_end_matches('/'))?;
+        format!("https://{}", rest.trim_end_matches('/'))
     } else if let Some(rest) = t.strip_prefix("http://") {
         check_host_port(s, rest.trim_end_matches('/'))?;
         format!("http://{}", rest.trim_end_matches('/'))
@@ -174,6 +178,16 @@ impl Balancer {
             .keep_alive_timeout(cfg.keep_alive_timeout)
             .keep_alive_while_idle(true)
             .executor(exec.clone());
+        #[cfg(feature = "tls")]
+        let e = if ep.uri.starts_with("https://") {
+            let tls = cfg.tls.clone().unwrap_or_default();
+            e.tls_config(tls.to_tonic()).map_err(|err| {
+                Error::invalid_argument(format!("TLS settings for {:?}", ep.original))
+                    .with_source(err)
+            })?
+        } else {
+            e
+        };
         Ok(e)
     }
 
@@ -480,8 +494,11 @@ mod tests {
             let err = parse_endpoint(bad).err().map(|e| e.kind());
             assert_eq!(err, Some(ErrorKind::InvalidArgument), "{bad:?}");
         }
-        let tls = parse_endpoint("https://h:1").err().map(|e| e.kind());
-        assert_eq!(tls, Some(ErrorKind::InvalidArgument));
+        #[cfg(feature = "tls")]
+        assert_eq!(
+            parse_endpoint("https://h:1").map(|e| e.uri).ok(),
+            Some("https://h:1".to_owned())
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use nix::sys::signal::{Signal, kill as send_signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
+use super::certs::TestCerts;
 use super::error::TestkitError;
 use super::http;
 
@@ -203,6 +204,7 @@ pub struct EtcdClusterBuilder {
     startup_timeout: Duration,
     base_dir: Option<PathBuf>,
     fsync: bool,
+    tls: Option<bool>,
 }
 
 impl Default for EtcdClusterBuilder {
@@ -216,11 +218,22 @@ impl Default for EtcdClusterBuilder {
             startup_timeout: Duration::from_secs(30),
             base_dir: None,
             fsync: false,
+            tls: None,
         }
     }
 }
 
 impl EtcdClusterBuilder {
+    /// Serve clients over TLS (`https://` endpoints) with freshly generated certificates
+    /// (see [`EtcdCluster::certs`]); with `client_cert_auth`, members also require a client
+    /// certificate signed by the test CA (mutual TLS). Peers still talk plain HTTP, and each
+    /// member gets an extra plain-HTTP client listener that the test kit uses for its own
+    /// health checks.
+    pub fn tls(mut self, client_cert_auth: bool) -> Self {
+        self.tls = Some(client_cert_auth);
+        self
+    }
+
     /// The number of members (default 1).
     pub fn members(mut self, members: usize) -> Self {
         self.members = members;
@@ -370,6 +383,8 @@ struct Proc {
 struct Member {
     name: String,
     client_addr: SocketAddr,
+    /// Plain-HTTP client listener for the kit's health checks (== `client_addr` without TLS).
+    http_addr: SocketAddr,
     peer_addr: SocketAddr,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -407,6 +422,8 @@ impl Member {
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// TLS certificates and whether client certificates are required.
+    tls: Option<(TestCerts, bool)>,
     binary: PathBuf,
     version: String,
     token: String,
@@ -584,11 +601,20 @@ impl EtcdCluster {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let token = format!("{dir_name}-{}", std::process::id());
+        let health_ports = match cfg.tls {
+            Some(_) => pick_free_ports(cfg.members)?,
+            None => Vec::new(),
+        };
         let members: Vec<Member> = (0..cfg.members)
             .map(|i| {
                 let name = format!("m{i}");
+                let client_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[2 * i]));
                 Member {
-                    client_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, ports[2 * i])),
+                    http_addr: health_ports
+                        .get(i)
+                        .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, *p)))
+                        .unwrap_or(client_addr),
+                    client_addr,
                     peer_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, ports[2 * i + 1])),
                     data_dir: dir.path().join(format!("{name}.etcd")),
                     log_path: dir.path().join(format!("{name}.log")),
@@ -618,10 +644,26 @@ impl EtcdCluster {
         if caps.unsafe_no_fsync && !cfg.fsync {
             common_args.push("--unsafe-no-fsync".into());
         }
+        let tls = match cfg.tls {
+            Some(client_cert_auth) => {
+                let certs = TestCerts::generate()?;
+                let (ca, cert, key) = certs.write_server_files(dir.path())?;
+                common_args.push(format!("--cert-file={}", cert.display()).into());
+                common_args.push(format!("--key-file={}", key.display()).into());
+                // etcd requires client certificates whenever a trusted CA file is given.
+                if client_cert_auth {
+                    common_args.push(format!("--trusted-ca-file={}", ca.display()).into());
+                    common_args.push("--client-cert-auth".into());
+                }
+                Some((certs, client_cert_auth))
+            }
+            None => None,
+        };
         common_args.extend(cfg.args.iter().cloned());
 
         let cluster = Self {
             members,
+            tls,
             binary: binary.to_owned(),
             version: version.to_owned(),
             token,
@@ -680,12 +722,17 @@ impl EtcdCluster {
         let log_err = log
             .try_clone()
             .map_err(|e| TestkitError::io(ctx("cloning the log handle"), e))?;
-        let client_url = format!("http://{}", m.client_addr);
+        let client_url = format!("{}://{}", self.scheme(), m.client_addr);
+        let listen_urls = if m.http_addr == m.client_addr {
+            client_url.clone()
+        } else {
+            format!("{client_url},http://{}", m.http_addr)
+        };
         let peer_url = format!("http://{}", m.peer_addr);
         let mut cmd = Command::new(&self.binary);
         cmd.arg(format!("--name={}", m.name))
             .arg(format!("--data-dir={}", m.data_dir.display()))
-            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--listen-client-urls={listen_urls}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
@@ -747,7 +794,7 @@ impl EtcdCluster {
         let m = &self.members[index];
         TestkitError::Unhealthy {
             index,
-            endpoint: format!("http://{}", m.client_addr),
+            endpoint: format!("http://{}", m.http_addr),
             timeout,
             last,
             log_tail: read_tail(&m.log_path, LOG_TAIL_BYTES),
@@ -755,7 +802,7 @@ impl EtcdCluster {
     }
 
     fn wait_healthy_until(&self, index: usize, deadline: Instant) -> Result<(), TestkitError> {
-        let addr = self.member(index)?.client_addr;
+        let addr = self.member(index)?.http_addr;
         let start = Instant::now();
         let max_rounds = deadline.saturating_duration_since(start).as_millis() / 10 + 2;
         let mut last = String::from("not checked");
@@ -781,7 +828,7 @@ impl EtcdCluster {
         index: usize,
         deadline: Instant,
     ) -> Result<(), TestkitError> {
-        let addr = self.member(index)?.client_addr;
+        let addr = self.member(index)?.http_addr;
         let start = Instant::now();
         let max_rounds = deadline.saturating_duration_since(start).as_millis() / 10 + 2;
         let mut last = String::from("not checked");
@@ -893,7 +940,7 @@ impl EtcdCluster {
                 .live_members()
                 .into_iter()
                 .map(|i| {
-                    let addr = self.members[i].client_addr;
+                    let addr = self.members[i].http_addr;
                     let r = http::request(
                         addr,
                         "POST",
@@ -933,7 +980,7 @@ impl EtcdCluster {
                 .min(REQUEST_TIMEOUT);
             let mut responses = Vec::new();
             for i in self.live_members() {
-                let addr = self.members[i].client_addr;
+                let addr = self.members[i].http_addr;
                 let r = http::request_async(
                     addr,
                     "POST",
@@ -965,7 +1012,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client_addr))
+            .map(|m| format!("{}://{}", self.scheme(), m.client_addr))
             .collect()
     }
 
@@ -974,10 +1021,22 @@ impl EtcdCluster {
     /// # Panics
     /// When `index` is out of range.
     pub fn endpoint(&self, index: usize) -> String {
-        format!("http://{}", self.members[index].client_addr)
+        format!("{}://{}", self.scheme(), self.members[index].client_addr)
     }
 
-    /// The client address of member `index` (for [`FaultProxy`](super::FaultProxy)).
+    /// The TLS certificates of a cluster started with
+    /// [`EtcdClusterBuilder::tls`]: configure the client with `ca_pem` (and the client
+    /// certificate for mutual TLS).
+    pub fn certs(&self) -> Option<&TestCerts> {
+        self.tls.as_ref().map(|(c, _)| c)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The client address of member `index` (for [`FaultProxy`](super::FaultProxy); TLS
+    /// when the cluster uses TLS).
     ///
     /// # Panics
     /// When `index` is out of range.

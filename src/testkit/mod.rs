@@ -56,11 +56,13 @@
 //! # }
 //! ```
 
+mod certs;
 mod error;
 mod etcd;
 mod http;
 mod proxy;
 
+pub use certs::TestCerts;
 pub use error::TestkitError;
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, etcd_version, find_etcd_binary};
 pub use http::{check_health, check_health_async};
