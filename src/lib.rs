@@ -64,6 +64,8 @@ mod error;
 mod kv;
 mod proto;
 pub mod raw;
+#[cfg(feature = "dns-srv")]
+mod srv;
 #[cfg(feature = "tls")]
 mod tls;
 mod txn;
@@ -88,6 +90,8 @@ pub use kv::{
     Compact, CompactResponse, Delete, DeleteResponse, Detached, Get, GetResponse, Kv, Put,
     PutResponse, SortOrder, SortTarget,
 };
+#[cfg(feature = "dns-srv")]
+pub use srv::SrvDiscovery;
 #[cfg(feature = "tls")]
 pub use tls::TlsOptions;
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
