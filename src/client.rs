@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::balancer::hooks::{DynConnector, DynLayer, RpcRequest, RpcService};
 use crate::balancer::retry::{Attempt, RetryState};
 use crate::balancer::{
     self, Balancer, DefaultRetryPolicy, ParsedEndpoint, Pick, RetryPolicy, SharedTransport,
@@ -92,6 +93,8 @@ pub(crate) struct Config {
     pub(crate) ordering_guard: OrderingGuard,
     pub(crate) auto_sync_interval: Option<Duration>,
     pub(crate) retry_policy: Arc<dyn RetryPolicy>,
+    pub(crate) connector: Option<DynConnector>,
+    pub(crate) layer: Option<DynLayer>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::tls::TlsOptions>,
 }
@@ -200,6 +203,8 @@ impl ClientBuilder {
                 ordering_guard: OrderingGuard::default(),
                 auto_sync_interval: None,
                 retry_policy: Arc::new(DefaultRetryPolicy::default()),
+                connector: None,
+                layer: None,
                 #[cfg(feature = "tls")]
                 tls: None,
             },
@@ -287,6 +292,38 @@ impl ClientBuilder {
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::tls::TlsOptions) -> Self {
         self.cfg.tls = Some(tls);
+        self
+    }
+
+    /// Open connections with `connector` instead of TCP: a tower service that takes the
+    /// endpoint's URI and yields the byte stream (any `AsyncRead + AsyncWrite`), e.g. an
+    /// in-process pipe, a SOCKS tunnel or a socket with special options. TLS (for `https://`
+    /// endpoints) still runs on top of it.
+    pub fn connector<C, IO>(mut self, connector: C) -> Self
+    where
+        C: tower::Service<http::Uri, Response = IO> + Clone + Send + Sync + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        self.cfg.connector = Some(DynConnector::new(connector));
+        self
+    }
+
+    /// Wrap every unary RPC attempt in a tower `layer`, e.g. to record metrics (the
+    /// [`RpcRequest`] names the method and endpoint; the response is `()` and the error the
+    /// attempt's typed [`Error`]). A layer may also refuse an attempt by returning an error.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<RpcService> + Send + Sync + 'static,
+        L::Service: tower::Service<RpcRequest, Response = (), Error = Error>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<RpcRequest>>::Future: Send + 'static,
+    {
+        self.cfg.layer = Some(DynLayer::new(layer));
         self
     }
 
@@ -778,8 +815,11 @@ impl Shared {
     ) -> Result<(R, Pick)>
     where
         T: Clone,
+        R: Send + 'static,
         F: Fn(Channel, tonic::Request<T>) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
+            + Send
+            + 'static,
     {
         let require_leader = opts.require_leader.unwrap_or(self.cfg.require_leader);
         let mut stale = None;
@@ -812,19 +852,63 @@ impl Shared {
                 endpoint = pick.endpoint(),
                 outcome = tracing::field::Empty,
             );
-            let result = with_deadline(remaining, call(pick.channel(), request))
-                .instrument(span.clone())
-                .await;
-            let err = match result {
+            let fut = with_deadline(remaining, call(pick.channel(), request));
+            let outcome = match &self.cfg.layer {
+                None => fut
+                    .instrument(span.clone())
+                    .await
+                    .map(|r| r.map(|resp| resp.into_inner())),
+                Some(layer) => {
+                    // Run the attempt inside the user's layer; the answer comes back through
+                    // a slot since the layer only sees `()`.
+                    let slot = Arc::new(std::sync::Mutex::new(None));
+                    let out = slot.clone();
+                    let endpoint = pick.endpoint().to_owned();
+                    let run = Box::pin(async move {
+                        let r = match fut.await {
+                            Ok(Ok(resp)) => Ok(resp.into_inner()),
+                            Ok(Err(status)) => Err(Error::from_status(status)),
+                            Err(deadline) => Err(deadline.maybe_sent(true)),
+                        };
+                        let unit = r
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| e.summary().at_endpoint(&endpoint));
+                        if let Ok(mut g) = out.lock() {
+                            *g = Some(r);
+                        }
+                        unit
+                    });
+                    let req = RpcRequest::new(opts.method, pick.endpoint().to_owned(), run);
+                    let svc = (layer.0)(crate::balancer::hooks::innermost());
+                    let layered = svc.oneshot(req).instrument(span.clone()).await;
+                    let taken = slot.lock().ok().and_then(|mut g| g.take());
+                    match (layered, taken) {
+                        (Ok(()), Some(Ok(resp))) => Ok(Ok(resp)),
+                        (_, Some(Err(e))) => Err(e),
+                        // The layer refused the attempt, or answered without running it.
+                        (Err(e), _) => Err(e),
+                        (Ok(()), _) => Err(Error::new(
+                            ErrorKind::Other,
+                            "a client layer answered without performing the request",
+                        )),
+                    }
+                }
+            };
+            let err = match outcome {
                 Ok(Ok(resp)) => {
                     span.record("outcome", "ok");
                     self.transport.report_success(&pick);
-                    return Ok((resp.into_inner(), pick));
+                    return Ok((resp, pick));
                 }
                 Ok(Err(status)) => Error::from_status(status),
-                Err(deadline) => deadline.maybe_sent(true),
+                Err(e) => e,
             };
-            let err = err.at_endpoint(pick.endpoint());
+            let err = if err.endpoint().is_some() {
+                err
+            } else {
+                err.at_endpoint(pick.endpoint())
+            };
             span.record("outcome", tracing::field::display(err.kind()));
             if err.is_auth_token_error()
                 && stale.is_none()

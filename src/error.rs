@@ -309,6 +309,17 @@ impl Error {
         self
     }
 
+    /// A copy without the source chain (errors are not `Clone`: sources may not be).
+    pub(crate) fn summary(&self) -> Error {
+        let mut e = Error::new(self.inner.kind, self.inner.message.clone());
+        e.inner.grpc_code = self.inner.grpc_code;
+        e.inner.compact_revision = self.inner.compact_revision;
+        e.inner.maybe_sent = self.inner.maybe_sent;
+        e.inner.endpoint = self.inner.endpoint.clone();
+        e.inner.endpoint_errors = self.inner.endpoint_errors.clone();
+        e
+    }
+
     pub(crate) fn maybe_sent(mut self, maybe_sent: bool) -> Self {
         self.inner.maybe_sent = maybe_sent;
         self

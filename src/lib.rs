@@ -79,6 +79,7 @@ pub mod testkit;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub use balancer::hooks::{RpcRequest, RpcService};
 pub use balancer::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 pub use bytes::Bytes;
 pub use client::{

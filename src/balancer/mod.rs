@@ -10,6 +10,7 @@
 //! Retrying is decided per request by a [`RetryPolicy`] (see [`retry`]); this module only says
 //! where a request goes.
 
+pub(crate) mod hooks;
 pub(crate) mod retry;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -192,7 +193,11 @@ impl Balancer {
     }
 
     fn slot(&self, ep: ParsedEndpoint) -> Result<Arc<Slot>> {
-        let channel = Self::endpoint(&self.cfg, &ep, &self.exec)?.connect_lazy();
+        let e = Self::endpoint(&self.cfg, &ep, &self.exec)?;
+        let channel = match &self.cfg.connector {
+            Some(c) => e.connect_with_connector_lazy(c.clone()),
+            None => e.connect_lazy(),
+        };
         Ok(Arc::new(Slot {
             endpoint: ep,
             channel,
@@ -241,7 +246,11 @@ impl Balancer {
         let mut failures = Vec::new();
         for (i, slot) in slots.iter().enumerate() {
             let e = Self::endpoint(cfg, &slot.endpoint, exec)?;
-            match e.connect().await {
+            let connected = match &cfg.connector {
+                Some(c) => e.connect_with_connector(c.clone()).await,
+                None => e.connect().await,
+            };
+            match connected {
                 Ok(ch) => {
                     // Replace the lazy channel by the connected one.
                     let connected = Arc::new(Slot {

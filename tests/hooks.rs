@@ -1,0 +1,176 @@
+//! User hooks: a custom connector that yields the byte stream, and a tower layer around every
+//! RPC attempt.
+
+mod common;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use etcdv3::{Client, Error, ErrorKind, RpcRequest, RpcService};
+
+#[tokio::test]
+async fn a_custom_connector_replaces_tcp() {
+    let etcd = common::etcd().await;
+    let real = etcd.client_addr(0);
+    let dialed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = dialed.clone();
+    // The endpoint names a host that does not exist; the connector knows where it really is.
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        log.lock().unwrap().push(uri.to_string());
+        async move { tokio::net::TcpStream::connect(real).await }
+    });
+    let c = Client::builder(["http://etcd.invalid:2379"])
+        .connector(connector)
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("via", "connector").await.unwrap();
+    assert_eq!(
+        c.kv().get("via").await.unwrap().kvs[0].value_str().unwrap(),
+        "connector"
+    );
+    let dialed = dialed.lock().unwrap().clone();
+    assert!(!dialed.is_empty());
+    assert!(
+        dialed
+            .iter()
+            .all(|u| u.starts_with("http://etcd.invalid:2379")),
+        "{dialed:?}"
+    );
+
+    // A connector that fails: the request was never sent, the error says why.
+    let failing = tower::service_fn(|_uri: http::Uri| async {
+        Err::<tokio::net::TcpStream, _>(std::io::Error::other("no route in this test"))
+    });
+    let c = Client::builder(["http://etcd.invalid:2379"])
+        .connector(failing)
+        .connect_lazy()
+        .unwrap();
+    let e = c
+        .kv()
+        .put("k", "v")
+        .timeout(Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
+    assert!(!e.is_indeterminate(), "never sent");
+}
+
+/// Counts attempts per method and endpoint; refuses RPCs named in `refuse`.
+#[derive(Clone)]
+struct Metrics {
+    seen: Arc<Mutex<HashMap<&'static str, usize>>>,
+    endpoints: Arc<Mutex<Vec<String>>>,
+    errors: Arc<AtomicUsize>,
+    refuse: &'static str,
+}
+
+impl tower::Layer<RpcService> for Metrics {
+    type Service = MetricsService;
+    fn layer(&self, inner: RpcService) -> MetricsService {
+        MetricsService {
+            inner,
+            m: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct MetricsService {
+    inner: RpcService,
+    m: Metrics,
+}
+
+impl tower::Service<RpcRequest> for MetricsService {
+    type Response = ();
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: RpcRequest) -> Self::Future {
+        *self.m.seen.lock().unwrap().entry(req.method).or_default() += 1;
+        self.m.endpoints.lock().unwrap().push(req.endpoint.clone());
+        if req.method == self.m.refuse {
+            return Box::pin(async { Err(etcdv3_test_error()) });
+        }
+        let fut = self.inner.call(req);
+        let errors = self.m.errors.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            if r.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        })
+    }
+}
+
+fn etcdv3_test_error() -> Error {
+    // Any typed error: borrow one from a client-side validation failure.
+    futures::executor::block_on(async {
+        Client::builder(["127.0.0.1:1"])
+            .connect_lazy()
+            .unwrap()
+            .kv()
+            .get("")
+            .await
+            .unwrap_err()
+    })
+}
+
+#[tokio::test]
+async fn a_tower_layer_sees_every_attempt() {
+    let etcd = common::etcd().await;
+    let m = Metrics {
+        seen: Default::default(),
+        endpoints: Default::default(),
+        errors: Default::default(),
+        refuse: "Compact",
+    };
+    let c = Client::builder(etcd.endpoints())
+        .layer(m.clone())
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("a", "1").await.unwrap();
+    c.kv().put("b", "2").await.unwrap();
+    let got = c.kv().get("a").await.unwrap();
+    assert_eq!(
+        got.kvs[0].value_str().unwrap(),
+        "1",
+        "responses pass through the layer"
+    );
+    // A server error is seen by the layer as an error too.
+    let e = c.kv().get("a").revision(1_000_000).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FutureRevision);
+    // The layer can refuse an attempt.
+    let e = c.kv().compact(1).await.unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::EmptyKey,
+        "the layer's own error: {e:?}"
+    );
+
+    let seen = m.seen.lock().unwrap().clone();
+    assert_eq!(seen.get("Put"), Some(&2));
+    assert_eq!(seen.get("Range"), Some(&2));
+    assert_eq!(seen.get("Compact"), Some(&1));
+    assert_eq!(m.errors.load(Ordering::Relaxed), 1);
+    assert!(
+        m.endpoints
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| *e == etcd.endpoint(0))
+    );
+}
