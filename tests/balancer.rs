@@ -363,40 +363,41 @@ async fn all_endpoints_failing_lists_each_endpoint() {
 
 #[tokio::test]
 async fn sync_and_auto_sync_follow_the_member_list() {
-    let cluster = cluster3().await;
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .spare_members(1)
+        .start_async()
+        .await
+        .unwrap();
     let c = Client::builder([cluster.endpoint(0)])
         .auto_sync_interval(Duration::from_millis(200))
         .request_timeout(Duration::from_secs(5))
         .connect()
         .await
         .unwrap();
-    let all: HashSet<String> = cluster.endpoints().into_iter().collect();
+    let set = |v: Vec<String>| v.into_iter().collect::<HashSet<String>>();
+    let initial = set(cluster.endpoints());
+    assert_eq!(initial.len(), 3);
     common::wait_until(
         Duration::from_secs(5),
         "auto-sync to find all members",
         || {
-            let got: HashSet<String> = c.endpoints().into_iter().collect();
-            let ok = got == all;
+            let ok = set(c.endpoints()) == initial;
             async move { ok }
         },
     )
     .await;
 
-    // A member that was added but never started has no name: it is not an endpoint.
     use etcdv3::raw::etcdserverpb as pb;
     let mut cl = c.raw().unwrap().cluster();
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     // etcd refuses reconfiguration ("unhealthy cluster") until its members have been
     // connected for a few seconds after start: retry within a deadline.
     let deadline = Instant::now() + Duration::from_secs(15);
     let added = loop {
         match cl
             .member_add(pb::MemberAddRequest {
-                peer_ur_ls: vec![format!("http://{free}")],
-                is_learner: true,
+                peer_ur_ls: vec![cluster.peer_url(3)],
+                is_learner: false,
             })
             .await
         {
@@ -407,22 +408,26 @@ async fn sync_and_auto_sync_follow_the_member_list() {
             Err(s) => panic!("member add: {s:?}"),
         }
     };
-    let synced: HashSet<String> = c.sync().await.unwrap().into_iter().collect();
-    assert_eq!(synced, all, "unstarted learner is not an endpoint");
+    // Added but not started: it has no name yet, so it is not an endpoint.
+    let synced = set(c.sync().await.unwrap());
+    assert_eq!(synced, initial, "an unstarted member is not an endpoint");
 
-    // Remove it and a started member: the endpoint set shrinks.
-    let added_id = added.member.unwrap().id;
-    // Right after a membership change etcd may refuse another one for a moment
-    // ("unhealthy cluster"); retry within a deadline.
-    common::wait_until(Duration::from_secs(10), "the learner to be removed", || {
-        let mut cl = cl.clone();
-        async move {
-            cl.member_remove(pb::MemberRemoveRequest { id: added_id })
-                .await
-                .is_ok()
-        }
-    })
+    // Start its process: auto-sync picks it up.
+    cluster.start_member(3).await.unwrap();
+    let grown = set(cluster.endpoints());
+    assert_eq!(grown.len(), 4);
+    common::wait_until(
+        Duration::from_secs(10),
+        "auto-sync to add the new member",
+        || {
+            let ok = set(c.endpoints()) == grown;
+            async move { ok }
+        },
+    )
     .await;
+
+    // Remove the new member and another one: the endpoint set shrinks.
+    let new_id = added.member.unwrap().id;
     let members = cl
         .member_list(pb::MemberListRequest::default())
         .await
@@ -431,30 +436,51 @@ async fn sync_and_auto_sync_follow_the_member_list() {
     let victim = members
         .members
         .iter()
-        .find(|m| m.client_ur_ls != vec![cluster.endpoint(0)])
-        .unwrap();
-    let victim_url = victim.client_ur_ls[0].clone();
-    let victim_id = victim.id;
-    common::wait_until(Duration::from_secs(10), "the member to be removed", || {
-        let mut cl = cl.clone();
-        async move {
-            cl.member_remove(pb::MemberRemoveRequest { id: victim_id })
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+        .find(|m| m.id != new_id && m.client_ur_ls != vec![cluster.endpoint(0)])
+        .unwrap()
+        .clone();
+    for id in [new_id, victim.id] {
+        common::wait_until(Duration::from_secs(15), "the member to be removed", || {
+            let mut cl = cl.clone();
+            async move {
+                cl.member_remove(pb::MemberRemoveRequest { id })
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+    }
+    let expected: HashSet<String> = initial
+        .iter()
+        .filter(|e| !victim.client_ur_ls.contains(e))
+        .cloned()
+        .collect();
+    assert_eq!(expected.len(), 2);
     common::wait_until(
-        Duration::from_secs(5),
-        "auto-sync to drop the removed member",
+        Duration::from_secs(10),
+        "auto-sync to drop the removed members",
         || {
-            let eps = c.endpoints();
-            let ok = eps.len() == 2 && !eps.contains(&victim_url);
+            let ok = set(c.endpoints()) == expected;
             async move { ok }
         },
     )
     .await;
-    c.kv().put("still", "works").await.unwrap();
+    // The shrunken cluster elects a leader if the removed member led it; then writes work.
+    common::wait_until(
+        Duration::from_secs(20),
+        "a write on the shrunken cluster",
+        || {
+            let c = c.clone();
+            async move {
+                c.kv()
+                    .put("still", "works")
+                    .timeout(Duration::from_secs(2))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -205,6 +206,7 @@ pub struct EtcdClusterBuilder {
     base_dir: Option<PathBuf>,
     fsync: bool,
     tls: Option<bool>,
+    spares: usize,
 }
 
 impl Default for EtcdClusterBuilder {
@@ -219,6 +221,7 @@ impl Default for EtcdClusterBuilder {
             base_dir: None,
             fsync: false,
             tls: None,
+            spares: 0,
         }
     }
 }
@@ -231,6 +234,15 @@ impl EtcdClusterBuilder {
     /// health checks.
     pub fn tls(mut self, client_cert_auth: bool) -> Self {
         self.tls = Some(client_cert_auth);
+        self
+    }
+
+    /// Reserve `n` spare member slots (ports and data directories), numbered after the initial
+    /// members, that are not part of the cluster at start. To grow the cluster, add a spare
+    /// with the MemberAdd RPC using [`EtcdCluster::peer_url`], then start its process with
+    /// [`EtcdCluster::start_member`].
+    pub fn spare_members(mut self, n: usize) -> Self {
+        self.spares = n;
         self
     }
 
@@ -382,6 +394,8 @@ struct Proc {
 #[derive(Debug)]
 struct Member {
     name: String,
+    /// Part of the cluster (an initial member, or a spare that was started).
+    joined: AtomicBool,
     client_addr: SocketAddr,
     /// Plain-HTTP client listener for the kit's health checks (== `client_addr` without TLS).
     http_addr: SocketAddr,
@@ -574,7 +588,7 @@ impl EtcdCluster {
         version: &str,
         caps: Capabilities,
     ) -> Result<Self, TestkitError> {
-        let ports = pick_free_ports(cfg.members * 2)?;
+        let ports = pick_free_ports((cfg.members + cfg.spares) * 2)?;
         Self::spawn_on(cfg, binary, version, caps, &ports)
     }
 
@@ -587,7 +601,8 @@ impl EtcdCluster {
         caps: Capabilities,
         ports: &[u16],
     ) -> Result<Self, TestkitError> {
-        if ports.len() != cfg.members * 2 {
+        let slots = cfg.members + cfg.spares;
+        if ports.len() != slots * 2 {
             return Err(TestkitError::Config(format!(
                 "{} ports for {} members",
                 ports.len(),
@@ -602,10 +617,10 @@ impl EtcdCluster {
             .unwrap_or_default();
         let token = format!("{dir_name}-{}", std::process::id());
         let health_ports = match cfg.tls {
-            Some(_) => pick_free_ports(cfg.members)?,
+            Some(_) => pick_free_ports(slots)?,
             None => Vec::new(),
         };
-        let members: Vec<Member> = (0..cfg.members)
+        let members: Vec<Member> = (0..slots)
             .map(|i| {
                 let name = format!("m{i}");
                 let client_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[2 * i]));
@@ -615,6 +630,7 @@ impl EtcdCluster {
                         .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, *p)))
                         .unwrap_or(client_addr),
                     client_addr,
+                    joined: AtomicBool::new(i < cfg.members),
                     peer_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, ports[2 * i + 1])),
                     data_dir: dir.path().join(format!("{name}.etcd")),
                     log_path: dir.path().join(format!("{name}.log")),
@@ -672,7 +688,7 @@ impl EtcdCluster {
             watchdog: spawn_watchdog(dir.path()),
             dir: Some(dir),
         };
-        for i in 0..cluster.members.len() {
+        for i in 0..cfg.members {
             let child = cluster.spawn_member(i, "new")?;
             cluster.members[i].lock().child = Some(child);
             cluster.write_pid_file();
@@ -700,6 +716,7 @@ impl EtcdCluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
+            .filter(|m| m.joined.load(AtomicOrdering::SeqCst))
             .map(|m| format!("{}=http://{}", m.name, m.peer_addr))
             .collect::<Vec<_>>()
             .join(",")
@@ -852,7 +869,9 @@ impl EtcdCluster {
 
     fn wait_all_healthy_until(&self, deadline: Instant) -> Result<(), TestkitError> {
         for i in 0..self.members.len() {
-            self.wait_healthy_until(i, deadline)?;
+            if self.members[i].joined.load(AtomicOrdering::SeqCst) {
+                self.wait_healthy_until(i, deadline)?;
+            }
         }
         Ok(())
     }
@@ -1008,10 +1027,12 @@ impl EtcdCluster {
         })
     }
 
-    /// The client URLs of every member, `http://127.0.0.1:PORT`, in member order.
+    /// The client URLs (`http://127.0.0.1:PORT`, `https://` with TLS) of every member that is
+    /// part of the cluster, in member order (spare members only once started).
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
+            .filter(|m| m.joined.load(AtomicOrdering::SeqCst))
             .map(|m| format!("{}://{}", self.scheme(), m.client_addr))
             .collect()
     }
@@ -1196,6 +1217,11 @@ impl EtcdCluster {
     /// killing it when it still runs.
     fn respawn(&self, index: usize) -> Result<(), TestkitError> {
         let m = self.member(index)?;
+        if !m.joined.load(AtomicOrdering::SeqCst) {
+            return Err(TestkitError::Config(format!(
+                "member {index} is a spare that was never started: use start_member"
+            )));
+        }
         match self.kill(index) {
             Ok(()) | Err(TestkitError::NotRunning { .. }) => {}
             Err(e) => return Err(e),
@@ -1215,6 +1241,32 @@ impl EtcdCluster {
         drop(p);
         self.write_pid_file();
         Ok(())
+    }
+
+    /// The peer URL of member `index` (`http://127.0.0.1:PORT`), e.g. for the MemberAdd RPC
+    /// before starting a spare member.
+    ///
+    /// # Panics
+    /// When `index` is out of range.
+    pub fn peer_url(&self, index: usize) -> String {
+        format!("http://{}", self.members[index].peer_addr)
+    }
+
+    /// Start spare member `index` (see [`EtcdClusterBuilder::spare_members`]) so it joins the
+    /// running cluster (`--initial-cluster-state existing`), and wait until it is healthy.
+    /// The member must have been added to the cluster first (MemberAdd with
+    /// [`peer_url`](Self::peer_url)); it then appears in [`endpoints`](Self::endpoints).
+    pub async fn start_member(&self, index: usize) -> Result<(), TestkitError> {
+        let m = self.member(index)?;
+        if m.joined.swap(true, AtomicOrdering::SeqCst) {
+            return Err(TestkitError::Config(format!(
+                "member {index} is already part of the cluster: use restart"
+            )));
+        }
+        let child = self.spawn_member(index, "existing")?;
+        m.lock().child = Some(child);
+        self.write_pid_file();
+        self.wait_healthy_async(index, self.startup_timeout).await
     }
 
     /// Restarts member `index` (killing it first when it runs) with the same data
