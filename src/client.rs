@@ -402,6 +402,12 @@ impl Shared {
         self.transport.channel()
     }
 
+    /// A channel to one chosen member endpoint (not the balanced set); see
+    /// `balancer::member_channel`.
+    pub(crate) fn member_channel(&self, endpoint: &str) -> Result<Channel> {
+        balancer::member_channel(&self.cfg, endpoint, &ExecutorAdapter(self.executor.clone()))
+    }
+
     /// Whether [`Client::close`] was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.transport.channel().is_err()
@@ -491,7 +497,10 @@ impl Shared {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut stale = None;
         loop {
-            let token = self.token(stale).await?;
+            // (Re-)authentication counts against this request's deadline: a caller never
+            // waits past it for the shared Authenticate call.
+            let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            let token = with_deadline(left, self.token(stale)).await??;
             let channel = self.transport.channel()?;
             let mut request = tonic::Request::new(req.clone());
             if let Some(d) = deadline {
