@@ -241,7 +241,7 @@ impl StatusResponse {
 #[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct MaintenanceResponse {
-    /// Response header.
+    /// Response header (all zeros for a defragmentation: etcd sends none with it).
     pub header: ResponseHeader,
 }
 
