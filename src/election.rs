@@ -8,10 +8,11 @@ use bytes::Bytes;
 use futures_core::Stream;
 use tonic::transport::Channel;
 
-use crate::client::{Client, with_deadline};
+use crate::client::Client;
 use crate::error::{Error, ErrorKind, Result};
+use crate::kv::BoxFuture;
 use crate::proto::v3electionpb as epb;
-use crate::request::{Request, call_opts, grpc_client, left, unary_on};
+use crate::request::{Request, call_opts, grpc_client, unary_on};
 use crate::types::{IntoBytes, KeyValue, ResponseHeader};
 
 grpc_client!(
@@ -288,37 +289,55 @@ impl ElectionService {
     }
 
     /// Follow the leadership of election `name`: the stream yields the current leader (once
-    /// there is one), then every change: each proclaimed value and each new leader. The
-    /// deadline applies to opening the stream only.
+    /// there is one), then every change: each proclaimed value and each new leader.
     ///
-    /// The stream ends when the server ends it (e.g. the member shuts down) or with an error
-    /// on a broken connection; open a new one to go on following. Dropping it stops the
-    /// observation on the server.
-    pub fn observe(&self, name: impl IntoBytes) -> Request<LeaderStream> {
+    /// Nothing is sent until the stream is first polled, and the stream has no deadline (the
+    /// server answers only when there is a leader); drop it to stop observing. It ends when the
+    /// server ends it (e.g. the member shuts down) or with an error on a broken connection;
+    /// observe again to go on following.
+    pub fn observe(&self, name: impl IntoBytes) -> LeaderStream {
+        LeaderStream {
+            open: Opener {
+                client: self.client.clone(),
+                name: name.into_bytes(),
+            },
+            state: State::Idle,
+            retried: false,
+        }
+    }
+}
+
+/// What a [`LeaderStream`] needs to open (and, once, re-open) its gRPC stream.
+#[derive(Clone)]
+struct Opener {
+    client: Client,
+    name: Bytes,
+}
+
+type OpenFuture = BoxFuture<Result<(tonic::Streaming<epb::LeaderResponse>, Option<u64>)>>;
+
+impl Opener {
+    /// Open the Observe stream with the current token (or a fresh one when `stale` names the
+    /// generation to replace); re-authenticates once when the server rejects the token.
+    fn open(&self, stale: Option<u64>) -> OpenFuture {
         let this = self.clone();
-        let name = name.into_bytes();
-        Request::new(call_opts("Observe", true), move |opts| async move {
+        Box::pin(async move {
             let shared = this.client.shared();
-            let timeout = opts.timeout.or(this.client.config().request_timeout);
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            let mut stale = None;
+            let max = this.client.config().max_encoding_bytes();
+            let mut stale = stale;
+            let mut refreshed = false;
             loop {
-                let msg = epb::LeaderRequest { name: name.clone() };
-                let (request, generation) =
-                    with_deadline(left(deadline)?, shared.stream_request(msg, stale)).await??;
-                let channel = shared.channel()?;
-                let mut c = election_client(channel.clone(), this.max_encoding());
-                match with_deadline(left(deadline)?, c.observe(request)).await? {
-                    Ok(resp) => {
-                        return Ok(LeaderStream {
-                            inner: resp.into_inner(),
-                            _channel: channel,
-                            done: false,
-                        });
-                    }
+                let msg = epb::LeaderRequest {
+                    name: this.name.clone(),
+                };
+                let (request, generation) = shared.stream_request(msg, stale).await?;
+                let mut c = election_client(shared.channel()?, max);
+                match c.observe(request).await {
+                    Ok(resp) => return Ok((resp.into_inner(), generation)),
                     Err(status) => {
                         let err = Error::from_status(status);
-                        if err.is_auth_token_error() && stale.is_none() && generation.is_some() {
+                        if err.is_auth_token_error() && !refreshed && generation.is_some() {
+                            refreshed = true;
                             stale = generation;
                             continue;
                         }
@@ -330,17 +349,39 @@ impl ElectionService {
     }
 }
 
+enum State {
+    Idle,
+    Opening(OpenFuture),
+    Open {
+        stream: tonic::Streaming<epb::LeaderResponse>,
+        generation: Option<u64>,
+        received: bool,
+    },
+    Done,
+}
+
 /// The leadership of an election as it changes; from [`ElectionService::observe`].
+///
+/// A `Stream` of [`LeaderResponse`]s. It runs no background task: the connection is driven by
+/// polling it.
+#[must_use = "a stream does nothing until polled"]
 pub struct LeaderStream {
-    inner: tonic::Streaming<epb::LeaderResponse>,
-    _channel: Channel,
-    done: bool,
+    open: Opener,
+    state: State,
+    retried: bool,
 }
 
 impl fmt::Debug for LeaderStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Idle => "idle",
+            State::Opening(_) => "opening",
+            State::Open { .. } => "open",
+            State::Done => "done",
+        };
         f.debug_struct("LeaderStream")
-            .field("done", &self.done)
+            .field("name", &String::from_utf8_lossy(&self.open.name))
+            .field("state", &state)
             .finish()
     }
 }
@@ -350,25 +391,57 @@ impl Stream for LeaderStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(status))) => {
-                this.done = true;
-                Poll::Ready(Some(Err(Error::from_status(status))))
-            }
-            Poll::Ready(Some(Ok(msg))) => {
-                let item = LeaderResponse::from_pb(msg);
-                if item.is_err() {
-                    this.done = true;
-                }
-                Poll::Ready(Some(item))
+        // Bounded: each round moves the state forward (idle -> opening -> open -> done, with
+        // one re-open at most).
+        loop {
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Idle => this.state = State::Opening(this.open.open(None)),
+                State::Opening(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok((stream, generation))) => {
+                        this.state = State::Open {
+                            stream,
+                            generation,
+                            received: false,
+                        };
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Open {
+                    stream,
+                    generation,
+                    received,
+                } => match Pin::new(stream).poll_next(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => {
+                        // The server ends an observation whose token it rejects without an
+                        // error (its internal reads fail): when that happens before any
+                        // answer, re-authenticate once and observe again.
+                        if !*received && generation.is_some() && !this.retried {
+                            this.retried = true;
+                            this.state = State::Opening(this.open.open(*generation));
+                        } else {
+                            this.state = State::Done;
+                            return Poll::Ready(None);
+                        }
+                    }
+                    Poll::Ready(Some(Err(status))) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(Error::from_status(status))));
+                    }
+                    Poll::Ready(Some(Ok(msg))) => {
+                        *received = true;
+                        let item = LeaderResponse::from_pb(msg);
+                        if item.is_err() {
+                            this.state = State::Done;
+                        }
+                        return Poll::Ready(Some(item));
+                    }
+                },
             }
         }
     }
