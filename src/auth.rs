@@ -1,30 +1,4 @@
 //! The auth API: enable and disable authentication, manage users, roles and permissions.
-//!
-//! A client that should *act as* a user is configured with
-//! [`ClientBuilder::user`](crate::ClientBuilder::user): it authenticates, attaches its token to
-//! every request and stream, and re-authenticates (once, shared by every concurrent caller) when
-//! the server says the token is invalid or stale.
-//!
-//! ```no_run
-//! # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
-//! use etcdv3::Permission;
-//! let auth = client.auth();
-//! auth.user_add("root", "root-password").await?;
-//! auth.user_grant_role("root", "root").await?;
-//! auth.role_add("reader").await?;
-//! auth.role_grant_permission("reader", Permission::read("/config/").prefix())
-//!     .await?;
-//! auth.user_add("app", "app-password").await?;
-//! auth.user_grant_role("app", "reader").await?;
-//! auth.enable().await?;
-//! // From now on, requests need credentials:
-//! let app = etcdv3::Client::builder(["http://127.0.0.1:2379"])
-//!     .user("app", "app-password")
-//!     .connect()
-//!     .await?;
-//! app.kv().get("/config/").prefix().await?;
-//! # Ok(()) }
-//! ```
 
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
@@ -57,6 +31,32 @@ impl Client {
 /// [`ErrorKind::RoleNotFound`], [`ErrorKind::RoleNotGranted`],
 /// [`ErrorKind::PermissionNotGranted`], [`ErrorKind::RootUserNotExist`],
 /// [`ErrorKind::PermissionDenied`], ...
+///
+/// A client that should *act as* a user is configured with
+/// [`ClientBuilder::user`](crate::ClientBuilder::user): it authenticates, attaches its token to
+/// every request and stream, and re-authenticates (once, shared by every concurrent caller) when
+/// the server says the token is invalid or stale.
+///
+/// ```no_run
+/// # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
+/// use etcdv3::Permission;
+/// let auth = client.auth();
+/// auth.user_add("root", "root-password").await?;
+/// auth.user_grant_role("root", "root").await?;
+/// auth.role_add("reader").await?;
+/// auth.role_grant_permission("reader", Permission::read("/config/").prefix())
+///     .await?;
+/// auth.user_add("app", "app-password").await?;
+/// auth.user_grant_role("app", "reader").await?;
+/// auth.enable().await?;
+/// // From now on, requests need credentials:
+/// let app = etcdv3::Client::builder(["http://127.0.0.1:2379"])
+///     .user("app", "app-password")
+///     .connect()
+///     .await?;
+/// app.kv().get("/config/").prefix().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Auth {
     client: Client,
@@ -631,6 +631,25 @@ impl IntoFuture for RevokePermission {
     }
 }
 
+/// Whether a watch create that the server canceled with `reason` may have been refused for a
+/// stale token rather than for a real lack of permission. etcd 3.4 cancels with "...invalid
+/// auth token"; etcd 3.5 before 3.5.5 says only "...permission denied" for an expired or
+/// unknown token (etcd #14322 fixed the reason). A watch worker with credentials that sees
+/// this for a create sent with token generation `g` should re-open its stream once with
+/// `Shared::stream_request(msg, Some(g))` and create again; a second refusal is real.
+#[allow(dead_code)] // used by the watch worker
+pub(crate) fn watch_cancel_may_be_stale_token(reason: &str) -> bool {
+    [
+        "invalid auth token",
+        "auth store is old",
+        "revision in header is old",
+        "permission denied",
+        "user name is empty",
+    ]
+    .iter()
+    .any(|s| reason.contains(s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +673,20 @@ mod tests {
             assert_eq!(PermissionType::from_pb(t.to_pb()).ok(), Some(t));
         }
         assert!(PermissionType::from_pb(9).is_err());
+    }
+
+    #[test]
+    fn stale_token_watch_cancel_reasons() {
+        // As sent by etcd 3.4.23 and 3.5.1 for a watch created with a stale token.
+        for r in [
+            "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token",
+            "rpc error: code = PermissionDenied desc = etcdserver: permission denied",
+        ] {
+            assert!(watch_cancel_may_be_stale_token(r), "{r}");
+        }
+        assert!(!watch_cancel_may_be_stale_token(
+            "mvcc: required revision has been compacted"
+        ));
     }
 
     /// `Shared::stream_request` (what the watch and keep-alive workers open their streams

@@ -419,7 +419,11 @@ impl Shared {
     }
 
     /// A request for a new stream: carries the auth token (when auth is configured).
-    /// `stale` names a token generation the server rejected, forcing re-authentication.
+    /// `stale` names a token generation the server rejected, forcing re-authentication (shared
+    /// with every concurrent caller; one that passes an older generation gets the current
+    /// token without a new Authenticate). How servers reject a stale token on a stream: an
+    /// error status on open, or (Watch) a canceled create, see
+    /// `auth::watch_cancel_may_be_stale_token`, or (election Observe) a silent end.
     pub(crate) async fn stream_request<T>(
         &self,
         msg: T,

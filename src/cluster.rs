@@ -1,17 +1,5 @@
 //! The cluster membership API: list, add (as voting member or learner), remove, update and
 //! promote members.
-//!
-//! ```no_run
-//! # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
-//! let cluster = client.cluster();
-//! for m in cluster.member_list().linearizable().await?.members {
-//!     println!("{:x} {} learner={} {:?}", m.id, m.name, m.is_learner, m.client_urls);
-//! }
-//! // Add a learner; start its etcd process with `--initial-cluster-state existing`, then:
-//! let added = cluster.member_add(["http://10.0.0.4:2380"]).as_learner().await?;
-//! cluster.member_promote(added.member.id).await?;
-//! # Ok(()) }
-//! ```
 
 use std::future::IntoFuture;
 use std::time::Duration;
@@ -41,6 +29,18 @@ impl Client {
 /// Membership changes go through raft: the member answering forwards them to the leader. The
 /// server refuses a change that would leave the cluster without quorum among started members
 /// ([`ErrorKind::MemberNotEnoughStarted`](crate::ErrorKind::MemberNotEnoughStarted)).
+///
+/// ```no_run
+/// # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
+/// let cluster = client.cluster();
+/// for m in cluster.member_list().linearizable().await?.members {
+///     println!("{:x} {} learner={} {:?}", m.id, m.name, m.is_learner, m.client_urls);
+/// }
+/// // Add a learner; start its etcd process with `--initial-cluster-state existing`, then:
+/// let added = cluster.member_add(["http://10.0.0.4:2380"]).as_learner().await?;
+/// cluster.member_promote(added.member.id).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Cluster {
     client: Client,

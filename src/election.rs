@@ -353,7 +353,7 @@ enum State {
     Idle,
     Opening(OpenFuture),
     Open {
-        stream: tonic::Streaming<epb::LeaderResponse>,
+        stream: Box<tonic::Streaming<epb::LeaderResponse>>,
         generation: Option<u64>,
         received: bool,
     },
@@ -401,7 +401,7 @@ impl Stream for LeaderStream {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok((stream, generation))) => {
                         this.state = State::Open {
-                            stream,
+                            stream: Box::new(stream),
                             generation,
                             received: false,
                         };
@@ -415,7 +415,7 @@ impl Stream for LeaderStream {
                     stream,
                     generation,
                     received,
-                } => match Pin::new(stream).poll_next(cx) {
+                } => match Pin::new(&mut **stream).poll_next(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(None) => {
                         // The server ends an observation whose token it rejects without an

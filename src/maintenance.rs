@@ -1,26 +1,5 @@
 //! The maintenance API: status, alarms, defragmentation, hashes, snapshots, leader transfer
 //! and downgrades, each sent to the client's current member or to a member you choose.
-//!
-//! Most maintenance calls are about *one member* (its status, its database, its hash), so
-//! [`Client::maintenance_at`] aims them at a chosen endpoint over a separate connection (with
-//! the client's settings, executor and auth token), whichever member the client's own
-//! requests go to:
-//!
-//! ```no_run
-//! # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
-//! for endpoint in client.endpoints() {
-//!     let m = client.maintenance_at(&endpoint)?;
-//!     let status = m.status().await?;
-//!     println!(
-//!         "{endpoint}: member {:x}, leader {:x}, db {} bytes, raft index {}",
-//!         status.header.member_id, status.leader, status.db_size, status.raft_index
-//!     );
-//! }
-//! // Snapshot of the client's current member, written to a file and checked.
-//! let info = client.maintenance().snapshot_to_file("backup.db").await?;
-//! println!("saved {} bytes", info.file_size);
-//! # Ok(()) }
-//! ```
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -83,6 +62,27 @@ struct Target {
 
 /// The maintenance API; get it with [`Client::maintenance`] (the client's current member) or
 /// [`Client::maintenance_at`] (a chosen member). Cheap to clone.
+///
+/// Most maintenance calls are about *one member* (its status, its database, its hash), so
+/// [`Client::maintenance_at`] aims them at a chosen endpoint over a separate connection (with
+/// the client's settings, executor and auth token), whichever member the client's own
+/// requests go to:
+///
+/// ```no_run
+/// # async fn demo(client: etcdv3::Client) -> etcdv3::Result<()> {
+/// for endpoint in client.endpoints() {
+///     let m = client.maintenance_at(&endpoint)?;
+///     let status = m.status().await?;
+///     println!(
+///         "{endpoint}: member {:x}, leader {:x}, db {} bytes, raft index {}",
+///         status.header.member_id, status.leader, status.db_size, status.raft_index
+///     );
+/// }
+/// // Snapshot of the client's current member, written to a file and checked.
+/// let info = client.maintenance().snapshot_to_file("backup.db").await?;
+/// println!("saved {} bytes", info.file_size);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Maintenance {
     client: Client,

@@ -187,7 +187,7 @@ async fn learner_is_added_started_promoted_updated_and_removed() {
     let new = added.member.clone();
     assert!(new.is_learner);
     assert!(!new.is_started() && new.client_urls.is_empty());
-    assert_eq!(new.peer_urls, [peer1.clone()]);
+    assert_eq!(new.peer_urls, std::slice::from_ref(&peer1));
     assert_eq!(added.members.len(), 4);
     assert!(added.members.contains(&new));
     // A learner that has not caught up cannot be promoted.
@@ -213,7 +213,7 @@ async fn learner_is_added_started_promoted_updated_and_removed() {
     .await;
     let started = list(&c).await.into_iter().find(|m| m.id == new.id).unwrap();
     assert!(started.is_learner);
-    assert_eq!(started.client_urls, [new_ep.clone()]);
+    assert_eq!(started.client_urls, std::slice::from_ref(&new_ep));
 
     // A learner serves no linearizable requests.
     let learner_client = Client::builder([new_ep.as_str()])
