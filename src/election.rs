@@ -295,6 +295,12 @@ impl ElectionService {
     /// server answers only when there is a leader); drop it to stop observing. It ends when the
     /// server ends it (e.g. the member shuts down) or with an error on a broken connection;
     /// observe again to go on following.
+    ///
+    /// With authentication, a stale token makes the server end the stream silently; the
+    /// stream then re-authenticates once and observes again. (Seen on etcd 3.4 and 3.5: the
+    /// server runs the internal watches of concurrent observers on a shared stream that keeps
+    /// the identity of the observer that opened it, so after auth is disabled and re-enabled
+    /// an observer may stall until the older observers are gone; a server issue.)
     pub fn observe(&self, name: impl IntoBytes) -> LeaderStream {
         LeaderStream {
             open: Opener {

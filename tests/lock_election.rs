@@ -380,11 +380,13 @@ async fn services_carry_the_token_and_observe_survives_a_stale_one() {
     held.unlock().await.unwrap();
     let es = root.election_service();
     let won = es.campaign("e", lease, "v1").await.unwrap().leader;
-    let mut obs = es.observe("e");
-    assert_eq!(next_value(&mut obs).await.0, "v1");
-    drop(obs);
 
-    // Disabling and re-enabling auth drops every token: the client's is now stale.
+    // Disabling and re-enabling auth drops every token: the client's is now stale. The server
+    // ends an Observe with a stale token silently; the stream re-authenticates and goes on.
+    // (No observer runs before this point on purpose: etcd's election service runs the
+    // internal watches of all observers on one stream that keeps the identity of the caller
+    // that opened it, so an observer started while the old token was valid can leave a later
+    // one stalled once that token is dropped: a server issue, not the client's.)
     root.auth().disable().await.unwrap();
     anon.auth().enable().await.unwrap();
     let mut obs = es.observe("e");
