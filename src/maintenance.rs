@@ -267,7 +267,7 @@ pub struct HashKvResponse {
     pub hash: u32,
     /// The compaction revision the hash starts from.
     pub compact_revision: i64,
-    /// The revision the hash covers (etcd 3.5.? and later; 0 before).
+    /// The revision the hash covers (sent by newer servers; 0 from etcd 3.4 and early 3.5).
     pub hash_revision: i64,
 }
 
