@@ -671,6 +671,12 @@ impl Shared {
         self.max_revision.load(Ordering::Relaxed)
     }
 
+    /// A channel to one chosen member endpoint (not the balanced set); see
+    /// `balancer::member_channel`.
+    pub(crate) fn member_channel(&self, endpoint: &str) -> Result<Channel> {
+        balancer::member_channel(&self.cfg, endpoint, &ExecutorAdapter(self.executor.clone()))
+    }
+
     /// Whether [`Client::close`] was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.transport.channel().is_err()
@@ -682,7 +688,11 @@ impl Shared {
     }
 
     /// A request for a new stream: carries the auth token (when auth is configured).
-    /// `stale` names a token generation the server rejected, forcing re-authentication.
+    /// `stale` names a token generation the server rejected, forcing re-authentication (shared
+    /// with every concurrent caller; one that passes an older generation gets the current
+    /// token without a new Authenticate). How servers reject a stale token on a stream: an
+    /// error status on open, or (Watch) a canceled create, see
+    /// `auth::watch_cancel_may_be_stale_token`, or (election Observe) a silent end.
     pub(crate) async fn stream_request<T>(
         &self,
         msg: T,
@@ -824,7 +834,12 @@ impl Shared {
         let require_leader = opts.require_leader.unwrap_or(self.cfg.require_leader);
         let mut stale = None;
         loop {
-            let token = self.token(stale).await?;
+            // (Re-)authentication counts against this request's deadline: a caller never
+            // waits past it for the shared Authenticate call.
+            let left = att
+                .deadline
+                .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            let token = with_deadline(left, self.token(stale)).await??;
             let pick = self.transport.pick()?;
             let mut request = tonic::Request::new(att.msg.clone());
             let remaining = match att.deadline {

@@ -156,6 +156,11 @@ pub enum ErrorKind {
     /// No downgrade is in progress.
     NoInflightDowngrade,
 
+    // ---- election service ----
+    /// The campaigner no longer leads the election (its leader key is gone or was re-created),
+    /// so it cannot proclaim (`election: not leader`).
+    ElectionNotLeader,
+
     // ---- client side ----
     /// The request's deadline passed before an answer arrived.
     Deadline,
@@ -236,6 +241,7 @@ impl ErrorKind {
             ClusterVersionUnavailable => "cluster version not found during downgrade",
             DowngradeInProcess => "cluster has a downgrade job in progress",
             NoInflightDowngrade => "no inflight downgrade job",
+            ElectionNotLeader => "election: not leader",
             Deadline => "deadline exceeded",
             Canceled => "canceled",
             Closed => "client closed",
@@ -473,6 +479,15 @@ fn never_sent(status: &tonic::Status) -> bool {
 /// The server's `etcdserver: ...` messages (as sent by etcd 3.4-3.6) mapped to kinds.
 fn kind_from_message(msg: &str) -> Option<ErrorKind> {
     use ErrorKind::*;
+    // The election service's own errors carry no "etcdserver: " prefix.
+    if msg == "election: not leader" {
+        return Some(ElectionNotLeader);
+    }
+    // Some server paths (the maintenance service's permission check, the auth store) send the
+    // auth package's errors untranslated, as "auth: ..." with code Unknown.
+    if let Some(rest) = msg.strip_prefix("auth: ") {
+        return kind_from_auth_message(rest);
+    }
     let rest = msg.strip_prefix("etcdserver: ")?;
     let kind = match rest {
         "key is not provided" => EmptyKey,
@@ -537,6 +552,33 @@ fn kind_from_message(msg: &str) -> Option<ErrorKind> {
         "no inflight downgrade job" => NoInflightDowngrade,
         "request canceled" => Canceled,
         "context deadline exceeded" => Deadline,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// The etcd auth package's own messages (`auth: ...`), as some server paths send them.
+fn kind_from_auth_message(rest: &str) -> Option<ErrorKind> {
+    use ErrorKind::*;
+    let kind = match rest {
+        "root user does not exist" => RootUserNotExist,
+        "root user does not have root role" => RootRoleNotExist,
+        "user already exists" => UserAlreadyExist,
+        "user name is empty" => UserEmpty,
+        "user not found" => UserNotFound,
+        "role already exists" => RoleAlreadyExist,
+        "role not found" => RoleNotFound,
+        "role name is empty" => RoleEmpty,
+        "permission not given" => PermissionNotGiven,
+        "authentication failed, invalid user ID or password"
+        | "authentication failed, password was given for no password user" => AuthFailed,
+        "permission denied" => PermissionDenied,
+        "role is not granted to the user" => RoleNotGranted,
+        "permission is not granted to the role" => PermissionNotGranted,
+        "authentication is not enabled" => AuthNotEnabled,
+        "revision in header is old" => AuthOldRevision,
+        "invalid auth token" => InvalidAuthToken,
+        "invalid auth management" => InvalidAuthMgmt,
         _ => return None,
     };
     Some(kind)
@@ -676,6 +718,21 @@ mod tests {
                 tonic::Code::Cancelled,
                 "Timeout expired",
                 ErrorKind::Deadline,
+            ),
+            (
+                tonic::Code::Unknown,
+                "auth: invalid auth token",
+                ErrorKind::InvalidAuthToken,
+            ),
+            (
+                tonic::Code::Unknown,
+                "auth: user name is empty",
+                ErrorKind::UserEmpty,
+            ),
+            (
+                tonic::Code::Unknown,
+                "election: not leader",
+                ErrorKind::ElectionNotLeader,
             ),
         ];
         for (code, msg, kind) in cases {

@@ -35,10 +35,14 @@
 //! |---|---|
 //! | KV: get (key, prefix, from-key, range, all keys; limit, revision, sort, keys/count only, serializable, min/max mod/create revision), put (lease, prev_kv, ignore_value, ignore_lease), delete (range, prefix, prev_kv), txn (all compare targets and operators, range compares, nested txns), compact (physical) | ✅ |
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
-//! | Token auth (authenticate, attach token, one shared re-authentication on an invalid token) | basic |
+//! | Token auth: authenticate, attach the token to every request and stream, one re-authentication shared by all concurrent callers on an invalid/stale token | ✅ |
 //! | Many endpoints: pinned endpoint, round-robin failover with back-off, `set_endpoints`, `sync`/auto-sync, keep-alive pings | ✅ |
 //! | Retries inside the deadline through a tower `Retry` with a pluggable [`RetryPolicy`] (reads on unavailable-class errors, writes only when never sent) | ✅ |
 //! | Ordering guard for serializable reads ([`OrderingGuard`]), require-leader | ✅ |
+//! | Cluster: member list (linearizable or not), add (voting or learner), remove, update, promote | ✅ |
+//! | Maintenance, on the current member or a chosen one ([`Client::maintenance_at`]): status, alarms (list, activate, disarm), defragment, hash, hash_kv, snapshot stream and snapshot-to-file with size checks, move leader (routed to the leader), downgrade validate/enable/cancel | ✅ |
+//! | Auth: enable, disable, status; users (with or without password), roles, key/range/prefix permissions | ✅ |
+//! | Server-side lock and election services ([`LockService`], [`ElectionService`]; the caller keeps the lease alive) | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
@@ -58,12 +62,18 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod auth;
 mod balancer;
 mod client;
+mod cluster;
+mod election;
 mod error;
 mod kv;
+mod lock;
+mod maintenance;
 mod proto;
 pub mod raw;
+mod request;
 #[cfg(feature = "dns-srv")]
 mod srv;
 #[cfg(feature = "tls")]
@@ -79,6 +89,10 @@ pub mod testkit;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub use auth::{
+    Auth, AuthResponse, AuthStatusResponse, Permission, PermissionType, RevokePermission,
+    RoleGetResponse, RoleListResponse, UserGetResponse, UserListResponse,
+};
 pub use balancer::hooks::{RpcRequest, RpcService};
 pub use balancer::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 pub use bytes::Bytes;
@@ -86,11 +100,21 @@ pub use client::{
     BoxFuture, Client, ClientBuilder, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Executor,
     OrderingGuard, TokioExecutor,
 };
+pub use cluster::{Cluster, Member, MemberAdd, MemberAddResponse, MemberList, MembersResponse};
+pub use election::{
+    CampaignResponse, ElectionResponse, ElectionService, LeaderKey, LeaderResponse, LeaderStream,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use kv::{
     Compact, CompactResponse, Delete, DeleteResponse, Detached, Get, GetResponse, Kv, Put,
     PutResponse, SortOrder, SortTarget,
 };
+pub use lock::{HeldLock, LockService, UnlockResponse};
+pub use maintenance::{
+    AlarmMember, AlarmResponse, AlarmType, DowngradeInfo, DowngradeResponse, HashKvResponse,
+    HashResponse, Maintenance, MaintenanceResponse, SnapshotInfo, SnapshotStream, StatusResponse,
+};
+pub use request::Request;
 #[cfg(feature = "dns-srv")]
 pub use srv::SrvDiscovery;
 #[cfg(feature = "tls")]

@@ -425,6 +425,22 @@ impl Balancer {
     }
 }
 
+/// A channel to one chosen `endpoint`, outside the balanced set, for requests that must reach
+/// a particular member (maintenance calls, moving the leader). Built with the client's
+/// connection settings and executor, connected lazily; it lives as long as its clones.
+pub(crate) fn member_channel(
+    cfg: &Config,
+    endpoint: &str,
+    exec: &ExecutorAdapter,
+) -> Result<Channel> {
+    let ep = parse_endpoint(endpoint)?;
+    let e = Balancer::endpoint(cfg, &ep, exec)?;
+    Ok(match &cfg.connector {
+        Some(c) => e.connect_with_connector_lazy(c.clone()),
+        None => e.connect_lazy(),
+    })
+}
+
 fn closed() -> Error {
     Error::new(ErrorKind::Closed, "the client was closed")
 }
