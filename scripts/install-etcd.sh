@@ -42,5 +42,5 @@ fi
 
 echo "ETCD35=$E35"
 echo "ETCD34=/usr/bin/etcd"
-"$E35" --version | head -1 >&2
-/usr/bin/etcd --version | head -1 >&2
+"$E35" --version 2>/dev/null | sed -n 1p >&2 || true
+/usr/bin/etcd --version 2>/dev/null | sed -n 1p >&2 || true

@@ -21,7 +21,7 @@ cargo clippy --all-targets --all-features -- -D warnings
 
 start=$(date +%s)
 for bin in "$ETCD35" "$ETCD34"; do
-  echo "== tests against $("$bin" --version | head -n 1) ($bin) =="
+  echo "== tests against $("$bin" --version 2>/dev/null | sed -n 1p) ($bin) =="
   ETCD_BIN="$bin" cargo test --all-features --all-targets
 done
 echo "== doc tests =="
