@@ -13,6 +13,7 @@
 pub(crate) mod hooks;
 pub(crate) mod retry;
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -104,11 +105,25 @@ struct Health {
 pub(crate) struct Slot {
     pub(crate) endpoint: ParsedEndpoint,
     channel: Channel,
+    /// Lock-free fast path of the request path: false while the endpoint is healthy.
+    failing: AtomicBool,
     health: Mutex<Health>,
 }
 
 impl Slot {
+    fn new(endpoint: ParsedEndpoint, channel: Channel) -> Self {
+        Slot {
+            endpoint,
+            channel,
+            failing: AtomicBool::new(false),
+            health: Mutex::new(Health::default()),
+        }
+    }
+
     fn backing_off(&self, now: Instant) -> Option<Instant> {
+        if !self.failing.load(AtomicOrdering::Acquire) {
+            return None;
+        }
         let h = self.health.lock().ok()?;
         h.retry_at.filter(|t| *t > now)
     }
@@ -198,11 +213,7 @@ impl Balancer {
             Some(c) => e.connect_with_connector_lazy(c.clone()),
             None => e.connect_lazy(),
         };
-        Ok(Arc::new(Slot {
-            endpoint: ep,
-            channel,
-            health: Mutex::new(Health::default()),
-        }))
+        Ok(Arc::new(Slot::new(ep, channel)))
     }
 
     fn new(cfg: &Config, exec: &ExecutorAdapter) -> Result<Balancer> {
@@ -253,11 +264,7 @@ impl Balancer {
             match connected {
                 Ok(ch) => {
                     // Replace the lazy channel by the connected one.
-                    let connected = Arc::new(Slot {
-                        endpoint: slot.endpoint.clone(),
-                        channel: ch,
-                        health: Mutex::new(Health::default()),
-                    });
+                    let connected = Arc::new(Slot::new(slot.endpoint.clone(), ch));
                     let mut st = b.write();
                     st.slots[i] = connected;
                     st.pinned = i;
@@ -331,6 +338,7 @@ impl Balancer {
             h.failures = h.failures.saturating_add(1);
             h.retry_at = Some(Instant::now() + endpoint_backoff(h.failures));
             h.last_error = Some(why.to_owned());
+            slot.failing.store(true, AtomicOrdering::Release);
         }
     }
 
@@ -349,10 +357,12 @@ impl Balancer {
 
     /// The endpoint answered: it is healthy.
     pub(crate) fn report_success(&self, pick: &Pick) {
-        if let Ok(mut h) = pick.slot.health.lock()
-            && h.failures != 0
-        {
+        if !pick.slot.failing.load(AtomicOrdering::Acquire) {
+            return;
+        }
+        if let Ok(mut h) = pick.slot.health.lock() {
             *h = Health::default();
+            pick.slot.failing.store(false, AtomicOrdering::Release);
         }
     }
 
