@@ -275,6 +275,8 @@ pub(crate) struct Shared {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// The lease keeper's command channel, created with the first kept lease.
+    lease_keeper: std::sync::OnceLock<crate::lease::KeeperHandle>,
 }
 
 /// An etcd v3 client.
@@ -339,6 +341,7 @@ impl Client {
                     auth,
                     executor,
                 }),
+                lease_keeper: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -346,6 +349,11 @@ impl Client {
     /// The state shared with background workers.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// The lease keeper slot (see `crate::lease`).
+    pub(crate) fn lease_keeper(&self) -> &std::sync::OnceLock<crate::lease::KeeperHandle> {
+        &self.inner.lease_keeper
     }
 
     /// The key-value API.

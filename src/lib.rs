@@ -35,6 +35,7 @@
 //! |---|---|
 //! | KV: get (key, prefix, from-key, range, all keys; limit, revision, sort, keys/count only, serializable, min/max mod/create revision), put (lease, prev_kv, ignore_value, ignore_lease), delete (range, prefix, prev_kv), txn (all compare targets and operators, range compares, nested txns), compact (physical) | ✅ |
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
+//! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
 //! | Token auth (authenticate, attach token, one shared re-authentication on an invalid token) | basic |
 //! | One pinned connection; endpoints tried in order at connect time | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
@@ -60,6 +61,7 @@ mod balancer;
 mod client;
 mod error;
 mod kv;
+mod lease;
 mod proto;
 pub mod raw;
 mod txn;
@@ -77,6 +79,11 @@ pub use error::{Error, ErrorKind, Result};
 pub use kv::{
     Compact, CompactResponse, Delete, DeleteResponse, Detached, Get, GetResponse, Kv, Put,
     PutResponse, SortOrder, SortTarget,
+};
+pub use lease::{
+    Grant, GrantResponse, KeepAlive, KeepAliveOnce, KeepAliveResponse, KeptLease, Lease,
+    LeaseLost, LeaseStatus, Leases, LeasesResponse, Revoke, RevokeResponse, TimeToLive,
+    TimeToLiveResponse,
 };
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
