@@ -334,8 +334,13 @@ impl Worker {
             progress |= self.poll_conn(cx, &mut budget);
             progress |= self.poll_timers(cx);
             progress |= self.poll_revokes(cx);
-            if self.close_check.poll_tick(cx).is_ready() && self.shared.is_closed() {
-                self.close_all();
+            if self.close_check.poll_tick(cx).is_ready() {
+                // Counted as progress so that the next pass polls the interval again (and
+                // registers for its next tick).
+                progress = true;
+                if self.shared.is_closed() {
+                    self.close_all();
+                }
             }
             if self.leases.is_empty() && !matches!(self.conn, Conn::Idle) {
                 // Nothing to keep: end the stream (and any back-off).
