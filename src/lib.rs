@@ -81,9 +81,8 @@ pub use kv::{
     PutResponse, SortOrder, SortTarget,
 };
 pub use lease::{
-    Grant, GrantResponse, KeepAlive, KeepAliveOnce, KeepAliveResponse, KeptLease, Lease,
-    LeaseLost, LeaseStatus, Leases, LeasesResponse, Revoke, RevokeResponse, TimeToLive,
-    TimeToLiveResponse,
+    Grant, GrantResponse, KeepAlive, KeepAliveOnce, KeepAliveResponse, KeptLease, Lease, LeaseLost,
+    LeaseStatus, Leases, LeasesResponse, Revoke, RevokeResponse, TimeToLive, TimeToLiveResponse,
 };
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};

@@ -96,7 +96,10 @@ async fn grant_time_to_live_leases_revoke_and_errors() {
     // Revoke: the lease's keys go, the other key stays.
     let rev = lease.revoke(g.id).await.unwrap();
     assert!(rev.header.revision > t.header.revision);
-    assert_eq!(c.kv().get("lk/").prefix().count_only().await.unwrap().count, 1);
+    assert_eq!(
+        c.kv().get("lk/").prefix().count_only().await.unwrap().count,
+        1
+    );
     assert_eq!(c.kv().get("lk/other").await.unwrap().count, 1);
     let t = lease.time_to_live(g.id).keys().await.unwrap();
     assert_eq!(t.ttl, -1);
@@ -369,7 +372,11 @@ async fn ten_thousand_kept_leases_share_one_stream() {
         })
         .count();
     assert_eq!((lost, stale), (0, 0));
-    assert_eq!(c.lease().keeper_streams_opened(), 1, "one keep-alive stream");
+    assert_eq!(
+        c.lease().keeper_streams_opened(),
+        1,
+        "one keep-alive stream"
+    );
     let on_server = checker.lease().leases().await.unwrap().leases.len();
     assert_eq!(on_server, N);
     for k in kept.iter().step_by(N / 10) {
@@ -378,10 +385,14 @@ async fn ten_thousand_kept_leases_share_one_stream() {
     }
 
     drop(kept);
-    wait_until(Duration::from_secs(5), "the keeper to drop every lease", || {
-        let n = lease.keeper_leases();
-        async move { n == 0 }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the keeper to drop every lease",
+        || {
+            let n = lease.keeper_leases();
+            async move { n == 0 }
+        },
+    )
     .await;
     drop((lease, c, checker));
     wait_for_tasks(baseline).await;
@@ -520,7 +531,11 @@ async fn closing_the_client_reports_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_lease_survives_leader_kills() {
     use etcdv3::raw::etcdserverpb as pb;
-    let cluster = EtcdCluster::builder().members(3).start_async().await.unwrap();
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
     let leader = cluster.leader_async(Duration::from_secs(10)).await.unwrap();
     let pinned = (leader + 1) % 3;
     let c = client_at(cluster.endpoint(pinned)).await;

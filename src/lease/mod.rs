@@ -757,7 +757,11 @@ impl KeptLease {
     pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
         let mut rx = self.status.clone();
         async move {
-            let lost = rx.wait_for(|s| s.lost.is_some()).await.ok().and_then(|s| s.lost);
+            let lost = rx
+                .wait_for(|s| s.lost.is_some())
+                .await
+                .ok()
+                .and_then(|s| s.lost);
             // A closed channel keeps its last value: the loss, if it was recorded.
             lost.or_else(|| rx.borrow().lost)
                 .unwrap_or(LeaseLost::Closed)

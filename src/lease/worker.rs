@@ -228,7 +228,7 @@ enum Conn {
     /// The stream is open.
     Open {
         tx: mpsc::UnboundedSender<pb::LeaseKeepAliveRequest>,
-        rx: Streaming<pb::LeaseKeepAliveResponse>,
+        rx: Box<Streaming<pb::LeaseKeepAliveResponse>>,
     },
 }
 
@@ -269,10 +269,7 @@ struct Worker {
 /// the TTL earlier), a power-of-two multiple of 10 ms so that the grids of different TTLs
 /// line up, at most 320 ms.
 fn grid(ttl: i64) -> Duration {
-    let target = u64::try_from(ttl.max(0))
-        .unwrap_or(0)
-        .saturating_mul(1000)
-        / 30;
+    let target = u64::try_from(ttl.max(0)).unwrap_or(0).saturating_mul(1000) / 30;
     let mut g = 10u64;
     while g * 2 <= target && g < 320 {
         g *= 2;
@@ -498,7 +495,10 @@ impl Worker {
                         self.token_generation = token_generation;
                         let old = std::mem::replace(&mut self.conn, Conn::Idle);
                         if let Conn::Opening { tx, .. } = old {
-                            self.conn = Conn::Open { tx, rx };
+                            self.conn = Conn::Open {
+                                tx,
+                                rx: Box::new(rx),
+                            };
                         }
                     }
                     Err(e) => self.fail(e),
@@ -516,7 +516,7 @@ impl Worker {
             let Conn::Open { rx, .. } = &mut self.conn else {
                 break;
             };
-            match Pin::new(rx).poll_next(cx) {
+            match Pin::new(&mut **rx).poll_next(cx) {
                 Poll::Ready(Some(Ok(answer))) => {
                     *budget -= 1;
                     progress = true;
@@ -598,8 +598,7 @@ impl Worker {
         let shared = self.shared.clone();
         let stale = self.stale_token.take();
         let fut: OpenFuture = Box::pin(async move {
-            let (mut request, generation) =
-                shared.stream_request(RequestStream(rx), stale).await?;
+            let (mut request, generation) = shared.stream_request(RequestStream(rx), stale).await?;
             require_leader(&mut request);
             let mut client = lease_client(channel, shared.config());
             let response = client
