@@ -632,3 +632,125 @@ async fn a_kept_lease_survives_leader_kills() {
     );
     assert!(seen >= 200, "{seen}");
 }
+
+#[tokio::test]
+async fn a_cut_connection_is_replaced_and_overdue_refreshes_go_out_at_once() {
+    const TTL: i64 = 3;
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = client_at(proxy.endpoint()).await;
+    let kept = c.lease().grant(TTL).keep_alive().await.unwrap();
+    let mut w = kept.watch();
+    tokio::time::timeout(Duration::from_secs(3), w.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let acked = kept.status().acknowledged_at;
+
+    // Hold everything until the lease is half-way to its deadline: its refresh (due a third
+    // of the TTL after the last one) is sent and unanswered.
+    proxy.blackhole();
+    tokio::time::sleep_until((acked + Duration::from_millis(1500)).into()).await;
+    proxy.cut_all().await;
+    proxy.pass();
+    let healed = Instant::now();
+    let s = *tokio::time::timeout(
+        Duration::from_secs(2),
+        w.wait_for(|s| s.acknowledged_at > healed || s.lost.is_some()),
+    )
+    .await
+    .expect("a refresh right after the reconnect")
+    .unwrap();
+    assert_eq!(s.lost, None, "{s:?}");
+    assert!(
+        s.acknowledged_at - healed < Duration::from_millis(1200),
+        "the overdue refresh waited {:?}",
+        s.acknowledged_at - healed
+    );
+    assert!(c.lease().keeper_streams_opened() >= 2);
+    assert!(proxy.connections_total() >= 2);
+    // And it goes on.
+    let before = kept.status().acknowledged_at;
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        w.wait_for(|s| s.acknowledged_at > before),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(kept.lost_reason(), None);
+}
+
+/// The keep-alive stream asks for a leader: a member that lost its cluster refuses it (rather
+/// than hold it), and a lease kept through it is reported lost by its deadline.
+#[tokio::test]
+async fn a_member_without_a_leader_cannot_keep_a_lease_alive() {
+    const TTL: i64 = 3;
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
+    let c = client_at(cluster.endpoint(0)).await;
+    let kept = c.lease().grant(TTL).keep_alive().await.unwrap();
+    let spare = c.lease().grant(60).await.unwrap();
+    let mut w = kept.watch();
+    tokio::time::timeout(Duration::from_secs(3), w.changed())
+        .await
+        .unwrap()
+        .unwrap();
+
+    cluster.stop(1).unwrap();
+    cluster.stop(2).unwrap();
+    let stopped = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(TTL as u64 + 1), kept.lost())
+        .await
+        .expect("the loss is reported by the deadline");
+    assert_eq!(reason, LeaseLost::NotAcknowledged);
+    let s = kept.status();
+    assert!(Instant::now() <= s.acknowledged_at + Duration::from_secs(TTL as u64 + 1));
+    assert!(s.acknowledged_at <= stopped);
+
+    // With the leader gone, the member refuses keep-alive streams at once.
+    wait_until(
+        Duration::from_secs(10),
+        "the member to refuse with NoLeader",
+        || {
+            let f = c
+                .lease()
+                .keep_alive_once(spare.id)
+                .timeout(Duration::from_secs(2))
+                .into_future();
+            async move {
+                match f.await {
+                    Err(e) if e.kind() == ErrorKind::NoLeader => true,
+                    Err(e) => {
+                        assert!(e.is_retryable() || e.is_deadline(), "{e:?}");
+                        false
+                    }
+                    Ok(r) => panic!("a member without a leader refreshed a lease: {r:?}"),
+                }
+            }
+        },
+    )
+    .await;
+
+    cluster.cont(1).unwrap();
+    cluster.cont(2).unwrap();
+    cluster
+        .wait_all_healthy_async(Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Lost stays lost, even though the cluster is back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(kept.lost_reason(), Some(LeaseLost::NotAcknowledged));
+    assert_eq!(kept.ttl(), 0);
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<KeptLease>();
+    check::<etcdv3::Lease>();
+    check::<etcdv3::LeaseStatus>();
+}
