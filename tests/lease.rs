@@ -703,13 +703,22 @@ async fn a_member_without_a_leader_cannot_keep_a_lease_alive() {
     cluster.stop(1).unwrap();
     cluster.stop(2).unwrap();
     let stopped = Instant::now();
-    let reason = tokio::time::timeout(Duration::from_secs(TTL as u64 + 1), kept.lost())
+    let reason = tokio::time::timeout(Duration::from_secs(TTL as u64 + 3), kept.lost())
         .await
         .expect("the loss is reported by the deadline");
+    let lost_at = Instant::now();
     assert_eq!(reason, LeaseLost::NotAcknowledged);
     let s = kept.status();
-    assert!(Instant::now() <= s.acknowledged_at + Duration::from_secs(TTL as u64 + 1));
-    assert!(s.acknowledged_at <= stopped);
+    assert!(lost_at >= s.deadline);
+    assert!(lost_at <= s.acknowledged_at + Duration::from_secs(TTL as u64 + 1));
+    // A leader that lost its followers goes on renewing until it notices (CheckQuorum, one
+    // election timeout of 0.5 s here): an acknowledgement may still come a little after the
+    // stop, never much later.
+    assert!(
+        s.acknowledged_at <= stopped + Duration::from_secs(2),
+        "acknowledged {:?} after the stop",
+        s.acknowledged_at - stopped
+    );
 
     // With the leader gone, the member refuses keep-alive streams at once.
     wait_until(

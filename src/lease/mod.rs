@@ -49,6 +49,12 @@
 //!   once those already past a third of their TTL. The stream asks for a leader
 //!   (`require leader`), so a member cut off from its cluster refuses it instead of making a
 //!   dead lease look alive.
+//! - **Server bugs.** etcd before 3.4.38 / 3.5.23 may acknowledge a refresh of a lease that
+//!   was revoked a moment earlier (etcd PR #20616). The keeper does not take one acknowledgement
+//!   as proof of life beyond its deadline: a lease revoked through this client is reported
+//!   [`LeaseLost::Revoked`] at once and later acknowledgements are ignored; one revoked
+//!   elsewhere is reported at the next refresh (TTL 0 answer), and never later than its
+//!   deadline.
 //! - **Lifetime.** The keeper's task starts with the first kept lease and ends when the client
 //!   and every [`KeptLease`] are dropped (after performing any pending
 //!   [`revoke_on_drop`](KeepAlive::revoke_on_drop) revokes), or when the client is closed.
