@@ -428,6 +428,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// Dropping this stops the auto-sync task (it waits on the receiver).
     _auto_sync_stop: Option<tokio::sync::watch::Sender<()>>,
+    /// The lease keeper's command channel, created with the first kept lease.
+    lease_keeper: std::sync::OnceLock<crate::lease::KeeperHandle>,
 }
 
 /// An etcd v3 client.
@@ -501,6 +503,7 @@ impl Client {
             inner: Arc::new(Inner {
                 shared,
                 _auto_sync_stop: stop,
+                lease_keeper: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -508,6 +511,11 @@ impl Client {
     /// The state shared with background workers.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// The lease keeper slot (see `crate::lease`).
+    pub(crate) fn lease_keeper(&self) -> &std::sync::OnceLock<crate::lease::KeeperHandle> {
+        &self.inner.lease_keeper
     }
 
     /// The key-value API.

@@ -43,6 +43,7 @@
 //! | Maintenance, on the current member or a chosen one ([`Client::maintenance_at`]): status, alarms (list, activate, disarm), defragment, hash, hash_kv, snapshot stream and snapshot-to-file with size checks, move leader (routed to the leader), downgrade validate/enable/cancel | ✅ |
 //! | Auth: enable, disable, status; users (with or without password), roles, key/range/prefix permissions | ✅ |
 //! | Server-side lock and election services ([`LockService`], [`ElectionService`]; the caller keeps the lease alive) | ✅ |
+//! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
@@ -69,6 +70,7 @@ mod cluster;
 mod election;
 mod error;
 mod kv;
+mod lease;
 mod lock;
 mod maintenance;
 mod proto;
@@ -108,6 +110,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use kv::{
     Compact, CompactResponse, Delete, DeleteResponse, Detached, Get, GetResponse, Kv, Put,
     PutResponse, SortOrder, SortTarget,
+};
+pub use lease::{
+    Grant, GrantResponse, KeepAlive, KeepAliveOnce, KeepAliveResponse, KeptLease, Lease, LeaseLost,
+    LeaseStatus, Leases, LeasesResponse, Revoke, RevokeResponse, TimeToLive, TimeToLiveResponse,
 };
 pub use lock::{HeldLock, LockService, UnlockResponse};
 pub use maintenance::{

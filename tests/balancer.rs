@@ -552,3 +552,48 @@ async fn require_leader_refuses_reads_from_a_member_without_leader() {
     let r = c.kv().get("k").serializable().await.unwrap();
     assert_eq!(r.kvs[0].value_str().unwrap(), "v");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lease_moves_to_another_member_when_its_member_dies() {
+    let cluster = cluster3().await;
+    let c = Client::builder(cluster.endpoints())
+        .request_timeout(Duration::from_secs(5))
+        .keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let kept = c.lease().grant(4).keep_alive().await.unwrap();
+    c.kv().put("owned", "x").lease(kept.id()).await.unwrap();
+    let pinned = index_of(&cluster, &c.pinned_endpoint());
+    let opened = c.lease().keeper_streams_opened();
+    cluster.kill(pinned).unwrap();
+
+    // An observer on the surviving members checks the key for three TTLs.
+    let survivors: Vec<String> = (0..3)
+        .filter(|&i| i != pinned)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    let observer = Client::builder(survivors)
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut checks = 0;
+    while Instant::now() < until {
+        let r = observer.kv().get("owned").serializable().await.unwrap();
+        assert_eq!(
+            r.count, 1,
+            "the key of a kept lease vanished after {checks} checks"
+        );
+        assert!(kept.lost_reason().is_none(), "{:?}", kept.lost_reason());
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        c.lease().keeper_streams_opened() > opened,
+        "the keeper re-opened its stream"
+    );
+    assert_ne!(index_of(&cluster, &c.pinned_endpoint()), pinned);
+}
