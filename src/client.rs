@@ -275,6 +275,8 @@ pub(crate) struct Shared {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// The watch multiplexers, started on first use.
+    watch: crate::watch::WatchMuxes,
 }
 
 /// An etcd v3 client.
@@ -339,6 +341,7 @@ impl Client {
                     auth,
                     executor,
                 }),
+                watch: crate::watch::WatchMuxes::default(),
             }),
         }
     }
@@ -346,6 +349,11 @@ impl Client {
     /// The state shared with background workers.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// The watch multiplexers of this client (see `crate::watch`).
+    pub(crate) fn watch_muxes(&self) -> &crate::watch::WatchMuxes {
+        &self.inner.watch
     }
 
     /// The key-value API.

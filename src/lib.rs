@@ -64,6 +64,7 @@ mod proto;
 pub mod raw;
 mod txn;
 mod types;
+mod watch;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -80,3 +81,4 @@ pub use kv::{
 };
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
+pub use watch::{DEFAULT_WATCH_BUFFER, Event, EventKind, Watch, WatchBatch, Watcher};
