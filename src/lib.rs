@@ -81,4 +81,4 @@ pub use kv::{
 };
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
-pub use watch::{DEFAULT_WATCH_BUFFER, Event, EventKind, Watch, WatchBatch, Watcher};
+pub use watch::{DEFAULT_WATCH_BUFFER, Event, EventKind, Watch, WatchBatch, WatchStats, Watcher};

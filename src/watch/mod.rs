@@ -400,7 +400,9 @@ impl Watch {
             ));
         }
         if self.start_revision < 0 {
-            return Err(Error::invalid_argument("start revision must not be negative"));
+            return Err(Error::invalid_argument(
+                "start revision must not be negative",
+            ));
         }
         if self.buffer == 0 {
             return Err(Error::invalid_argument("watch buffer must be at least 1"));
@@ -514,9 +516,7 @@ impl Watcher {
     /// revision arrives on this watcher. Fails with [`ErrorKind::Closed`] once the client was
     /// closed.
     pub fn request_progress(&self) -> Result<()> {
-        self.cmds
-            .send(Cmd::Progress(self.id))
-            .map_err(|_| closed())
+        self.cmds.send(Cmd::Progress(self.id)).map_err(|_| closed())
     }
 
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<WatchBatch>>> {
@@ -561,6 +561,7 @@ impl Drop for Watcher {
 #[derive(Default)]
 pub(crate) struct WatchMuxes {
     next_id: AtomicU64,
+    stats: Arc<Stats>,
     leader: OnceLock<mpsc::UnboundedSender<Cmd>>,
     plain: OnceLock<mpsc::UnboundedSender<Cmd>>,
 }
@@ -585,7 +586,12 @@ impl WatchMuxes {
         };
         let tx = cell.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let worker = Worker::new(Arc::clone(shared), require_leader, rx);
+            let worker = Worker::new(
+                Arc::clone(shared),
+                require_leader,
+                rx,
+                Arc::clone(&self.stats),
+            );
             shared.spawn(worker.run());
             tx
         });
@@ -593,6 +599,41 @@ impl WatchMuxes {
             return Err(closed());
         }
         Ok(tx.clone())
+    }
+}
+
+/// Counters of the multiplexers' work (relaxed atomics, bumped per stream, create and pause;
+/// never per event).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) streams: AtomicU64,
+    pub(crate) creates: AtomicU64,
+    pub(crate) pauses: AtomicU64,
+}
+
+/// Counters of a client's watch multiplexers, for tests and benchmarks. Not a stable API.
+#[doc(hidden)]
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// gRPC Watch streams opened (reconnects included).
+    pub streams_opened: u64,
+    /// Create requests sent (first creations, re-creations after reconnects and pauses).
+    pub creates_sent: u64,
+    /// Times a watcher was paused because its buffer was full.
+    pub pauses: u64,
+}
+
+impl Client {
+    /// Counters of this client's watch multiplexers. Not a stable API.
+    #[doc(hidden)]
+    pub fn watch_stats(&self) -> WatchStats {
+        let s = &self.watch_muxes().stats;
+        WatchStats {
+            streams_opened: s.streams.load(Ordering::Relaxed),
+            creates_sent: s.creates.load(Ordering::Relaxed),
+            pauses: s.pauses.load(Ordering::Relaxed),
+        }
     }
 }
 

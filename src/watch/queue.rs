@@ -135,7 +135,10 @@ impl WatcherQueue {
     }
 
     /// The next item (`None` at the end), and whether the consumer must now send `Resume`.
-    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<(Option<Result<WatchBatch>>, bool)> {
+    pub(crate) fn poll_pop(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<(Option<Result<WatchBatch>>, bool)> {
         let mut s = self.lock();
         if let Some(item) = s.items.pop_front() {
             let mut resume = false;
@@ -198,7 +201,10 @@ mod tests {
         assert_eq!(resumes, 1, "exactly one resume");
         assert!(q.poll_pop(&mut cx).is_pending());
         q.finish(Some(Error::new(ErrorKind::Compacted, "x")));
-        assert!(matches!(q.poll_pop(&mut cx), Poll::Ready((Some(Err(_)), false))));
+        assert!(matches!(
+            q.poll_pop(&mut cx),
+            Poll::Ready((Some(Err(_)), false))
+        ));
         assert!(matches!(q.poll_pop(&mut cx), Poll::Ready((None, false))));
     }
 
@@ -210,7 +216,10 @@ mod tests {
         assert_eq!(q.len(), 1);
         let waker = futures_noop_waker();
         let mut cx = Context::from_waker(&waker);
-        assert!(matches!(q.poll_pop(&mut cx), Poll::Ready((Some(Ok(_)), false))));
+        assert!(matches!(
+            q.poll_pop(&mut cx),
+            Poll::Ready((Some(Ok(_)), false))
+        ));
     }
 
     fn futures_noop_waker() -> Waker {

@@ -22,12 +22,13 @@ use tonic::codec::Streaming;
 use tonic::metadata::AsciiMetadataValue;
 
 use super::queue::{PushError, WatcherQueue};
-use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, WatchBatch};
+use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
 use crate::client::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
 use crate::types::ResponseHeader;
+use std::sync::atomic::Ordering;
 
 /// The watch id etcd uses for answers that belong to no single watcher (a refused create,
 /// a requested progress notification).
@@ -170,10 +171,8 @@ impl Hasher for IdHasher {
 
 type Slots = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
 type ReqTx = mpsc::UnboundedSender<pb::WatchRequest>;
-type OpenResult = std::result::Result<
-    (Streaming<pb::WatchResponse>, Option<u64>),
-    (Error, Option<u64>),
->;
+type OpenResult =
+    std::result::Result<(Streaming<pb::WatchResponse>, Option<u64>), (Error, Option<u64>)>;
 
 /// The request half of the gRPC stream.
 struct ReqStream(mpsc::UnboundedReceiver<pb::WatchRequest>);
@@ -294,6 +293,7 @@ pub(crate) struct Worker {
     failures: u32,
     /// A token generation the server rejected: re-authenticate on the next stream.
     stale_token: Option<u64>,
+    stats: Arc<Stats>,
 }
 
 impl Worker {
@@ -301,6 +301,7 @@ impl Worker {
         shared: Arc<Shared>,
         require_leader: bool,
         cmds: mpsc::UnboundedReceiver<Cmd>,
+        stats: Arc<Stats>,
     ) -> Self {
         Worker {
             shared,
@@ -314,6 +315,7 @@ impl Worker {
             cancel_acks: Vec::new(),
             failures: 0,
             stale_token: None,
+            stats,
         }
     }
 
@@ -441,6 +443,7 @@ impl Worker {
         slot.frag = None;
         if tx.send(slot.create_request(sid)).is_ok() {
             self.inflight.push_back(sid);
+            self.stats.creates.fetch_add(1, Ordering::Relaxed);
         }
         // Otherwise the stream is gone and its failure is reported next.
     }
@@ -466,6 +469,7 @@ impl Worker {
             tx,
             fut: Box::pin(fut),
         };
+        self.stats.streams.fetch_add(1, Ordering::Relaxed);
         let unsent: Vec<u64> = self
             .slots
             .iter()
@@ -751,6 +755,7 @@ impl Worker {
         slot.state = SlotState::Paused;
         slot.sid = 0;
         slot.frag = None;
+        self.stats.pauses.fetch_add(1, Ordering::Relaxed);
         if was_active {
             self.send(cancel_request(sid));
         }
@@ -773,7 +778,11 @@ fn cancel_error(compact_revision: i64, reason: &str) -> Error {
     if reason.is_empty() {
         return Error::new(ErrorKind::WatchCanceled, "the server canceled the watch");
     }
-    Error::from_server_message(reason, ErrorKind::WatchCanceled)
+    // etcd renders some reasons as a whole gRPC error: "rpc error: code = X desc = <message>".
+    let message = reason
+        .split_once(" desc = ")
+        .map_or(reason, |(_, desc)| desc);
+    Error::from_server_message(message, ErrorKind::WatchCanceled)
 }
 
 #[cfg(test)]
@@ -817,6 +826,14 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Compacted);
         assert_eq!(e.compact_revision(), Some(42));
         assert_eq!(cancel_error(0, "").kind(), ErrorKind::WatchCanceled);
+        assert_eq!(
+            cancel_error(
+                0,
+                "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+            )
+            .kind(),
+            ErrorKind::PermissionDenied
+        );
         assert_eq!(
             cancel_error(0, "mvcc: something new").kind(),
             ErrorKind::WatchCanceled
