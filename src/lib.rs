@@ -34,6 +34,7 @@
 //! | area | status |
 //! |---|---|
 //! | KV: get (key, prefix, from-key, range, all keys; limit, revision, sort, keys/count only, serializable, min/max mod/create revision), put (lease, prev_kv, ignore_value, ignore_lease), delete (range, prefix, prev_kv), txn (all compare targets and operators, range compares, nested txns), compact (physical) | ✅ |
+//! | Watch ([`Client::watch`]): key, prefix, range, from-key; start revision, prev_kv, filters, progress (periodic and requested), fragments, created notification; one multiplexed stream per client with pipelined creates; every revision exactly once, in order, across reconnects; bounded per-watcher buffers (a slow consumer is paused and resumed, losslessly); typed compaction and cancellation | ✅ |
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
 //! | Token auth (authenticate, attach token, one shared re-authentication on an invalid token) | basic |
 //! | One pinned connection; endpoints tried in order at connect time | ✅ |

@@ -17,39 +17,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # How it works
-//!
-//! Every watcher of a client travels on **one** gRPC Watch stream (one more when some watchers
-//! turn [`require_leader`](Watch::require_leader) off), run by one background task, the
-//! multiplexer. Watch creations are pipelined: many are in flight at once and the answers are
-//! matched to them, so creating thousands of watchers costs no round trip each.
-//!
-//! The multiplexer remembers, for each watcher, the next revision it needs. When the stream
-//! fails (a network error, a server restart, a member that lost its leader, a new endpoint),
-//! it reconnects with a jittered back-off and re-creates every live watcher from that
-//! revision. Together with a guard that drops any event below it (older etcd versions may
-//! repeat events or go back in time after a partition), a watcher sees **every revision in its
-//! range exactly once, in order**, and a transaction's events always arrive in one
-//! [`WatchBatch`]. A watcher started at "now" resumes from the revision it was created at, so
-//! a write made while the client was disconnected is still delivered.
-//!
-//! Each watcher's buffer is bounded ([`Watch::buffer`], in batches). A consumer that stops
-//! reading never stalls the other watchers and never makes memory grow: when its buffer is
-//! full the watcher is *paused* (cancelled on the server) and re-created from its next
-//! revision once the consumer has drained half of its buffer, so it still sees every revision.
-//!
-//! A start revision that was compacted ends that watcher with
-//! [`ErrorKind::Compacted`](crate::ErrorKind::Compacted) and [`Error::compact_revision`] set; a
-//! watcher the server refuses or cancels (e.g. permission denied) ends with the typed reason.
-//! Other watchers are not affected. Dropping a [`Watcher`] cancels it on the server.
-//!
-//! # Progress notifications
-//!
-//! With [`Watch::progress_notify`] the server periodically sends an empty batch
-//! ([`WatchBatch::is_progress_notify`]) carrying the current revision while the watcher is idle;
-//! [`Watcher::request_progress`] asks for one at once. The periodic kind also moves the
-//! watcher's resume point forward. A *requested* notification never does: on etcd before
-//! 3.4.25 / 3.5.8 it may run ahead of events still in flight (etcd issue 15220).
+//! The guarantees are documented on [`Watcher`] (this module is private; its docs are for the
+//! crate's developers: see `worker.rs` for how the multiplexer works).
 
 mod queue;
 mod worker;
@@ -205,7 +174,7 @@ impl WatchBatch {
     }
 
     /// True for a progress notification: no events, and the header's revision tells how far
-    /// the store is (see the [module docs](self) for what it promises).
+    /// the store is (see [`Watcher`], "Progress notifications", for what it promises).
     pub fn is_progress_notify(&self) -> bool {
         self.kind == BatchKind::Progress
     }
@@ -461,11 +430,49 @@ fn closed() -> Error {
 
 /// A live watcher: a [`Stream`](futures_core::Stream) of [`WatchBatch`]es.
 ///
+/// # Guarantees
+///
+/// Every watcher of a client travels on **one** gRPC Watch stream (one more when some watchers
+/// turn [`require_leader`](Watch::require_leader) off), run by one background task, the
+/// multiplexer. Watch creations are pipelined: many are in flight at once and the answers are
+/// matched to them, so creating thousands of watchers costs no round trip each.
+///
+/// The multiplexer remembers, for each watcher, the next revision it needs. When the stream
+/// fails (a network error, a server restart, a member that lost its leader, a new endpoint),
+/// it reconnects with a jittered back-off and re-creates every live watcher from that
+/// revision. Together with a guard that drops any event below it (older etcd versions may
+/// repeat events or go back in time after a partition), a watcher sees **every revision in its
+/// range exactly once, in order**, and a transaction's events always arrive in one
+/// [`WatchBatch`]. A watcher started at "now" resumes from the revision it was created at, so
+/// a write made while the client was disconnected is still delivered.
+///
+/// Each watcher's buffer is bounded ([`Watch::buffer`], in batches). A consumer that stops
+/// reading never stalls the other watchers and never makes memory grow: when its buffer is
+/// full the watcher is *paused* (cancelled on the server) and re-created from its next
+/// revision once the consumer has drained half of its buffer, so it still sees every revision.
+///
+/// A start revision that was compacted ends that watcher with
+/// [`ErrorKind::Compacted`](crate::ErrorKind::Compacted) and [`Error::compact_revision`] set; a
+/// watcher the server refuses or cancels (e.g. permission denied) ends with the typed reason.
+/// Other watchers are not affected. Dropping a [`Watcher`] cancels it on the server.
+///
+/// # Progress notifications
+///
+/// With [`Watch::progress_notify`] the server periodically sends an empty batch
+/// ([`WatchBatch::is_progress_notify`]) carrying the current revision while the watcher is idle;
+/// [`Watcher::request_progress`] asks for one at once. The periodic kind also moves the
+/// watcher's resume point forward. A *requested* notification never does: on etcd before
+/// 3.4.25 / 3.5.8 it may run ahead of events still in flight (etcd issue 15220).
+///
+/// # The end of a watcher
+///
 /// The stream ends (`None`) after [`cancel`](Watcher::cancel), or after a terminal error item:
 /// a compacted start revision ([`ErrorKind::Compacted`], with [`Error::compact_revision`]), a
 /// server-side cancellation with its reason (e.g. [`ErrorKind::PermissionDenied`]), or
 /// [`ErrorKind::Closed`] after [`Client::close`]. Transient failures never reach it: the
-/// multiplexer reconnects and resumes.
+/// multiplexer reconnects and resumes. (Only a failure that reconnecting cannot cure ends
+/// every watcher with its error: [`ErrorKind::AuthFailed`] when the client's password no
+/// longer works, [`ErrorKind::Unimplemented`] from a server without the Watch service.)
 ///
 /// Dropping the watcher cancels it on the server.
 pub struct Watcher {
