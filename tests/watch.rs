@@ -450,11 +450,11 @@ async fn compacted_start_revision_ends_only_that_watcher() {
     assert_eq!(next_events(&mut ok).await.events()[0].revision(), r2);
 }
 
-#[tokio::test]
-async fn permission_denied_ends_only_its_watcher() {
+/// Enable auth on `etcd`: user `root` (password `rootpw`) and user `reader` (password
+/// `readerpw`) who may read `ok/*` only.
+async fn enable_auth(etcd: &EtcdCluster) {
     use etcdv3::raw::etcdserverpb as pb;
-    let etcd = etcd().await;
-    let admin = client(&etcd).await;
+    let admin = client(etcd).await;
     let mut auth = admin.raw().unwrap().auth();
     for (name, pw) in [("root", "rootpw"), ("reader", "readerpw")] {
         auth.user_add(pb::AuthUserAddRequest {
@@ -491,22 +491,62 @@ async fn permission_denied_ends_only_its_watcher() {
     .await
     .unwrap();
     auth.auth_enable(pb::AuthEnableRequest {}).await.unwrap();
+}
 
-    let root = Client::builder(etcd.endpoints())
-        .user("root", "rootpw")
+async fn user_client(etcd: &EtcdCluster, user: &str, password: &str) -> Client {
+    Client::builder(etcd.endpoints())
+        .user(user, password)
+        .request_timeout(STEP)
         .connect()
         .await
-        .unwrap();
-    let reader = Client::builder(etcd.endpoints())
-        .user("reader", "readerpw")
-        .connect()
-        .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn permission_denied_ends_only_its_watcher() {
+    let etcd = etcd().await;
+    enable_auth(&etcd).await;
+    let root = user_client(&etcd, "root", "rootpw").await;
+    let reader = user_client(&etcd, "reader", "readerpw").await;
     let mut allowed = reader.watch("ok/").prefix().await.unwrap();
     let e = reader.watch("secret").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e:?}");
+    // etcd 3.4/3.5 also say "permission denied" for an expired token, so the client
+    // re-authenticated once (a second stream) before believing it.
+    assert_eq!(reader.watch_stats().streams_opened, 2);
     let r = root.kv().put("ok/1", "v").await.unwrap().header.revision;
-    assert_eq!(next_events(&mut allowed).await.events()[0].revision(), r);
+    let b = next_events(&mut allowed).await;
+    assert_eq!(b.events().len(), 1);
+    assert_eq!(b.events()[0].revision(), r);
+    // A second refusal right away is final without another reconnect.
+    let e = reader.watch("secret2").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e:?}");
+    assert_eq!(reader.watch_stats().streams_opened, 2);
+}
+
+#[tokio::test]
+async fn expired_token_on_the_stream_is_renewed_without_losing_events() {
+    const TTL_S: u64 = 2;
+    let etcd = etcd_with(&[&format!("--auth-token-ttl={TTL_S}")]).await;
+    enable_auth(&etcd).await;
+    let root = user_client(&etcd, "root", "rootpw").await;
+    let writer = user_client(&etcd, "root", "rootpw").await;
+    let mut first = root.watch("t/").prefix().await.unwrap();
+    let r1 = writer.kv().put("t/1", "a").await.unwrap().header.revision;
+    assert_eq!(next_events(&mut first).await.events()[0].revision(), r1);
+    // Let the watch client's token expire on the server (the TTL plus its 1 s resolution);
+    // there is nothing to poll for without using, and so refreshing, the token.
+    tokio::time::sleep(Duration::from_secs(TTL_S) + Duration::from_millis(1500)).await;
+    let r2 = writer.kv().put("t/2", "b").await.unwrap().header.revision;
+    // A new create on the old stream is refused; the client re-authenticates, reconnects and
+    // re-creates both watchers: no error, nothing lost, nothing twice.
+    let mut second = root.watch("t/").prefix().start_revision(r1).await.unwrap();
+    let r3 = writer.kv().put("t/3", "c").await.unwrap().header.revision;
+    let seen = events_until(&mut first, r3).await;
+    assert_eq!(seen.iter().map(|e| e.0).collect::<Vec<_>>(), [r2, r3]);
+    let seen = events_until(&mut second, r3).await;
+    assert_eq!(seen.iter().map(|e| e.0).collect::<Vec<_>>(), [r1, r2, r3]);
+    assert_eq!(root.watch_stats().streams_opened, 2);
 }
 
 #[tokio::test]
@@ -1086,4 +1126,34 @@ async fn hundred_watchers_resume_exactly_once_across_member_restarts() {
     assert!(stats.streams_opened >= 3, "{stats:?}");
     // The restarted member carries the client's one stream again.
     assert_eq!(streams_on_server(cluster.client_addr(leader)).await, 1);
+}
+
+#[tokio::test]
+async fn no_leader_is_hidden_and_the_watcher_resumes() {
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
+    let c = pinned_client(cluster.endpoint(0)).await;
+    let writer = pinned_client(cluster.endpoint(0)).await;
+    let mut w = c.watch("nl/").prefix().await.unwrap();
+    let r1 = put(&writer, "nl/1", "a").await;
+    assert_eq!(next_events(&mut w).await.events()[0].revision(), r1);
+
+    // Member 0 loses its quorum: with require-leader (the default) etcd ends the stream with
+    // "no leader"; the client keeps reconnecting with back-off instead of telling the user.
+    cluster.kill(1).unwrap();
+    cluster.kill(2).unwrap();
+    wait_until(Duration::from_secs(20), "the stream to be refused", || {
+        let opened = c.watch_stats().streams_opened;
+        async move { opened >= 3 }
+    })
+    .await;
+    assert_quiet(&mut w, Duration::from_millis(200)).await;
+    cluster.restart_async(1).await.unwrap();
+    cluster.restart_async(2).await.unwrap();
+    let r2 = put_retrying(&writer, "nl/2", "b").await;
+    let seen = events_until(&mut w, r2).await;
+    assert_eq!(seen.iter().map(|e| e.0).collect::<Vec<_>>(), [r2]);
 }

@@ -40,6 +40,8 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often an idle worker checks whether the client was closed.
 const CLOSE_CHECK: Duration = Duration::from_secs(1);
+/// How long a token obtained by a forced re-authentication counts as surely valid.
+const FRESH_TOKEN: Duration = Duration::from_secs(10);
 
 /// Messages from handles to the worker.
 pub(crate) enum Cmd {
@@ -297,6 +299,10 @@ pub(crate) struct Worker {
     failures: u32,
     /// A token generation the server rejected: re-authenticate on the next stream.
     stale_token: Option<u64>,
+    /// The stream being opened asked for a fresh token.
+    forced_reauth: bool,
+    /// Until when the current stream's token is known to be fresh.
+    fresh_token_until: Option<tokio::time::Instant>,
     stats: Arc<Stats>,
 }
 
@@ -319,6 +325,8 @@ impl Worker {
             cancel_acks: Vec::new(),
             failures: 0,
             stale_token: None,
+            forced_reauth: false,
+            fresh_token_until: None,
             stats,
         }
     }
@@ -463,12 +471,9 @@ impl Worker {
     /// Open a stream and pipeline the creation of every watcher that needs one.
     fn open(&mut self) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let fut = open_stream(
-            Arc::clone(&self.shared),
-            self.stale_token.take(),
-            self.require_leader,
-            rx,
-        );
+        let stale = self.stale_token.take();
+        self.forced_reauth = stale.is_some();
+        let fut = open_stream(Arc::clone(&self.shared), stale, self.require_leader, rx);
         self.conn = Conn::Opening {
             tx,
             fut: Box::pin(fut),
@@ -503,6 +508,15 @@ impl Worker {
         for (_, ack) in self.cancel_acks.drain(..) {
             let _ = ack.send(());
         }
+    }
+
+    /// Whether the current stream's auth token may have expired (auth is configured and the
+    /// token was not just obtained).
+    fn token_may_be_stale(&self) -> bool {
+        self.shared.config().credentials.is_some()
+            && self
+                .fresh_token_until
+                .is_none_or(|t| tokio::time::Instant::now() >= t)
     }
 
     fn token_gen(&self) -> Option<u64> {
@@ -548,6 +562,9 @@ impl Worker {
                 true
             }
             ConnEvent::Opened(Ok((stream, token_gen))) => {
+                self.fresh_token_until = self
+                    .forced_reauth
+                    .then(|| tokio::time::Instant::now() + FRESH_TOKEN);
                 if let Conn::Opening { tx, .. } = mem::replace(&mut self.conn, Conn::Idle) {
                     self.conn = Conn::Open {
                         tx,
@@ -689,6 +706,17 @@ impl Worker {
         };
         if r.canceled {
             let err = cancel_error(r.compact_revision, &r.cancel_reason);
+            if err.kind() == ErrorKind::PermissionDenied && self.token_may_be_stale() {
+                // etcd 3.4 and 3.5 refuse a create whose stream carries an expired token with
+                // "permission denied". Re-authenticate once before believing it: a stream
+                // with a fresh token re-creates every watcher, and a second refusal is final.
+                let token_gen = self.token_gen();
+                let stale = Error::new(
+                    ErrorKind::InvalidAuthToken,
+                    "watch refused: the stream's auth token may have expired",
+                );
+                return self.stream_failed(stale, token_gen);
+            }
             return self.server_canceled(id, err);
         }
         slot.state = SlotState::Active;
