@@ -383,7 +383,8 @@ impl Watch {
         self.validate()?;
         let muxes = self.client.watch_muxes();
         let tx = muxes.sender(self.client.shared(), self.require_leader)?;
-        let id = muxes.next_id.fetch_add(1, Ordering::Relaxed);
+        // Ids start at 1: 0 is no watcher on the wire.
+        let id = muxes.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         if id > MAX_WATCHER_ID {
             return Err(Error::new(
                 ErrorKind::Other,
@@ -582,10 +583,6 @@ impl WatchMuxes {
         if shared.is_closed() {
             return Err(closed());
         }
-        // Ids start at 1 (0 means "no watcher" on the wire).
-        let _ = self
-            .next_id
-            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
         let cell = if require_leader {
             &self.leader
         } else {

@@ -679,6 +679,10 @@ impl Worker {
 
     fn on_created(&mut self, r: &pb::WatchResponse, header: ResponseHeader) -> bool {
         let head = self.inflight.pop_front();
+        if self.inflight.is_empty() && self.inflight.capacity() > 4096 {
+            // Give back the room a burst of creations took.
+            self.inflight = VecDeque::new();
+        }
         let sid = if r.watch_id > 0 {
             if head != Some(r.watch_id) {
                 // Not the oldest pending create (never seen from etcd): match it by id.
