@@ -430,6 +430,8 @@ struct Inner {
     _auto_sync_stop: Option<tokio::sync::watch::Sender<()>>,
     /// The lease keeper's command channel, created with the first kept lease.
     lease_keeper: std::sync::OnceLock<crate::lease::KeeperHandle>,
+    /// The watch multiplexers, started on first use.
+    watch: crate::watch::WatchMuxes,
 }
 
 /// An etcd v3 client.
@@ -504,6 +506,7 @@ impl Client {
                 shared,
                 _auto_sync_stop: stop,
                 lease_keeper: std::sync::OnceLock::new(),
+                watch: crate::watch::WatchMuxes::default(),
             }),
         }
     }
@@ -516,6 +519,11 @@ impl Client {
     /// The lease keeper slot (see `crate::lease`).
     pub(crate) fn lease_keeper(&self) -> &std::sync::OnceLock<crate::lease::KeeperHandle> {
         &self.inner.lease_keeper
+    }
+
+    /// The watch multiplexers of this client (see `crate::watch`).
+    pub(crate) fn watch_muxes(&self) -> &crate::watch::WatchMuxes {
+        &self.inner.watch
     }
 
     /// The key-value API.

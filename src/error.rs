@@ -309,7 +309,6 @@ impl Error {
         self
     }
 
-    #[allow(dead_code)] // used by the watch API (compacted watchers)
     pub(crate) fn with_compact_revision(mut self, rev: i64) -> Self {
         self.inner.compact_revision = Some(rev);
         self
@@ -366,6 +365,12 @@ impl Error {
                 self.inner.kind,
                 Unavailable | Deadline | Canceled | Timeout | LeaderChanged | Other
             )
+    }
+
+    /// An error from a reason the server sent inside a message (e.g. a watch's cancel reason),
+    /// classified like a status message; `fallback` when the text is not a known server error.
+    pub(crate) fn from_server_message(msg: &str, fallback: ErrorKind) -> Self {
+        Self::new(kind_from_message(msg).unwrap_or(fallback), msg)
     }
 
     /// Which kind of error this is.

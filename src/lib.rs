@@ -34,6 +34,7 @@
 //! | area | status |
 //! |---|---|
 //! | KV: get (key, prefix, from-key, range, all keys; limit, revision, sort, keys/count only, serializable, min/max mod/create revision), put (lease, prev_kv, ignore_value, ignore_lease), delete (range, prefix, prev_kv), txn (all compare targets and operators, range compares, nested txns), compact (physical) | ✅ |
+//! | Watch ([`Client::watch`]): key, prefix, range, from-key; start revision, prev_kv, filters, progress (periodic and requested), fragments, created notification; one multiplexed stream per client with pipelined creates; every revision exactly once, in order, across reconnects; bounded per-watcher buffers (a slow consumer is paused and resumed, losslessly); typed compaction and cancellation | ✅ |
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
 //! | Token auth: authenticate, attach the token to every request and stream, one re-authentication shared by all concurrent callers on an invalid/stale token | ✅ |
 //! | Many endpoints: pinned endpoint, round-robin failover with back-off, `set_endpoints`, `sync`/auto-sync, keep-alive pings | ✅ |
@@ -82,6 +83,7 @@ mod srv;
 mod tls;
 mod txn;
 mod types;
+mod watch;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -127,3 +129,4 @@ pub use srv::SrvDiscovery;
 pub use tls::TlsOptions;
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
+pub use watch::{DEFAULT_WATCH_BUFFER, Event, EventKind, Watch, WatchBatch, WatchStats, Watcher};

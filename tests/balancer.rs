@@ -597,3 +597,82 @@ async fn a_kept_lease_moves_to_another_member_when_its_member_dies() {
     );
     assert_ne!(index_of(&cluster, &c.pinned_endpoint()), pinned);
 }
+
+/// Reads `n` put events from `w` (bounded by `timeout`), returning their revisions in order.
+async fn watch_revisions(w: &mut etcdv3::Watcher, n: usize, timeout: Duration) -> Vec<i64> {
+    let mut revs = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while revs.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, w.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events after {timeout:?}", revs.len()))
+            .expect("watcher ended")
+            .expect("watch error");
+        revs.extend(batch.events().iter().map(|e| e.revision()));
+    }
+    revs
+}
+
+async fn watch_survives(fault: &str) {
+    let cluster = cluster3().await;
+    let c = Client::builder(cluster.endpoints())
+        .request_timeout(Duration::from_secs(5))
+        .keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let first = c.kv().put("w/0", "0").await.unwrap().header.revision;
+    let mut w = c.watch("w/").prefix().start_revision(first).await.unwrap();
+    assert_eq!(
+        watch_revisions(&mut w, 1, Duration::from_secs(5)).await,
+        vec![first]
+    );
+    let serving = index_of(&cluster, &c.pinned_endpoint());
+    match fault {
+        "stop" => cluster.stop(serving).unwrap(),
+        _ => cluster.kill(serving).unwrap(),
+    }
+    // Writes through the surviving members while the watcher's member is gone (once they
+    // have a leader, so no write is left indeterminate by an election).
+    cluster.leader_async(Duration::from_secs(10)).await.unwrap();
+    let survivors: Vec<String> = (0..3)
+        .filter(|&i| i != serving)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    let writer = Client::builder(survivors)
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for i in 1..=50 {
+        expected.push(
+            writer
+                .kv()
+                .put(format!("w/{i}"), "v")
+                .await
+                .unwrap()
+                .header
+                .revision,
+        );
+    }
+    // Every revision exactly once, in order, resumed on another member.
+    let got = watch_revisions(&mut w, expected.len(), Duration::from_secs(15)).await;
+    assert_eq!(got, expected);
+    assert_ne!(index_of(&cluster, &c.pinned_endpoint()), serving);
+    if fault == "stop" {
+        cluster.cont(serving).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_on_another_member_when_its_member_is_sigstopped() {
+    watch_survives("stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_on_another_member_when_its_member_is_killed() {
+    watch_survives("kill").await;
+}

@@ -1,0 +1,917 @@
+//! The multiplexer: one task per client (and stream-level option set) that owns the gRPC
+//! Watch stream and every watcher's state.
+//!
+//! Watch ids are chosen by the client: the low 40 bits are the watcher's stable id, the high
+//! bits count creations, so every (re-)creation gets an id never used before. Answers are
+//! matched by id, and a late event for an id that is no longer current (a paused or cancelled
+//! watcher) can never be taken for a newer incarnation's. etcd answers creates in order,
+//! which the in-flight queue uses for the one answer without an id (a refused create).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::mem;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tonic::codec::Streaming;
+use tonic::metadata::AsciiMetadataValue;
+
+use super::queue::{PushError, WatcherQueue};
+use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
+use crate::balancer::Pick;
+use crate::client::{Shared, is_endpoint_failure};
+use crate::error::{Error, ErrorKind};
+use crate::proto::etcdserverpb as pb;
+use crate::proto::mvccpb;
+use crate::types::ResponseHeader;
+use std::sync::atomic::Ordering;
+
+/// The watch id etcd uses for answers that belong to no single watcher (a refused create,
+/// a requested progress notification).
+const INVALID_WATCH_ID: i64 = -1;
+/// Bits of a wire watch id that count (re-)creations.
+const GENERATION_MASK: u64 = (1 << 22) - 1;
+/// First and largest reconnect back-off (each is jittered down to half).
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an idle worker checks whether the client was closed.
+const CLOSE_CHECK: Duration = Duration::from_secs(1);
+/// Responses handled in a row before the worker lets other tasks (the consumers) run: on a
+/// single-threaded runtime a busy stream would otherwise fill the buffers of consumers that
+/// keep pace, and pause them for nothing.
+const YIELD_EVERY: u32 = 16;
+/// How long a token obtained by a forced re-authentication counts as surely valid.
+const FRESH_TOKEN: Duration = Duration::from_secs(10);
+
+/// Messages from handles to the worker.
+pub(crate) enum Cmd {
+    /// Start a watcher.
+    Create(Box<CreateCmd>),
+    /// Stop a watcher (dropped or cancelled); `ack` is answered once the server confirmed.
+    Cancel {
+        id: u64,
+        ack: Option<oneshot::Sender<()>>,
+    },
+    /// Ask the server for a progress notification for this watcher.
+    Progress(u64),
+    /// The consumer of a paused watcher drained half of its buffer.
+    Resume(u64),
+}
+
+pub(crate) struct CreateCmd {
+    pub(crate) id: u64,
+    pub(crate) key: Bytes,
+    pub(crate) range_end: Bytes,
+    pub(crate) start_revision: i64,
+    pub(crate) flags: Flags,
+    pub(crate) queue: Arc<WatcherQueue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Needs a create request on the next stream.
+    Unsent,
+    /// Create sent, answer pending.
+    Creating,
+    /// Created on the current stream.
+    Active,
+    /// Its buffer overflowed: cancelled on the server until the consumer catches up.
+    Paused,
+}
+
+/// One watcher, as the worker knows it. Kept small: there may be 100,000 of them.
+struct Slot {
+    queue: Arc<WatcherQueue>,
+    /// The key followed by the range end.
+    spec: Box<[u8]>,
+    key_len: u32,
+    flags: Flags,
+    state: SlotState,
+    /// The server confirmed the first creation (and the user's await returned).
+    confirmed: bool,
+    progress_wanted: bool,
+    /// The next revision this watcher needs; 0 until a watcher from "now" is created.
+    next_rev: i64,
+    /// Wire watch id on the current stream (0: none).
+    sid: i64,
+    /// Fragments of a revision being reassembled (boxed: 8 bytes per watcher instead of 24,
+    /// for a buffer that is almost always absent).
+    #[allow(clippy::box_collection)]
+    frag: Option<Box<Vec<mvccpb::Event>>>,
+}
+
+impl Slot {
+    fn create_request(&self, sid: i64) -> pb::WatchRequest {
+        let split = (self.key_len as usize).min(self.spec.len());
+        let (key, end) = self.spec.split_at(split);
+        let mut filters = Vec::new();
+        if self.flags.has(Flags::NO_PUT) {
+            filters.push(pb::watch_create_request::FilterType::Noput as i32);
+        }
+        if self.flags.has(Flags::NO_DELETE) {
+            filters.push(pb::watch_create_request::FilterType::Nodelete as i32);
+        }
+        pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: Bytes::copy_from_slice(key),
+                    range_end: Bytes::copy_from_slice(end),
+                    start_revision: self.next_rev,
+                    progress_notify: self.flags.has(Flags::PROGRESS_NOTIFY),
+                    filters,
+                    prev_kv: self.flags.has(Flags::PREV_KV),
+                    watch_id: sid,
+                    fragment: self.flags.has(Flags::FRAGMENT),
+                },
+            )),
+        }
+    }
+}
+
+fn cancel_request(sid: i64) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CancelRequest(
+            pb::WatchCancelRequest { watch_id: sid },
+        )),
+    }
+}
+
+fn progress_request() -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+            pb::WatchProgressRequest {},
+        )),
+    }
+}
+
+/// The wire id of creation number `n` of watcher `id`.
+fn wire_id(id: u64, n: u64) -> i64 {
+    ((id & MAX_WATCHER_ID) | ((n & GENERATION_MASK) << 40)) as i64
+}
+
+/// The watcher a wire id belongs to.
+fn watcher_of(sid: i64) -> u64 {
+    (sid as u64) & MAX_WATCHER_ID
+}
+
+/// A multiplicative hash for sequential integer ids (the default SipHash is needlessly slow
+/// on the per-response path).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Slots = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
+type ReqTx = mpsc::UnboundedSender<pb::WatchRequest>;
+type OpenResult =
+    std::result::Result<(Streaming<pb::WatchResponse>, Option<u64>), (Error, Option<u64>)>;
+
+/// The request half of the gRPC stream.
+struct ReqStream(mpsc::UnboundedReceiver<pb::WatchRequest>);
+
+impl futures_core::Stream for ReqStream {
+    type Item = pb::WatchRequest;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+// One per worker: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Conn {
+    /// No stream (no watcher needs one).
+    Idle,
+    /// Waiting before reconnecting.
+    Backoff(Pin<Box<tokio::time::Sleep>>),
+    /// Stream requested; requests are already queued on `tx`.
+    Opening {
+        tx: ReqTx,
+        fut: BoxFuture<OpenResult>,
+    },
+    Open {
+        tx: ReqTx,
+        stream: Streaming<pb::WatchResponse>,
+        /// The auth token generation the stream was opened with.
+        token_gen: Option<u64>,
+    },
+}
+
+impl Conn {
+    fn tx(&self) -> Option<&ReqTx> {
+        match self {
+            Conn::Opening { tx, .. } | Conn::Open { tx, .. } => Some(tx),
+            _ => None,
+        }
+    }
+}
+
+enum ConnEvent {
+    BackoffDone,
+    Opened(OpenResult),
+    Message(std::result::Result<Option<pb::WatchResponse>, tonic::Status>),
+}
+
+async fn conn_event(conn: &mut Conn) -> ConnEvent {
+    match conn {
+        Conn::Idle => std::future::pending().await,
+        Conn::Backoff(sleep) => {
+            sleep.as_mut().await;
+            ConnEvent::BackoffDone
+        }
+        Conn::Opening { fut, .. } => ConnEvent::Opened(fut.as_mut().await),
+        Conn::Open { stream, .. } => ConnEvent::Message(stream.message().await),
+    }
+}
+
+async fn open_stream(
+    shared: Arc<Shared>,
+    channel: tonic::transport::Channel,
+    stale: Option<u64>,
+    require_leader: bool,
+    rx: mpsc::UnboundedReceiver<pb::WatchRequest>,
+) -> OpenResult {
+    let (mut request, token_gen) = shared
+        .stream_request(ReqStream(rx), stale)
+        .await
+        .map_err(|e| (e, None))?;
+    if require_leader {
+        // etcd's rpctypes.MetadataRequireLeaderKey
+        request
+            .metadata_mut()
+            .insert("hasleader", AsciiMetadataValue::from_static("true"));
+    }
+    let mut client = pb::watch_client::WatchClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(shared.config().max_encoding_bytes());
+    match client.watch(request).await {
+        Ok(resp) => Ok((resp.into_inner(), token_gen)),
+        Err(status) => Err((Error::from_status(status), token_gen)),
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let max = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(2);
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+/// Errors after which reconnecting cannot help: they end every watcher.
+fn is_terminal(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::AuthFailed | ErrorKind::Unimplemented)
+}
+
+fn copy_error(e: &Error) -> Error {
+    let c = Error::new(e.kind(), e.message());
+    match e.compact_revision() {
+        Some(r) => c.with_compact_revision(r),
+        None => c,
+    }
+}
+
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    require_leader: bool,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    slots: Slots,
+    conn: Conn,
+    /// Wire ids of the creates sent on the current stream and not answered yet, in order.
+    inflight: VecDeque<i64>,
+    /// Creations so far (the generation part of wire ids).
+    creations: u64,
+    /// Watchers waiting for a requested progress notification.
+    progress_waiters: Vec<u64>,
+    /// `Watcher::cancel` calls waiting for the server's confirmation, by wire id.
+    cancel_acks: Vec<(i64, oneshot::Sender<()>)>,
+    /// Stream failures since the last message received.
+    failures: u32,
+    /// The endpoint the current stream went to (reported to the balancer when it fails).
+    pick: Option<Pick>,
+    /// A token generation the server rejected: re-authenticate on the next stream.
+    stale_token: Option<u64>,
+    /// The stream being opened asked for a fresh token.
+    forced_reauth: bool,
+    /// Until when the current stream's token is known to be fresh.
+    fresh_token_until: Option<tokio::time::Instant>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        require_leader: bool,
+        cmds: mpsc::UnboundedReceiver<Cmd>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Worker {
+            shared,
+            require_leader,
+            cmds,
+            slots: Slots::default(),
+            conn: Conn::Idle,
+            inflight: VecDeque::new(),
+            creations: 0,
+            progress_waiters: Vec::new(),
+            cancel_acks: Vec::new(),
+            failures: 0,
+            pick: None,
+            stale_token: None,
+            forced_reauth: false,
+            fresh_token_until: None,
+            stats,
+        }
+    }
+
+    /// Runs until every handle (the client and all watchers) is gone, or the client is closed.
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(CLOSE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_a_row = 0u32;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd),
+                    None => return,
+                },
+                ev = conn_event(&mut self.conn) => {
+                    let message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
+                    if !self.on_conn_event(ev) {
+                        return;
+                    }
+                    if message {
+                        in_a_row += 1;
+                        if in_a_row >= YIELD_EVERY {
+                            in_a_row = 0;
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.shared.is_closed() {
+                        self.shutdown();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- commands ----
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Create(c) => {
+                let c = *c;
+                let mut spec = Vec::with_capacity(c.key.len() + c.range_end.len());
+                spec.extend_from_slice(&c.key);
+                spec.extend_from_slice(&c.range_end);
+                let slot = Slot {
+                    queue: c.queue,
+                    spec: spec.into_boxed_slice(),
+                    key_len: u32::try_from(c.key.len()).unwrap_or(u32::MAX),
+                    flags: c.flags,
+                    state: SlotState::Unsent,
+                    confirmed: false,
+                    progress_wanted: false,
+                    next_rev: c.start_revision,
+                    sid: 0,
+                    frag: None,
+                };
+                self.slots.insert(c.id, slot);
+                self.want_create(c.id);
+            }
+            Cmd::Cancel { id, mut ack } => {
+                if let Some(slot) = self.slots.remove(&id) {
+                    slot.queue.finish(None);
+                    if slot.progress_wanted {
+                        self.progress_waiters.retain(|w| *w != id);
+                    }
+                    let on_server = matches!(slot.state, SlotState::Creating | SlotState::Active);
+                    if on_server && let Some(tx) = self.conn.tx() {
+                        // Creates and cancels are handled in order: a cancel right behind a
+                        // pending create is fine.
+                        if tx.send(cancel_request(slot.sid)).is_ok()
+                            && let Some(ack) = ack.take()
+                        {
+                            self.cancel_acks.push((slot.sid, ack));
+                        }
+                    }
+                }
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+                if self.slots.is_empty() {
+                    // Nothing left to watch: close the stream (the server drops it all).
+                    self.reset_stream();
+                    self.failures = 0;
+                }
+            }
+            Cmd::Progress(id) => {
+                let Some(slot) = self.slots.get_mut(&id) else {
+                    return;
+                };
+                if !slot.progress_wanted {
+                    slot.progress_wanted = true;
+                    self.progress_waiters.push(id);
+                }
+                match &self.conn {
+                    Conn::Idle => self.open(),
+                    Conn::Backoff(_) => {} // sent when the stream is back
+                    Conn::Opening { tx, .. } | Conn::Open { tx, .. } => {
+                        let _ = tx.send(progress_request());
+                    }
+                }
+            }
+            Cmd::Resume(id) => {
+                if let Some(slot) = self.slots.get_mut(&id)
+                    && slot.state == SlotState::Paused
+                {
+                    slot.state = SlotState::Unsent;
+                    self.want_create(id);
+                }
+            }
+        }
+    }
+
+    /// Watcher `id` is `Unsent`: create it now, or once a stream exists.
+    fn want_create(&mut self, id: u64) {
+        match self.conn {
+            Conn::Idle => self.open(),
+            Conn::Backoff(_) => {}
+            Conn::Opening { .. } | Conn::Open { .. } => self.send_create(id),
+        }
+    }
+
+    fn send_create(&mut self, id: u64) {
+        let Some(tx) = self.conn.tx() else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        self.creations = self.creations.wrapping_add(1);
+        let sid = wire_id(id, self.creations);
+        slot.sid = sid;
+        slot.state = SlotState::Creating;
+        slot.frag = None;
+        if tx.send(slot.create_request(sid)).is_ok() {
+            self.inflight.push_back(sid);
+            self.stats.creates.fetch_add(1, Ordering::Relaxed);
+        }
+        // Otherwise the stream is gone and its failure is reported next.
+    }
+
+    fn send(&self, req: pb::WatchRequest) {
+        if let Some(tx) = self.conn.tx() {
+            let _ = tx.send(req);
+        }
+    }
+
+    // ---- the stream ----
+
+    /// Open a stream and pipeline the creation of every watcher that needs one.
+    fn open(&mut self) {
+        let pick = match self.shared.pick() {
+            Ok(p) => p,
+            Err(e) => {
+                // Closed (the worker ends) or no endpoint at all (back off and try again).
+                let _ = self.stream_failed(e, None);
+                return;
+            }
+        };
+        let channel = pick.channel();
+        self.pick = Some(pick);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stale = self.stale_token.take();
+        self.forced_reauth = stale.is_some();
+        let fut = open_stream(
+            Arc::clone(&self.shared),
+            channel,
+            stale,
+            self.require_leader,
+            rx,
+        );
+        self.conn = Conn::Opening {
+            tx,
+            fut: Box::pin(fut),
+        };
+        self.stats.streams.fetch_add(1, Ordering::Relaxed);
+        let unsent: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.state == SlotState::Unsent)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unsent {
+            self.send_create(id);
+        }
+        if !self.progress_waiters.is_empty() {
+            self.send(progress_request());
+        }
+    }
+
+    /// Drop the stream; every watcher it carried must be created again.
+    fn reset_stream(&mut self) {
+        self.conn = Conn::Idle;
+        self.inflight.clear();
+        for slot in self.slots.values_mut() {
+            if matches!(slot.state, SlotState::Creating | SlotState::Active) {
+                slot.state = SlotState::Unsent;
+                slot.sid = 0;
+            }
+            slot.frag = None;
+        }
+        // The server drops the watchers of a closed stream: their cancellation is done.
+        for (_, ack) in self.cancel_acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+
+    /// Whether the current stream's auth token may have expired (auth is configured and the
+    /// token was not just obtained).
+    fn token_may_be_stale(&self) -> bool {
+        self.shared.config().credentials.is_some()
+            && self
+                .fresh_token_until
+                .is_none_or(|t| tokio::time::Instant::now() >= t)
+    }
+
+    fn token_gen(&self) -> Option<u64> {
+        match &self.conn {
+            Conn::Open { token_gen, .. } => *token_gen,
+            _ => None,
+        }
+    }
+
+    /// The stream failed: reconnect after a back-off (or stop, once the client is closed).
+    /// Returns false when the worker must end.
+    fn stream_failed(&mut self, err: Error, token_gen: Option<u64>) -> bool {
+        if err.kind() == ErrorKind::Closed || self.shared.is_closed() {
+            self.shutdown();
+            return false;
+        }
+        if err.is_auth_token_error() {
+            self.stale_token = token_gen;
+        }
+        // A broken connection or a member without leader: the next stream goes elsewhere.
+        if let Some(pick) = self.pick.take()
+            && is_endpoint_failure(&err)
+        {
+            self.shared.report_failure(&pick, &err);
+        }
+        self.reset_stream();
+        if is_terminal(&err) {
+            for (_, slot) in self.slots.drain() {
+                slot.queue.finish(Some(copy_error(&err)));
+            }
+            self.progress_waiters.clear();
+        }
+        if self.slots.is_empty() {
+            self.failures = 0;
+            return true;
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.conn = Conn::Backoff(Box::pin(tokio::time::sleep(backoff(self.failures))));
+        true
+    }
+
+    fn on_conn_event(&mut self, ev: ConnEvent) -> bool {
+        match ev {
+            ConnEvent::BackoffDone => {
+                self.conn = Conn::Idle;
+                if !self.slots.is_empty() {
+                    self.open();
+                }
+                true
+            }
+            ConnEvent::Opened(Ok((stream, token_gen))) => {
+                self.fresh_token_until = self
+                    .forced_reauth
+                    .then(|| tokio::time::Instant::now() + FRESH_TOKEN);
+                if let Conn::Opening { tx, .. } = mem::replace(&mut self.conn, Conn::Idle) {
+                    self.conn = Conn::Open {
+                        tx,
+                        stream,
+                        token_gen,
+                    };
+                }
+                true
+            }
+            ConnEvent::Opened(Err((err, token_gen))) => self.stream_failed(err, token_gen),
+            ConnEvent::Message(Ok(Some(resp))) => {
+                self.failures = 0;
+                self.on_response(resp)
+            }
+            ConnEvent::Message(Ok(None)) => {
+                let token_gen = self.token_gen();
+                self.stream_failed(
+                    Error::new(ErrorKind::Unavailable, "the server ended the watch stream"),
+                    token_gen,
+                )
+            }
+            ConnEvent::Message(Err(status)) => {
+                let token_gen = self.token_gen();
+                self.stream_failed(Error::from_status(status), token_gen)
+            }
+        }
+    }
+
+    /// The client was closed: end every watcher.
+    fn shutdown(&mut self) {
+        self.reset_stream();
+        for (_, slot) in self.slots.drain() {
+            slot.queue
+                .finish(Some(Error::new(ErrorKind::Closed, "the client was closed")));
+        }
+    }
+
+    // ---- responses ----
+
+    fn slot_mut(&mut self, sid: i64) -> Option<(u64, &mut Slot)> {
+        if sid <= 0 {
+            return None;
+        }
+        let id = watcher_of(sid);
+        match self.slots.get_mut(&id) {
+            Some(slot) if slot.sid == sid => Some((id, slot)),
+            _ => None,
+        }
+    }
+
+    /// Handle one server message; false when the worker must end.
+    fn on_response(&mut self, r: pb::WatchResponse) -> bool {
+        let header = ResponseHeader::from_pb(r.header);
+        if r.created {
+            return self.on_created(&r, header);
+        }
+        if r.watch_id == INVALID_WATCH_ID {
+            if !r.canceled && r.events.is_empty() {
+                self.on_requested_progress(header);
+            }
+            return true;
+        }
+        if r.canceled {
+            if let Some(i) = self.cancel_acks.iter().position(|(s, _)| *s == r.watch_id) {
+                let (_, ack) = self.cancel_acks.swap_remove(i);
+                let _ = ack.send(());
+            }
+            return self.on_canceled(r.watch_id, r.compact_revision, &r.cancel_reason);
+        }
+        let Some((id, slot)) = self.slot_mut(r.watch_id) else {
+            // A watcher that was cancelled or paused meanwhile.
+            return true;
+        };
+        let mut events = r.events;
+        if r.fragment || slot.frag.is_some() {
+            let buf = slot.frag.get_or_insert_with(Box::default);
+            buf.append(&mut events);
+            if r.fragment {
+                return true;
+            }
+            if let Some(all) = slot.frag.take() {
+                events = *all;
+            }
+        }
+        if events.is_empty() {
+            // A periodic progress notification. It comes through the same server-side channel
+            // as this watcher's events (and only once the watcher is in sync), so nothing
+            // below its revision is still to come: the resume point may move up.
+            if header.revision >= slot.next_rev {
+                slot.next_rev = header.revision + 1;
+            }
+            slot.queue
+                .push_notification(WatchBatch::notification(header, BatchKind::Progress));
+            return true;
+        }
+        // Guard against servers that repeat events or go back in time (etcd 15274, 15271,
+        // 20221): nothing below the next revision is delivered.
+        let next = slot.next_rev;
+        if revision_of(&events[0]) < next {
+            events.retain(|e| revision_of(e) >= next);
+            if events.is_empty() {
+                return true;
+            }
+        }
+        let last = events.last().map_or(next, revision_of);
+        match slot.queue.push(WatchBatch::events_from(header, events)) {
+            Ok(()) => slot.next_rev = last + 1,
+            Err(PushError::Full) => self.pause(id),
+        }
+        true
+    }
+
+    fn on_created(&mut self, r: &pb::WatchResponse, header: ResponseHeader) -> bool {
+        let head = self.inflight.pop_front();
+        if self.inflight.is_empty() && self.inflight.capacity() > 4096 {
+            // Give back the room a burst of creations took.
+            self.inflight = VecDeque::new();
+        }
+        let sid = if r.watch_id > 0 {
+            if head != Some(r.watch_id) {
+                // Not the oldest pending create (never seen from etcd): match it by id.
+                if let Some(h) = head {
+                    self.inflight.push_front(h);
+                }
+                if let Some(pos) = self.inflight.iter().position(|s| *s == r.watch_id) {
+                    self.inflight.remove(pos);
+                }
+            }
+            r.watch_id
+        } else {
+            // A refused create carries no id: it answers the oldest pending one.
+            match head {
+                Some(h) => h,
+                None => return true,
+            }
+        };
+        let Some((id, slot)) = self.slot_mut(sid) else {
+            if !r.canceled {
+                // Its watcher was cancelled or paused meanwhile.
+                self.send(cancel_request(sid));
+            }
+            return true;
+        };
+        if r.canceled {
+            let err = cancel_error(r.compact_revision, &r.cancel_reason);
+            if err.kind() == ErrorKind::PermissionDenied && self.token_may_be_stale() {
+                // etcd 3.4 and 3.5 refuse a create whose stream carries an expired token with
+                // "permission denied". Re-authenticate once before believing it: a stream
+                // with a fresh token re-creates every watcher, and a second refusal is final.
+                let token_gen = self.token_gen();
+                let stale = Error::new(
+                    ErrorKind::InvalidAuthToken,
+                    "watch refused: the stream's auth token may have expired",
+                );
+                return self.stream_failed(stale, token_gen);
+            }
+            return self.server_canceled(id, err);
+        }
+        slot.state = SlotState::Active;
+        if slot.next_rev == 0 {
+            // Started at "now": from here on it resumes after the creation revision.
+            slot.next_rev = header.revision + 1;
+        }
+        if !slot.confirmed {
+            slot.confirmed = true;
+            let first = slot
+                .flags
+                .has(Flags::CREATED_NOTIFY)
+                .then(|| WatchBatch::notification(header, BatchKind::Created));
+            slot.queue.set_created(first);
+        }
+        true
+    }
+
+    fn on_canceled(&mut self, sid: i64, compact_revision: i64, reason: &str) -> bool {
+        let Some((id, _)) = self.slot_mut(sid) else {
+            // One we cancelled (dropped or paused).
+            return true;
+        };
+        let err = cancel_error(compact_revision, reason);
+        self.server_canceled(id, err)
+    }
+
+    /// The server ended watcher `id` with `err`.
+    fn server_canceled(&mut self, id: u64, err: Error) -> bool {
+        if err.is_retryable() || err.is_auth_token_error() {
+            // E.g. "no leader": the member is unfit, not the watcher. Reconnect (through the
+            // balancer, elsewhere) and resume; the user never sees it.
+            let token_gen = self.token_gen();
+            return self.stream_failed(err, token_gen);
+        }
+        if let Some(slot) = self.slots.remove(&id) {
+            if slot.progress_wanted {
+                self.progress_waiters.retain(|w| *w != id);
+            }
+            slot.queue.finish(Some(err));
+        }
+        if self.slots.is_empty() {
+            self.reset_stream();
+            self.failures = 0;
+        }
+        true
+    }
+
+    fn on_requested_progress(&mut self, header: ResponseHeader) {
+        // Never moves a resume point: on etcd < 3.4.25 / 3.5.8 this answer can overtake
+        // events still in flight (etcd 15220).
+        for id in mem::take(&mut self.progress_waiters) {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.progress_wanted = false;
+                slot.queue
+                    .push_notification(WatchBatch::notification(header, BatchKind::Progress));
+            }
+        }
+    }
+
+    /// Watcher `id`'s buffer is full: cancel it on the server until its consumer catches up.
+    fn pause(&mut self, id: u64) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let sid = slot.sid;
+        let was_active = slot.state == SlotState::Active;
+        slot.state = SlotState::Paused;
+        slot.sid = 0;
+        slot.frag = None;
+        self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+        if was_active {
+            self.send(cancel_request(sid));
+        }
+        // A pending create is cancelled when its answer finds no watcher.
+    }
+}
+
+fn revision_of(e: &mvccpb::Event) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
+fn cancel_error(compact_revision: i64, reason: &str) -> Error {
+    if compact_revision > 0 {
+        return Error::new(
+            ErrorKind::Compacted,
+            format!("the watch start revision was compacted (compacted at {compact_revision})"),
+        )
+        .with_compact_revision(compact_revision);
+    }
+    if reason.is_empty() {
+        return Error::new(ErrorKind::WatchCanceled, "the server canceled the watch");
+    }
+    // etcd renders some reasons as a whole gRPC error: "rpc error: code = X desc = <message>".
+    let message = reason
+        .split_once(" desc = ")
+        .map_or(reason, |(_, desc)| desc);
+    Error::from_server_message(message, ErrorKind::WatchCanceled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_ids_are_unique_and_map_back() {
+        let a = wire_id(5, 1);
+        let b = wire_id(5, 2);
+        assert_ne!(a, b);
+        assert!(a > 0 && b > 0);
+        assert_eq!(watcher_of(a), 5);
+        assert_eq!(watcher_of(b), 5);
+        let big = wire_id(MAX_WATCHER_ID, GENERATION_MASK);
+        assert!(big > 0);
+        assert_eq!(watcher_of(big), MAX_WATCHER_ID);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for f in 1..40 {
+            let d = backoff(f);
+            assert!(d <= BACKOFF_MAX, "{d:?}");
+            assert!(d >= BACKOFF_BASE / 2 / 2, "{d:?}");
+        }
+        assert!(backoff(1) <= BACKOFF_BASE);
+    }
+
+    #[test]
+    fn cancel_reasons_are_typed() {
+        assert_eq!(
+            cancel_error(0, "etcdserver: permission denied").kind(),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            cancel_error(0, "etcdserver: no leader").kind(),
+            ErrorKind::NoLeader
+        );
+        let e = cancel_error(42, "");
+        assert_eq!(e.kind(), ErrorKind::Compacted);
+        assert_eq!(e.compact_revision(), Some(42));
+        assert_eq!(cancel_error(0, "").kind(), ErrorKind::WatchCanceled);
+        assert_eq!(
+            cancel_error(
+                0,
+                "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+            )
+            .kind(),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            cancel_error(0, "mvcc: something new").kind(),
+            ErrorKind::WatchCanceled
+        );
+    }
+}
