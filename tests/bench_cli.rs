@@ -87,6 +87,70 @@ fn kv_workloads_run_against_a_throwaway_etcd() {
 }
 
 #[test]
+fn watch_and_lease_workloads_run() {
+    for (args, key, want) in [
+        (
+            vec![
+                "watch",
+                "--watch-per-stream",
+                "50",
+                "--put-total",
+                "20",
+                "--put-rate",
+                "0",
+            ],
+            "events_delivered",
+            1000.0,
+        ),
+        (
+            vec![
+                "watch-latency",
+                "--watch-per-stream",
+                "10",
+                "--put-total",
+                "20",
+                "--put-rate",
+                "0",
+            ],
+            "requests",
+            200.0,
+        ),
+        (
+            vec!["watch-get", "--watch-per-stream", "10", "--total", "50"],
+            "requests",
+            50.0,
+        ),
+        (
+            vec!["watch-catchup", "--history", "300"],
+            "events_replayed",
+            300.0,
+        ),
+        (
+            vec![
+                "lease-keepalive",
+                "--leases",
+                "20",
+                "--ttl",
+                "5",
+                "--keep",
+                "1s",
+            ],
+            "leases_lost",
+            0.0,
+        ),
+    ] {
+        let out = bench().args(&args).arg("--json").output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(json_field(&stdout, key), Some(want), "{args:?}: {stdout}");
+    }
+}
+
+#[test]
 fn bad_flags_exit_with_code_2() {
     let out = bench().args(["put", "--total", "lots"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));

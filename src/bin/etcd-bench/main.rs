@@ -9,6 +9,7 @@
 
 mod kv;
 mod report;
+mod watch;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -82,6 +83,17 @@ enum Workload {
     TxnPut(kv::TxnPutArgs),
     /// Transactions mixing reads and writes.
     TxnMixed(kv::TxnMixedArgs),
+    /// Many watchers on few streams while a separate process writes: creation latency,
+    /// events/s, events per response, client CPU per event and per response.
+    Watch(watch::WatchArgs),
+    /// Put-to-event latency (the put time travels in the value).
+    WatchLatency(watch::WatchArgs),
+    /// Range reads while many watchers are open.
+    WatchGet(watch::WatchArgs),
+    /// One watcher replaying a long history.
+    WatchCatchup(watch::CatchupArgs),
+    /// Keep many leases alive on one keep-alive stream.
+    LeaseKeepalive(watch::LeaseArgs),
 }
 
 /// Parse `500ms`, `30s`, `2m`, `1h` or plain seconds.
@@ -218,7 +230,15 @@ async fn run(cli: Cli) -> Result<Report, String> {
             .map_err(|e| format!("cannot reach etcd: {e}"))?;
         clients.push(client);
     }
-    let progress = std::io::stderr().is_terminal().then(|| {
+    let counted = matches!(
+        cli.workload,
+        Workload::Put
+            | Workload::Range(_)
+            | Workload::TxnPut(_)
+            | Workload::TxnMixed(_)
+            | Workload::WatchGet(_)
+    );
+    let progress = (counted && std::io::stderr().is_terminal()).then(|| {
         let p = indicatif::ProgressBar::new(c.total);
         p.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
@@ -236,6 +256,11 @@ async fn run(cli: Cli) -> Result<Report, String> {
         Workload::Range(a) => kv::range(&bench, a).await,
         Workload::TxnPut(a) => kv::txn_put(&bench, a).await,
         Workload::TxnMixed(a) => kv::txn_mixed(&bench, a).await,
+        Workload::Watch(a) => watch::watch(&bench, a).await,
+        Workload::WatchLatency(a) => watch::watch_latency(&bench, a).await,
+        Workload::WatchGet(a) => watch::watch_get(&bench, a).await,
+        Workload::WatchCatchup(a) => watch::watch_catchup(&bench, a).await,
+        Workload::LeaseKeepalive(a) => watch::lease_keepalive(&bench, a).await,
     };
     if let Some(p) = &bench.progress {
         p.finish_and_clear();

@@ -1,0 +1,463 @@
+//! Watch and lease workloads: watch, watch-latency, watch-get, watch-catchup, lease-keepalive.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use etcdv3::{Client, Watcher};
+
+use crate::Bench;
+use crate::report::{Meter, Report};
+
+/// Flags of the watch workloads (etcd benchmark's names).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct WatchArgs {
+    /// Watch streams (one client connection each).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Watchers per stream.
+    #[arg(long, default_value_t = 1000)]
+    watch_per_stream: usize,
+    /// Puts made while watching.
+    #[arg(long, default_value_t = 1000)]
+    put_total: u64,
+    /// Puts per second (0: as fast as one writer goes).
+    #[arg(long, default_value_t = 100)]
+    put_rate: u64,
+}
+
+/// The endpoints the clients of this run use.
+fn endpoints(b: &Bench) -> Vec<String> {
+    b.clients[0].endpoints()
+}
+
+async fn new_client(b: &Bench) -> Result<Client, String> {
+    Client::builder(endpoints(b))
+        .request_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach etcd: {e}"))
+}
+
+/// Create `streams` × `per_stream` watchers on keys of the key space; returns the watchers
+/// with the key index each watches, and each creation's latency.
+async fn create_watchers(
+    b: &Bench,
+    streams: usize,
+    per_stream: usize,
+) -> Result<(Vec<Client>, Vec<(u64, Watcher)>, Vec<Duration>), String> {
+    let mut clients = Vec::with_capacity(streams);
+    let mut watchers = Vec::with_capacity(streams * per_stream);
+    let mut lat = Vec::with_capacity(streams * per_stream);
+    let space = b.common.key_space_size.max(1);
+    for s in 0..streams {
+        let c = new_client(b).await?;
+        // Pipelined: every creation of a stream is in flight at once.
+        let futs = (0..per_stream).map(|j| {
+            let k = ((s * per_stream + j) as u64) % space;
+            let w = c.watch(b.key(k));
+            async move {
+                let t = Instant::now();
+                let r = w.into_future().await;
+                (k, r, t.elapsed())
+            }
+        });
+        for (k, r, d) in futures_util::future::join_all(futs).await {
+            let w = r.map_err(|e| format!("creating a watcher: {e}"))?;
+            watchers.push((k, w));
+            lat.push(d);
+        }
+        clients.push(c);
+    }
+    Ok((clients, watchers, lat))
+}
+
+/// Run this very program as a separate process doing the puts, so that the watch side's
+/// CPU figures are the watch side's alone.
+fn spawn_putter(b: &Bench, total: u64, rate: u64) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating etcd-bench: {e}"))?;
+    std::process::Command::new(exe)
+        .arg("--endpoints")
+        .arg(endpoints(b).join(","))
+        .args(["--key-size", &b.common.key_size.to_string()])
+        .args(["--val-size", &b.common.val_size.to_string()])
+        .args([
+            "--key-space-size",
+            &b.common.key_space_size.max(1).to_string(),
+        ])
+        .arg("--sequential-keys")
+        .args(["--total", &total.to_string(), "--rate", &rate.to_string()])
+        .arg("--json")
+        .arg("put")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the put process: {e}"))
+}
+
+/// `watch`: many watchers on one (or a few) streams while a separate process writes; measures
+/// creation latency and the client's CPU per delivered event and per response.
+pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, String> {
+    if a.streams == 0 || a.watch_per_stream == 0 {
+        return Err("--streams and --watch-per-stream must be at least 1".into());
+    }
+    let space = b.common.key_space_size.max(1);
+    let t = Instant::now();
+    let (clients, watchers, creation) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let created_in = t.elapsed();
+    // Each put of key k reaches every watcher of k.
+    let mut per_key = vec![0u64; space as usize];
+    for (k, _) in &watchers {
+        per_key[*k as usize] += 1;
+    }
+    let expected: u64 = (0..a.put_total)
+        .map(|i| per_key[(i % space) as usize])
+        .sum();
+
+    let events = Arc::new(AtomicU64::new(0));
+    let responses = Arc::new(AtomicU64::new(0));
+    let meter = Meter::start();
+    let mut consumers = Vec::with_capacity(watchers.len());
+    for (k, mut w) in watchers {
+        let want = (0..a.put_total).filter(|i| i % space == k).count() as u64;
+        let (events, responses) = (events.clone(), responses.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut got = 0;
+            while got < want {
+                match w.next().await {
+                    Some(Ok(batch)) => {
+                        got += batch.len() as u64;
+                        events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        responses.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let mut putter = spawn_putter(b, a.put_total, a.put_rate)?;
+    let limit = b
+        .common
+        .duration
+        .unwrap_or(Duration::from_secs(600))
+        .max(Duration::from_secs(1));
+    let all = futures_util::future::join_all(consumers);
+    let timed_out = tokio::time::timeout(limit, all).await.is_err();
+    let (wall, user, sys) = meter.finish();
+    let status = putter
+        .wait()
+        .map_err(|e| format!("waiting for the put process: {e}"))?;
+    if !status.success() {
+        return Err(format!("the put process failed: {status}"));
+    }
+    drop(clients);
+    let ev = events.load(Ordering::Relaxed);
+    let resp = responses.load(Ordering::Relaxed);
+    if timed_out {
+        eprintln!("etcd-bench: stopped after {limit:?} with {ev} of {expected} events");
+    }
+    let mut r = Report::new("watch");
+    r.latencies = creation;
+    r.wall = wall;
+    r.cpu_user = user;
+    r.cpu_sys = sys;
+    r.ops = resp.max(1);
+    r.ops_label = "response".into();
+    let cpu_us = (user + sys).as_secs_f64() * 1e6;
+    r.extra = vec![
+        (
+            "Watchers".into(),
+            (a.streams * a.watch_per_stream) as f64,
+            "".into(),
+        ),
+        (
+            "Watchers created in".into(),
+            created_in.as_secs_f64(),
+            "s".into(),
+        ),
+        (
+            "Watcher creation rate".into(),
+            (a.streams * a.watch_per_stream) as f64 / created_in.as_secs_f64().max(1e-9),
+            "watchers/s".into(),
+        ),
+        (
+            "Events delivered".into(),
+            ev as f64,
+            format!("of {expected} expected"),
+        ),
+        ("Responses".into(), resp as f64, "".into()),
+        (
+            "Events per response".into(),
+            ev as f64 / resp.max(1) as f64,
+            "".into(),
+        ),
+        (
+            "Events per second".into(),
+            ev as f64 / wall.as_secs_f64().max(1e-9),
+            "events/s".into(),
+        ),
+        (
+            "CPU per event".into(),
+            cpu_us / ev.max(1) as f64,
+            "µs".into(),
+        ),
+        (
+            "CPU per response".into(),
+            cpu_us / resp.max(1) as f64,
+            "µs".into(),
+        ),
+    ];
+    if ev < expected {
+        return Err(format!("only {ev} of {expected} events were delivered"));
+    }
+    Ok(r)
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// `watch-latency`: put-to-event latency, with the put time carried in the value.
+pub(crate) async fn watch_latency(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, String> {
+    let space = b.common.key_space_size.max(1);
+    let (clients, watchers, _) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let meter = Meter::start();
+    let mut consumers = Vec::new();
+    for (k, mut w) in watchers {
+        let want = (0..a.put_total).filter(|i| i % space == k).count();
+        consumers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(want);
+            while lat.len() < want {
+                match w.next().await {
+                    Some(Ok(batch)) => {
+                        let now = now_nanos();
+                        for e in batch.events() {
+                            let sent: u128 =
+                                e.kv.value_str()
+                                    .ok()
+                                    .and_then(|v| v.split(':').next()?.parse().ok())
+                                    .unwrap_or(now);
+                            lat.push(Duration::from_nanos(now.saturating_sub(sent) as u64));
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            lat
+        }));
+    }
+    let writer = b.client(0).clone();
+    let mut pacer = crate::Pacer::new(a.put_rate, 1);
+    for i in 0..a.put_total {
+        pacer.wait().await;
+        let pad = "v".repeat(b.common.val_size);
+        writer
+            .kv()
+            .put(b.key(i % space), format!("{}:{pad}", now_nanos()))
+            .await
+            .map_err(|e| format!("put: {e}"))?;
+    }
+    let mut r = Report::new("watch-latency (put to event)");
+    let limit = b.common.duration.unwrap_or(Duration::from_secs(600));
+    for c in consumers {
+        let lat = tokio::time::timeout(limit, c)
+            .await
+            .map_err(|_| "timed out waiting for events".to_string())?
+            .map_err(|e| format!("a consumer failed: {e}"))?;
+        r.latencies.extend(lat);
+    }
+    let (wall, user, sys) = meter.finish();
+    drop(clients);
+    r.wall = wall;
+    r.cpu_user = user;
+    r.cpu_sys = sys;
+    r.ops_label = "event".into();
+    Ok(r)
+}
+
+/// `watch-get`: range reads while many watchers are open.
+pub(crate) async fn watch_get(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, String> {
+    let (_clients, _watchers, _) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let key = b.key(0);
+    b.client(0)
+        .kv()
+        .put(key.clone(), b.value())
+        .await
+        .map_err(|e| format!("seeding: {e}"))?;
+    let mut r = crate::kv::drive(b, "watch-get (range while watching)", move |b, w, _| {
+        let key = key.clone();
+        async move {
+            b.client(w).kv().get(key).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    r.extra.push((
+        "Open watchers".into(),
+        (a.streams * a.watch_per_stream) as f64,
+        "".into(),
+    ));
+    Ok(r)
+}
+
+/// `watch-catchup` flags.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct CatchupArgs {
+    /// Revisions of history to write before the watcher starts.
+    #[arg(long, default_value_t = 100_000)]
+    history: u64,
+}
+
+/// `watch-catchup`: one watcher replaying a long history from its start.
+pub(crate) async fn watch_catchup(b: &Arc<Bench>, a: &CatchupArgs) -> Result<Report, String> {
+    let c = b.client(0).clone();
+    let space = b.common.key_space_size.max(1);
+    let value = bytes::Bytes::from(b.value());
+    let first = c
+        .kv()
+        .put(b.key(0), value.clone())
+        .await
+        .map_err(|e| format!("put: {e}"))?
+        .header
+        .revision;
+    // Write the history with 64 writers.
+    let next = Arc::new(AtomicU64::new(1));
+    let mut writers = Vec::new();
+    for _ in 0..64 {
+        let (c, next, value, b) = (c.clone(), next.clone(), value.clone(), b.clone());
+        let total = a.history;
+        writers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<(), String>(());
+                }
+                c.kv()
+                    .put(b.key(i % space), value.clone())
+                    .await
+                    .map_err(|e| format!("put: {e}"))?;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.map_err(|e| format!("writer: {e}"))??;
+    }
+    let meter = Meter::start();
+    let mut w = c
+        .watch(b.key(0))
+        .prefix()
+        .start_revision(first)
+        .await
+        .map_err(|e| format!("watch: {e}"))?;
+    let (mut events, mut responses) = (0u64, 0u64);
+    let limit = Instant::now() + b.common.duration.unwrap_or(Duration::from_secs(600));
+    while events < a.history && Instant::now() < limit {
+        match tokio::time::timeout(Duration::from_secs(30), w.next()).await {
+            Ok(Some(Ok(batch))) => {
+                events += batch.len() as u64;
+                responses += 1;
+            }
+            Ok(Some(Err(e))) => return Err(format!("watch: {e}")),
+            _ => break,
+        }
+    }
+    let (wall, user, sys) = meter.finish();
+    if events < a.history {
+        return Err(format!("replayed only {events} of {} events", a.history));
+    }
+    let mut r = Report::new("watch-catchup");
+    r.wall = wall;
+    r.cpu_user = user;
+    r.cpu_sys = sys;
+    r.ops = events;
+    r.ops_label = "event".into();
+    r.extra = vec![
+        ("Events replayed".into(), events as f64, "".into()),
+        (
+            "Events per second".into(),
+            events as f64 / wall.as_secs_f64().max(1e-9),
+            "events/s".into(),
+        ),
+        (
+            "Events per response".into(),
+            events as f64 / responses.max(1) as f64,
+            "".into(),
+        ),
+    ];
+    Ok(r)
+}
+
+/// `lease-keepalive` flags.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct LeaseArgs {
+    /// Leases kept alive.
+    #[arg(long, default_value_t = 10_000)]
+    leases: u64,
+    /// Lease TTL in seconds.
+    #[arg(long, default_value_t = 30)]
+    ttl: i64,
+    /// How long to keep them alive.
+    #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+    keep: Duration,
+}
+
+/// `lease-keepalive`: keep many leases alive on one keep-alive stream; the client's CPU per
+/// lease per minute.
+pub(crate) async fn lease_keepalive(b: &Arc<Bench>, a: &LeaseArgs) -> Result<Report, String> {
+    let c = b.client(0).clone();
+    let mut kept = Vec::with_capacity(a.leases as usize);
+    let grants = (0..a.leases).map(|_| c.lease().grant(a.ttl).keep_alive().into_future());
+    // Granted in batches of 1,000 in flight.
+    let mut pending = grants.collect::<Vec<_>>();
+    while !pending.is_empty() {
+        let rest = pending.split_off(pending.len().min(1000));
+        for r in futures_util::future::join_all(pending).await {
+            kept.push(r.map_err(|e| format!("grant: {e}"))?);
+        }
+        pending = rest;
+    }
+    let meter = Meter::start();
+    tokio::time::sleep(a.keep).await;
+    let (wall, user, sys) = meter.finish();
+    let lost = kept.iter().filter(|k| k.lost_reason().is_some()).count();
+    let minutes = wall.as_secs_f64() / 60.0;
+    let cpu = (user + sys).as_secs_f64();
+    let mut r = Report::new("lease-keepalive");
+    r.wall = wall;
+    r.cpu_user = user;
+    r.cpu_sys = sys;
+    r.ops = a.leases;
+    r.ops_label = "lease".into();
+    r.extra = vec![
+        (
+            "Leases kept".into(),
+            a.leases as f64,
+            format!("TTL {} s", a.ttl),
+        ),
+        ("Leases lost".into(), lost as f64, "".into()),
+        (
+            "Keep-alive streams".into(),
+            c.lease().keeper_streams_opened() as f64,
+            "".into(),
+        ),
+        (
+            "CPU per lease per minute".into(),
+            cpu * 1e6 / a.leases.max(1) as f64 / minutes.max(1e-9),
+            "µs".into(),
+        ),
+        (
+            "Share of one core per 10,000 leases".into(),
+            cpu / wall.as_secs_f64().max(1e-9) * 100.0 * 10_000.0 / a.leases.max(1) as f64,
+            "%".into(),
+        ),
+    ];
+    if lost > 0 {
+        return Err(format!("{lost} leases were lost"));
+    }
+    Ok(r)
+}
