@@ -672,6 +672,12 @@ impl Shared {
         self.transport.report_failure(pick, err);
     }
 
+    /// Report a failed stream to the balancer (see [`Shared::report_failure`]) through a weak
+    /// reference, so an idle worker never keeps a connection alive.
+    pub(crate) fn report_stream_failure(&self, pick: &crate::balancer::WeakPick, err: &Error) {
+        self.transport.report_failure_weak(pick, err);
+    }
+
     /// How many endpoints the balancer has.
     pub(crate) fn endpoint_count(&self) -> usize {
         self.transport.len()

@@ -143,7 +143,21 @@ pub(crate) struct Pick {
     pub(crate) slot: Arc<Slot>,
 }
 
+/// A [`Pick`] that does not keep the endpoint's connection alive: what a background worker
+/// remembers about the endpoint its stream went to, to report a failure later.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WeakPick {
+    slot: std::sync::Weak<Slot>,
+}
+
 impl Pick {
+    /// A weak reference to this endpoint.
+    pub(crate) fn downgrade(&self) -> WeakPick {
+        WeakPick {
+            slot: Arc::downgrade(&self.slot),
+        }
+    }
+
     /// The channel to send on.
     pub(crate) fn channel(&self) -> Channel {
         self.slot.channel.clone()
@@ -352,6 +366,14 @@ impl Balancer {
             && Arc::ptr_eq(cur, &pick.slot)
         {
             st.pinned = (st.pinned + 1) % n;
+        }
+    }
+
+    /// Like [`report_failure`](Self::report_failure), for a worker's weak reference (a
+    /// no-op when the endpoint is gone from the set).
+    pub(crate) fn report_failure_weak(&self, pick: &WeakPick, err: &Error) {
+        if let Some(slot) = pick.slot.upgrade() {
+            self.report_failure(&Pick { slot }, err);
         }
     }
 

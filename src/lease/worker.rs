@@ -32,7 +32,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tonic::codec::Streaming;
 
 use super::{LeaseLost, LeaseStatus, lease_client, require_leader, revoke_pb};
-use crate::balancer::Pick;
+use crate::balancer::WeakPick;
 use crate::client::{CallOpts, Shared, is_endpoint_failure};
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto::etcdserverpb as pb;
@@ -247,7 +247,7 @@ struct Worker {
     sleep_at: Option<Instant>,
     conn: Conn,
     /// The endpoint the current stream went to (reported to the balancer when it fails).
-    pick: Option<Pick>,
+    pick: Option<WeakPick>,
     /// Consecutive stream failures without an answer in between.
     attempt: u32,
     /// The auth token generation the server rejected, to force a fresh token.
@@ -590,7 +590,7 @@ impl Worker {
         let channel = match self.shared.pick() {
             Ok(p) => {
                 let c = p.channel();
-                self.pick = Some(p);
+                self.pick = Some(p.downgrade());
                 c
             }
             Err(e) if e.kind() == ErrorKind::Closed => {
@@ -639,7 +639,7 @@ impl Worker {
         if let Some(pick) = self.pick.take()
             && is_endpoint_failure(&err)
         {
-            self.shared.report_failure(&pick, &err);
+            self.shared.report_stream_failure(&pick, &err);
         }
         self.orphans.clear();
         self.last_answer = None;

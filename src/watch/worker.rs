@@ -23,7 +23,7 @@ use tonic::metadata::AsciiMetadataValue;
 
 use super::queue::{PushError, WatcherQueue};
 use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
-use crate::balancer::Pick;
+use crate::balancer::WeakPick;
 use crate::client::{Shared, is_endpoint_failure};
 use crate::error::{Error, ErrorKind};
 use crate::proto::etcdserverpb as pb;
@@ -303,7 +303,7 @@ pub(crate) struct Worker {
     /// Stream failures since the last message received.
     failures: u32,
     /// The endpoint the current stream went to (reported to the balancer when it fails).
-    pick: Option<Pick>,
+    pick: Option<WeakPick>,
     /// A token generation the server rejected: re-authenticate on the next stream.
     stale_token: Option<u64>,
     /// The stream being opened asked for a fresh token.
@@ -496,7 +496,7 @@ impl Worker {
             }
         };
         let channel = pick.channel();
-        self.pick = Some(pick);
+        self.pick = Some(pick.downgrade());
         let (tx, rx) = mpsc::unbounded_channel();
         let stale = self.stale_token.take();
         self.forced_reauth = stale.is_some();
@@ -573,7 +573,7 @@ impl Worker {
         if let Some(pick) = self.pick.take()
             && is_endpoint_failure(&err)
         {
-            self.shared.report_failure(&pick, &err);
+            self.shared.report_stream_failure(&pick, &err);
         }
         self.reset_stream();
         if is_terminal(&err) {
