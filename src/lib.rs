@@ -68,6 +68,7 @@ mod auth;
 mod balancer;
 mod client;
 mod cluster;
+mod concurrency;
 mod election;
 mod error;
 mod kv;
@@ -105,6 +106,10 @@ pub use client::{
     OrderingGuard, TokioExecutor,
 };
 pub use cluster::{Cluster, Member, MemberAdd, MemberAddResponse, MemberList, MembersResponse};
+pub use concurrency::{
+    DEFAULT_SESSION_TTL, Election, Isolation, Mutex, NewSession, Observer, Session, Stm, StmTxn,
+    stm,
+};
 pub use election::{
     CampaignResponse, ElectionResponse, ElectionService, LeaderKey, LeaderResponse, LeaderStream,
 };
