@@ -316,11 +316,13 @@ impl Observe {
             Error::new(ErrorKind::Canceled, "observer dropped")
         });
         // Each round follows one leader; the stream ends on the first error or once the
-        // observer is dropped.
+        // observer is dropped. `at`: the revision that deleted the previous leader's key (0:
+        // none yet), so the next leader is read as of that revision and none is skipped.
+        let mut at = 0;
         loop {
-            match self.round(&tx, &mut stop).await {
-                Ok(true) => {}
-                Ok(false) => return,
+            match self.round(&tx, &mut stop, at).await {
+                Ok(Some(next)) => at = next,
+                Ok(None) => return,
                 Err(e) => {
                     if e.kind() != ErrorKind::Canceled {
                         let _ = tx.send(Err(e)).await;
@@ -331,23 +333,36 @@ impl Observe {
         }
     }
 
-    /// Find the leader (waiting for one), send it and its proclamations until its key is
-    /// deleted. Ok(false): the observer is gone.
+    /// Find the leader as of revision `at` (0: now; waiting for one if there is none), send
+    /// it and its proclamations until its key is deleted. Ok(Some(rev)): the revision of the
+    /// deletion; Ok(None): the observer is gone.
     async fn round(
         &self,
         tx: &mpsc::Sender<Result<KeyValue>>,
         stop: &mut Stop<'_>,
-    ) -> Result<bool> {
+        at: i64,
+    ) -> Result<Option<i64>> {
         let kv = self.scope.kv();
-        let resp = unless(
-            stop,
+        let read = |rev: i64| {
             kv.get(self.pfx.clone())
                 .prefix()
                 .sort(SortTarget::Create, SortOrder::Ascend)
                 .limit(1)
-                .into_future(),
-        )
-        .await?;
+                .revision(rev)
+                .into_future()
+        };
+        let resp = match unless(stop, read(at)).await {
+            // History gone: the leader now.
+            Err(e) if e.kind() == ErrorKind::Compacted => unless(stop, read(0)).await?,
+            r => r?,
+        };
+        // With `at`, the read answered as of `at` (its header is the current revision): watch
+        // from just after `at`, so no leader since then is missed.
+        let watch_from = if at > 0 {
+            at + 1
+        } else {
+            resp.header.revision + 1
+        };
         let leader = match resp.kvs.into_iter().next() {
             Some(kv) => kv,
             None => {
@@ -357,7 +372,7 @@ impl Observe {
                         .client
                         .watch(self.pfx.clone())
                         .prefix()
-                        .start_revision(resp.header.revision + 1)
+                        .start_revision(watch_from)
                         .into_future(),
                 )
                 .await?;
@@ -372,14 +387,14 @@ impl Observe {
                 }
                 match found {
                     Some(kv) => kv,
-                    None => return Ok(true),
+                    None => return Ok(Some(0)),
                 }
             }
         };
         let key = leader.key().clone();
         let from = leader.mod_revision() + 1;
         if tx.send(Ok(self.scope.strip(leader))).await.is_err() {
-            return Ok(false);
+            return Ok(None);
         }
         let mut w = unless(
             stop,
@@ -393,16 +408,16 @@ impl Observe {
         loop {
             let batch = match unless(stop, next_batch(&mut w)).await {
                 Ok(b) => b,
-                // History gone: look for the leader again.
-                Err(e) if e.kind() == ErrorKind::Compacted => return Ok(true),
+                // History gone: look for the leader again, now.
+                Err(e) if e.kind() == ErrorKind::Compacted => return Ok(Some(0)),
                 Err(e) => return Err(e),
             };
             for ev in batch.into_events() {
                 if ev.kind == EventKind::Delete {
-                    return Ok(true);
+                    return Ok(Some(ev.kv.mod_revision()));
                 }
                 if tx.send(Ok(self.scope.strip(ev.kv))).await.is_err() {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
         }

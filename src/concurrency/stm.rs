@@ -233,6 +233,16 @@ impl StmTxn {
         Ok(self.lock().reads.get(&key).map_or(0, |(m, _)| *m))
     }
 
+    /// An error to return from the closure to abort the transaction without writing
+    /// (kind [`ErrorKind::Canceled`], with `reason` in its message). Any `Err` aborts; this
+    /// is for closures that have no etcd error to return.
+    pub fn abort(&self, reason: impl std::fmt::Display) -> Error {
+        Error::new(
+            ErrorKind::Canceled,
+            format!("software transaction aborted: {reason}"),
+        )
+    }
+
     /// Buffer a write of `value` at `key` (applied at commit).
     pub fn put(&self, key: impl IntoBytes, value: impl IntoBytes) {
         self.lock()
