@@ -75,6 +75,7 @@ mod kv;
 mod lease;
 mod lock;
 mod maintenance;
+mod namespace;
 mod proto;
 pub mod raw;
 mod request;
@@ -127,6 +128,7 @@ pub use maintenance::{
     AlarmMember, AlarmResponse, AlarmType, DowngradeInfo, DowngradeResponse, HashKvResponse,
     HashResponse, Maintenance, MaintenanceResponse, SnapshotInfo, SnapshotStream, StatusResponse,
 };
+pub use namespace::{Namespace, NsKv, NsLease, NsTimeToLive, NsWatch, NsWatcher};
 pub use request::Request;
 #[cfg(feature = "dns-srv")]
 pub use srv::SrvDiscovery;
