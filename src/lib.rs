@@ -45,6 +45,7 @@
 //! | Auth: enable, disable, status; users (with or without password), roles, key/range/prefix permissions | ✅ |
 //! | Server-side lock and election services ([`LockService`], [`ElectionService`]; the caller keeps the lease alive) | ✅ |
 //! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
+//! | Concurrency recipes (Go semantics, without Go's open bugs): [`Session`], [`Mutex`] (fencing revision, `is_owner` guard compare, cancel-safe `lock`, `try_lock`), [`Election`] (campaign, proclaim, leader, observe, retryable resign), [`stm`] (serializable, snapshot, repeatable-read, read-committed); a prefixed [`Namespace`] view over KV, watch, leases and the recipes | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |

@@ -212,3 +212,33 @@ async fn failed_resign_can_be_retried() {
     assert!(!le.is_leader());
     assert_eq!(candidates(&other, "/elect/resign/").await, 0);
 }
+
+#[tokio::test]
+async fn dropped_observer_and_campaign_leave_no_task() {
+    let etcd = etcd().await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let e1 = Election::new(&s1, "/elect/tasks");
+    e1.campaign("one").await.unwrap();
+    // Start the client's watch multiplexer (it lives with the client), then count.
+    drop(c.watch("/elect/warmup").await.unwrap());
+    let baseline = metrics.num_alive_tasks();
+    let mut o = e1.observe();
+    assert_eq!(next_value(&mut o).await, "one");
+    drop(o);
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let e2 = Election::new(&s2, "/elect/tasks");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), e2.campaign("two"))
+            .await
+            .is_err()
+    );
+    wait_candidates(&c, "/elect/tasks/", 1).await;
+    let m = tokio::runtime::Handle::current().metrics();
+    wait_until(Duration::from_secs(10), "recipe tasks to end", || {
+        let n = m.num_alive_tasks();
+        async move { n <= baseline }
+    })
+    .await;
+}

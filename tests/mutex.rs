@@ -117,7 +117,7 @@ async fn mutex_counter_is_exact_and_fencing_increases() {
     let c = &clients[0];
     let r = c.kv().get("/mutex/counter").await.unwrap();
     assert_eq!(r.kvs[0].value_str().unwrap(), (10 * PER_TASK).to_string());
-    let fences = fences.lock().unwrap();
+    let fences = fences.lock().unwrap().clone();
     assert_eq!(fences.len(), 10 * PER_TASK);
     assert!(
         fences.windows(2).all(|w| w[0] < w[1]),

@@ -119,7 +119,7 @@ async fn every_operation_stays_inside_the_namespace() {
     assert_eq!(seen[0], (EventKind::Put, "a".to_owned()));
     assert_eq!(seen[0].1, "a");
     assert!(seen.contains(&(EventKind::Delete, "b/2".to_owned())));
-    assert_eq!(p.header.revision > 0, true);
+    assert!(p.header.revision > 0);
 
     // Recipes inside the namespace.
     let s = Session::new(&raw).ttl(10).await.unwrap();

@@ -60,6 +60,8 @@ impl Session {
     /// Start a session on `client`: await the returned builder. By default a new lease with a
     /// TTL of [`DEFAULT_SESSION_TTL`] seconds is granted; see [`NewSession::ttl`] and
     /// [`NewSession::lease`].
+    // Returns a builder that is awaited for `Self` (the crate's request-builder style).
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(client: &Client) -> NewSession {
         NewSession {
             client: client.clone(),
