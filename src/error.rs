@@ -161,6 +161,16 @@ pub enum ErrorKind {
     /// so it cannot proclaim (`election: not leader`).
     ElectionNotLeader,
 
+    // ---- concurrency recipes ----
+    /// [`Mutex::try_lock`](crate::Mutex::try_lock) found the lock held by another session.
+    Locked,
+    /// The recipe's [`Session`](crate::Session) ended (its lease expired, was revoked or is no
+    /// longer kept) while it waited for, or held, a lock or leadership.
+    SessionExpired,
+    /// A software transaction ([`stm`](crate::stm)) kept conflicting with concurrent writers
+    /// and gave up after its last attempt.
+    Conflict,
+
     // ---- client side ----
     /// The request's deadline passed before an answer arrived.
     Deadline,
@@ -242,6 +252,9 @@ impl ErrorKind {
             DowngradeInProcess => "cluster has a downgrade job in progress",
             NoInflightDowngrade => "no inflight downgrade job",
             ElectionNotLeader => "election: not leader",
+            Locked => "mutex: locked by another session",
+            SessionExpired => "session: the session's lease is gone",
+            Conflict => "stm: too many conflicts",
             Deadline => "deadline exceeded",
             Canceled => "canceled",
             Closed => "client closed",

@@ -137,7 +137,7 @@ impl Kv {
         }
     }
 
-    async fn put_pb(&self, req: pb::PutRequest, opts: CallOpts) -> Result<PutResponse> {
+    pub(crate) async fn put_pb(&self, req: pb::PutRequest, opts: CallOpts) -> Result<PutResponse> {
         validate_put(&req)?;
         check_size(req.encoded_len(), self.config())?;
         let max = self.config().max_encoding_bytes();
@@ -153,7 +153,7 @@ impl Kv {
         Ok(resp)
     }
 
-    async fn delete_pb(
+    pub(crate) async fn delete_pb(
         &self,
         req: pb::DeleteRangeRequest,
         opts: CallOpts,
@@ -326,7 +326,7 @@ impl SortTarget {
 pub struct Get<C = Kv> {
     pub(crate) ctx: C,
     pub(crate) req: pb::RangeRequest,
-    opts: CallOpts,
+    pub(crate) opts: CallOpts,
 }
 
 impl<C> Get<C> {
@@ -492,7 +492,7 @@ impl GetResponse {
 pub struct Put<C = Kv> {
     pub(crate) ctx: C,
     pub(crate) req: pb::PutRequest,
-    opts: CallOpts,
+    pub(crate) opts: CallOpts,
 }
 
 impl<C> Put<C> {
@@ -585,7 +585,7 @@ impl PutResponse {
 pub struct Delete<C = Kv> {
     pub(crate) ctx: C,
     pub(crate) req: pb::DeleteRangeRequest,
-    opts: CallOpts,
+    pub(crate) opts: CallOpts,
 }
 
 impl<C> Delete<C> {

@@ -45,6 +45,7 @@
 //! | Auth: enable, disable, status; users (with or without password), roles, key/range/prefix permissions | ✅ |
 //! | Server-side lock and election services ([`LockService`], [`ElectionService`]; the caller keeps the lease alive) | ✅ |
 //! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
+//! | Concurrency recipes (Go semantics, without Go's open bugs): [`Session`], [`Mutex`] (fencing revision, `is_owner` guard compare, cancel-safe `lock`, `try_lock`), [`Election`] (campaign, proclaim, leader, observe, retryable resign), [`stm`] (serializable, snapshot, repeatable-read, read-committed); a prefixed [`Namespace`] view over KV, watch, leases and the recipes | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
@@ -68,12 +69,14 @@ mod auth;
 mod balancer;
 mod client;
 mod cluster;
+mod concurrency;
 mod election;
 mod error;
 mod kv;
 mod lease;
 mod lock;
 mod maintenance;
+mod namespace;
 mod proto;
 pub mod raw;
 mod request;
@@ -105,6 +108,10 @@ pub use client::{
     OrderingGuard, TokioExecutor,
 };
 pub use cluster::{Cluster, Member, MemberAdd, MemberAddResponse, MemberList, MembersResponse};
+pub use concurrency::{
+    DEFAULT_SESSION_TTL, Election, Isolation, Mutex, NewSession, Observer, Session, Stm, StmTxn,
+    stm,
+};
 pub use election::{
     CampaignResponse, ElectionResponse, ElectionService, LeaderKey, LeaderResponse, LeaderStream,
 };
@@ -122,6 +129,7 @@ pub use maintenance::{
     AlarmMember, AlarmResponse, AlarmType, DowngradeInfo, DowngradeResponse, HashKvResponse,
     HashResponse, Maintenance, MaintenanceResponse, SnapshotInfo, SnapshotStream, StatusResponse,
 };
+pub use namespace::{Namespace, NsKv, NsLease, NsTimeToLive, NsWatch, NsWatcher};
 pub use request::Request;
 #[cfg(feature = "dns-srv")]
 pub use srv::SrvDiscovery;

@@ -231,9 +231,9 @@ impl From<Txn<Detached>> for Op {
 #[must_use = "a request does nothing until it is awaited"]
 #[derive(Debug, Clone)]
 pub struct Txn<C = Kv> {
-    ctx: C,
-    req: pb::TxnRequest,
-    opts: CallOpts,
+    pub(crate) ctx: C,
+    pub(crate) req: pb::TxnRequest,
+    pub(crate) opts: CallOpts,
 }
 
 impl<C> Txn<C> {

@@ -48,6 +48,13 @@ impl KeyValue {
         KeyValue { inner }
     }
 
+    /// The same pair with the first `len` bytes of its key removed (a namespace prefix).
+    pub(crate) fn strip_key_prefix(mut self, len: usize) -> Self {
+        let len = len.min(self.inner.key.len());
+        self.inner.key = self.inner.key.slice(len..);
+        self
+    }
+
     /// The key.
     pub fn key(&self) -> &Bytes {
         &self.inner.key

@@ -135,6 +135,15 @@ impl WatchBatch {
         }
     }
 
+    /// The same batch with the first `len` bytes of every event's keys removed (a namespace).
+    pub(crate) fn strip_key_prefix(mut self, len: usize) -> Self {
+        for e in &mut self.events {
+            e.kv = e.kv.clone().strip_key_prefix(len);
+            e.prev_kv = e.prev_kv.take().map(|kv| kv.strip_key_prefix(len));
+        }
+        self
+    }
+
     /// The header of the server response. Its `revision` is the store revision when the
     /// response was sent, which may be newer than the last event.
     pub fn header(&self) -> &ResponseHeader {

@@ -1,0 +1,244 @@
+//! Election recipe against a real etcd.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{client, etcd, wait_until};
+use etcdv3::testkit::FaultProxy;
+use etcdv3::{Client, Election, ErrorKind, Session};
+
+async fn candidates(c: &Client, prefix: &str) -> usize {
+    c.kv()
+        .get(prefix)
+        .prefix()
+        .count_only()
+        .await
+        .unwrap()
+        .count as usize
+}
+
+async fn wait_candidates(c: &Client, prefix: &'static str, n: usize) {
+    wait_until(Duration::from_secs(5), "candidates queued", || {
+        let c = c.clone();
+        async move { candidates(&c, prefix).await == n }
+    })
+    .await;
+}
+
+async fn next_value(o: &mut etcdv3::Observer) -> String {
+    let kv = tokio::time::timeout(Duration::from_secs(10), o.next())
+        .await
+        .expect("observe produced a value")
+        .expect("observe stream open")
+        .unwrap();
+    kv.value_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_campaigners_observe_sees_every_leader_in_order() {
+    let etcd = etcd().await;
+    let mut clients = Vec::new();
+    let mut elections = Vec::new();
+    for _ in 0..3 {
+        let c = client(&etcd).await;
+        let s = Session::new(&c).ttl(10).await.unwrap();
+        elections.push(Arc::new(Election::new(&s, "/elect/three")));
+        clients.push(c);
+    }
+    let watcher = client(&etcd).await;
+    let observer_election = Election::new(
+        &Session::new(&watcher).ttl(10).await.unwrap(),
+        "/elect/three",
+    );
+    assert!(observer_election.leader().await.unwrap().is_none());
+    // Observe before anybody campaigns: it waits for the first leader.
+    let mut observer = observer_election.observe();
+
+    elections[0].campaign("a").await.unwrap();
+    assert!(elections[0].is_leader());
+    let e1 = elections[1].clone();
+    let b = tokio::spawn(async move { e1.campaign("b").await });
+    wait_candidates(&watcher, "/elect/three/", 2).await;
+    let e2 = elections[2].clone();
+    let c = tokio::spawn(async move { e2.campaign("c").await });
+    wait_candidates(&watcher, "/elect/three/", 3).await;
+    assert!(!b.is_finished() && !c.is_finished());
+
+    // A non-leader cannot proclaim.
+    let err = elections[2].proclaim("x").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ElectionNotLeader);
+
+    elections[0].proclaim("a2").await.unwrap();
+    let leader = observer_election.leader().await.unwrap().unwrap();
+    assert_eq!(leader.value_str().unwrap(), "a2");
+    assert_eq!(leader.key(), elections[0].key());
+
+    elections[0].resign().await.unwrap();
+    assert!(!elections[0].is_leader());
+    b.await.unwrap().unwrap();
+    assert!(elections[1].is_leader());
+    elections[1].resign().await.unwrap();
+    c.await.unwrap().unwrap();
+    elections[2].proclaim("c2").await.unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(next_value(&mut observer).await);
+    }
+    assert_eq!(seen, ["a", "a2", "b", "c", "c2"]);
+    // Resigning twice is a no-op; proclaim after resign is refused.
+    elections[2].resign().await.unwrap();
+    elections[2].resign().await.unwrap();
+    let err = elections[2].proclaim("y").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ElectionNotLeader);
+    assert!(observer_election.leader().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn killing_the_leader_session_elects_another() {
+    let etcd = etcd().await;
+    let lc = client(&etcd).await;
+    let ls = Session::new(&lc).ttl(2).await.unwrap();
+    let le = Election::new(&ls, "/elect/kill");
+    le.campaign("old").await.unwrap();
+
+    let fc = client(&etcd).await;
+    let fs = Session::new(&fc).ttl(10).await.unwrap();
+    let fe = Arc::new(Election::new(&fs, "/elect/kill"));
+    let mut observer = fe.observe();
+    assert_eq!(next_value(&mut observer).await, "old");
+    let fe2 = fe.clone();
+    let follower = tokio::spawn(async move { fe2.campaign("new").await });
+    wait_candidates(&fc, "/elect/kill/", 2).await;
+
+    // Kill the leader: its client and session vanish without resigning.
+    let started = Instant::now();
+    drop(le);
+    drop(ls);
+    drop(lc);
+    tokio::time::timeout(Duration::from_secs(2 + 4), follower)
+        .await
+        .expect("a new leader within TTL + slack")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(fe.is_leader());
+    assert_eq!(next_value(&mut observer).await, "new");
+
+    // Revoking the (new) leader's session: observe stays on it until the key is gone, and a
+    // new campaigner takes over at once.
+    let tc = client(&etcd).await;
+    let ts = Session::new(&tc).ttl(10).await.unwrap();
+    let te = Arc::new(Election::new(&ts, "/elect/kill"));
+    let te2 = te.clone();
+    let third = tokio::spawn(async move { te2.campaign("third").await });
+    wait_candidates(&fc, "/elect/kill/", 2).await;
+    fs.close().await.unwrap();
+    assert!(!fe.is_leader());
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_value(&mut observer).await, "third");
+}
+
+#[tokio::test]
+async fn failed_or_cancelled_campaign_leaves_no_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let e1 = Election::new(&s1, "/elect/cancel");
+    e1.campaign("one").await.unwrap();
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let e2 = Arc::new(Election::new(&s2, "/elect/cancel"));
+    // Cancelled campaign.
+    let r = tokio::time::timeout(Duration::from_millis(300), e2.campaign("two")).await;
+    assert!(r.is_err());
+    wait_candidates(&c, "/elect/cancel/", 1).await;
+    // A campaign whose session is revoked while waiting fails typed, and leaves nothing.
+    let e2c = e2.clone();
+    let waiting = tokio::spawn(async move { e2c.campaign("two").await });
+    wait_candidates(&c, "/elect/cancel/", 2).await;
+    s2.close().await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired);
+    wait_candidates(&c, "/elect/cancel/", 1).await;
+    assert!(!e2.is_leader());
+    assert!(e1.is_leader());
+}
+
+#[tokio::test]
+async fn failed_resign_can_be_retried() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let lc = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let ls = Session::new(&lc).ttl(30).await.unwrap();
+    let le = Election::new(&ls, "/elect/resign");
+    le.campaign("leader").await.unwrap();
+    let other = client(&etcd).await;
+
+    proxy.blackhole();
+    let err = le.resign().await.unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Deadline | ErrorKind::Unavailable),
+        "{err}"
+    );
+    // Still leader, and still knows its key.
+    assert!(le.is_leader());
+    assert_eq!(candidates(&other, "/elect/resign/").await, 1);
+
+    proxy.pass();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match le.resign().await {
+                Ok(()) => break,
+                Err(e) => assert!(e.is_retryable() || e.kind() == ErrorKind::Deadline, "{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!le.is_leader());
+    assert_eq!(candidates(&other, "/elect/resign/").await, 0);
+}
+
+#[tokio::test]
+async fn dropped_observer_and_campaign_leave_no_task() {
+    let etcd = etcd().await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let e1 = Election::new(&s1, "/elect/tasks");
+    e1.campaign("one").await.unwrap();
+    // Start the client's watch multiplexer (it lives with the client), then count.
+    drop(c.watch("/elect/warmup").await.unwrap());
+    let baseline = metrics.num_alive_tasks();
+    let mut o = e1.observe();
+    assert_eq!(next_value(&mut o).await, "one");
+    drop(o);
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let e2 = Election::new(&s2, "/elect/tasks");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), e2.campaign("two"))
+            .await
+            .is_err()
+    );
+    wait_candidates(&c, "/elect/tasks/", 1).await;
+    let m = tokio::runtime::Handle::current().metrics();
+    wait_until(Duration::from_secs(10), "recipe tasks to end", || {
+        let n = m.num_alive_tasks();
+        async move { n <= baseline }
+    })
+    .await;
+}

@@ -1,0 +1,363 @@
+//! Session and Mutex recipes against a real etcd.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{client, etcd, wait_until};
+use etcdv3::testkit::{EtcdCluster, FaultProxy};
+use etcdv3::{Client, ErrorKind, LeaseLost, Mutex, Op, Session};
+
+async fn keys_under(c: &Client, prefix: &str) -> Vec<String> {
+    let r = c.kv().get(prefix).prefix().keys_only().await.unwrap();
+    r.kvs
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_for_tasks(baseline: usize) {
+    let m = tokio::runtime::Handle::current().metrics();
+    wait_until(Duration::from_secs(10), "background tasks to end", || {
+        let n = m.num_alive_tasks();
+        async move { n <= baseline }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn session_keeps_lease_orphan_and_close() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = Session::new(&c).ttl(3).await.unwrap();
+    assert!(s.is_alive());
+    let ttl = c.lease().time_to_live(s.lease_id()).await.unwrap();
+    assert!(ttl.exists());
+    // Kept alive past its TTL.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(c.lease().time_to_live(s.lease_id()).await.unwrap().exists());
+    assert!(s.is_alive());
+
+    // A session over the existing lease, then close: the lease is revoked.
+    let lease = c.lease().grant(30).await.unwrap();
+    let s2 = Session::new(&c).lease(lease.id).await.unwrap();
+    assert_eq!(s2.lease_id(), lease.id);
+    let clone = s2.clone();
+    let done = clone.done();
+    s2.close().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), done)
+            .await
+            .unwrap(),
+        LeaseLost::Revoked
+    );
+    assert!(!c.lease().time_to_live(lease.id).await.unwrap().exists());
+    // Closing twice is fine.
+    clone.close().await.unwrap();
+
+    // Orphan: the lease is no longer kept, but not revoked.
+    let done = s.done();
+    s.orphan();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), done)
+            .await
+            .unwrap(),
+        LeaseLost::Closed
+    );
+    assert!(!s.is_alive());
+    assert!(c.lease().time_to_live(s.lease_id()).await.unwrap().exists());
+
+    // A missing lease is a typed error.
+    let err = Session::new(&c).lease(0x7777).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LeaseNotFound);
+}
+
+/// 10 tasks over 5 clients increment one counter under the lock with guarded transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_counter_is_exact_and_fencing_increases() {
+    let etcd = etcd().await;
+    let clients: Vec<Client> = futures::future::join_all((0..5).map(|_| client(&etcd))).await;
+    const PER_TASK: usize = 30;
+    let fences = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..10 {
+        let c = clients[t % 5].clone();
+        let fences = fences.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = Session::new(&c).ttl(10).await.unwrap();
+            let m = Mutex::new(&s, "/mutex/counter-lock");
+            for _ in 0..PER_TASK {
+                m.lock().await.unwrap();
+                let fence = m.fencing_revision().unwrap();
+                fences.lock().unwrap().push(fence);
+                let cur = c.kv().get("/mutex/counter").await.unwrap();
+                let n: u64 = cur
+                    .kvs
+                    .first()
+                    .map(|kv| kv.value_str().unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                let r = c
+                    .kv()
+                    .txn()
+                    .when([m.is_owner()])
+                    .and_then([Op::put("/mutex/counter", (n + 1).to_string())])
+                    .await
+                    .unwrap();
+                assert!(r.succeeded, "guarded write failed while holding the lock");
+                m.unlock().await.unwrap();
+                assert_eq!(m.fencing_revision(), None);
+            }
+            s.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = &clients[0];
+    let r = c.kv().get("/mutex/counter").await.unwrap();
+    assert_eq!(r.kvs[0].value_str().unwrap(), (10 * PER_TASK).to_string());
+    let fences = fences.lock().unwrap().clone();
+    assert_eq!(fences.len(), 10 * PER_TASK);
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fencing revisions must strictly increase from holder to holder"
+    );
+    assert!(keys_under(c, "/mutex/counter-lock/").await.is_empty());
+}
+
+#[tokio::test]
+async fn next_waiter_gets_the_lock_when_the_holder_dies() {
+    let etcd = etcd().await;
+    let holder_client = client(&etcd).await;
+    let waiter_client = client(&etcd).await;
+    let hs = Session::new(&holder_client).ttl(2).await.unwrap();
+    let hm = Mutex::new(&hs, "/mutex/dies");
+    hm.lock().await.unwrap();
+    let ws = Session::new(&waiter_client).ttl(10).await.unwrap();
+    let wm = Arc::new(Mutex::new(&ws, "/mutex/dies"));
+    let wm2 = wm.clone();
+    let waiting = tokio::spawn(async move { wm2.lock().await });
+    // The waiter is queued behind the holder.
+    wait_until(Duration::from_secs(5), "waiter queued", || {
+        let c = waiter_client.clone();
+        async move { keys_under(&c, "/mutex/dies/").await.len() == 2 }
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    // The holder "crashes": its client and session go away without unlock.
+    let holder_fence = hm.fencing_revision().unwrap();
+    let started = Instant::now();
+    drop(hm);
+    drop(hs);
+    drop(holder_client);
+    tokio::time::timeout(Duration::from_secs(2 + 4), waiting)
+        .await
+        .expect("the waiter got the lock within TTL + slack")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(wm.fencing_revision().unwrap() > holder_fence);
+    assert_eq!(
+        keys_under(&waiter_client, "/mutex/dies/").await,
+        vec![String::from_utf8(wm.key().to_vec()).unwrap()]
+    );
+}
+
+#[tokio::test]
+async fn try_lock_under_contention_returns_at_once_and_leaves_no_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let m1 = Mutex::new(&s1, "/mutex/try");
+    let m2 = Mutex::new(&s2, "/mutex/try");
+    m1.try_lock().await.unwrap();
+    let started = Instant::now();
+    let err = m2.try_lock().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Locked);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(m2.fencing_revision(), None);
+    assert_eq!(
+        keys_under(&c, "/mutex/try/").await,
+        vec![String::from_utf8(m1.key().to_vec()).unwrap()]
+    );
+    // Once released, try_lock succeeds.
+    m1.unlock().await.unwrap();
+    m2.try_lock().await.unwrap();
+    assert!(m2.fencing_revision().is_some());
+    m2.unlock().await.unwrap();
+    assert!(keys_under(&c, "/mutex/try/").await.is_empty());
+}
+
+#[tokio::test]
+async fn waiter_whose_session_is_revoked_stops_waiting() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let m1 = Mutex::new(&s1, "/mutex/revoked");
+    m1.lock().await.unwrap();
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let m2 = Arc::new(Mutex::new(&s2, "/mutex/revoked"));
+    let m2c = m2.clone();
+    let waiting = tokio::spawn(async move { m2c.lock().await });
+    wait_until(Duration::from_secs(5), "waiter queued", || {
+        let c = c.clone();
+        async move { keys_under(&c, "/mutex/revoked/").await.len() == 2 }
+    })
+    .await;
+    // Revoke the waiter's lease behind the session's back (another client's revoke).
+    let other = client(&etcd).await;
+    other.lease().revoke(s2.lease_id()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter stopped waiting")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired);
+    assert_eq!(m2.fencing_revision(), None);
+    // The holder is unaffected.
+    let r = c.kv().txn().when([m1.is_owner()]).await.unwrap();
+    assert!(r.succeeded);
+
+    // Same via close() of the session, which the keeper learns at once.
+    let s3 = Session::new(&c).ttl(10).await.unwrap();
+    let m3 = Arc::new(Mutex::new(&s3, "/mutex/revoked"));
+    let m3c = m3.clone();
+    let waiting = tokio::spawn(async move { m3c.lock().await });
+    wait_until(Duration::from_secs(5), "waiter queued", || {
+        let c = c.clone();
+        async move { keys_under(&c, "/mutex/revoked/").await.len() == 2 }
+    })
+    .await;
+    let started = Instant::now();
+    s3.close().await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn cancelled_lock_leaves_no_key_and_no_task() {
+    let etcd = etcd().await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let c = client(&etcd).await;
+    let s1 = Session::new(&c).ttl(10).await.unwrap();
+    let m1 = Mutex::new(&s1, "/mutex/cancel");
+    m1.lock().await.unwrap();
+    let s2 = Session::new(&c).ttl(10).await.unwrap();
+    let m2 = Mutex::new(&s2, "/mutex/cancel");
+    // Start the client's watch multiplexer (it lives with the client), then count.
+    drop(c.watch("/mutex/warmup").await.unwrap());
+    let baseline = metrics.num_alive_tasks();
+    for _ in 0..3 {
+        let r = tokio::time::timeout(Duration::from_millis(300), m2.lock()).await;
+        assert!(r.is_err(), "the lock is held elsewhere");
+        wait_until(
+            Duration::from_secs(5),
+            "cancelled waiter's key removed",
+            || {
+                let c = c.clone();
+                async move { keys_under(&c, "/mutex/cancel/").await.len() == 1 }
+            },
+        )
+        .await;
+    }
+    wait_for_tasks(baseline).await;
+    assert_eq!(
+        keys_under(&c, "/mutex/cancel/").await,
+        vec![String::from_utf8(m1.key().to_vec()).unwrap()]
+    );
+    // And the next waiter still gets the lock once it is free.
+    m1.unlock().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), m2.lock())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The holder is cut off (fault proxy blackhole) past its TTL; another client takes the lock;
+/// the old holder's guarded write fails and no update is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_stops_a_paused_holder() {
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
+    let paused = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let other = client(&cluster).await;
+    paused.kv().put("/fence/counter", "0").await.unwrap();
+
+    let ps = Session::new(&paused).ttl(2).await.unwrap();
+    let pm = Mutex::new(&ps, "/fence/lock");
+    pm.lock().await.unwrap();
+    let old_fence = pm.fencing_revision().unwrap();
+    // The holder reads the counter, then pauses before writing.
+    let seen = paused.kv().get("/fence/counter").await.unwrap().kvs[0]
+        .value_str()
+        .unwrap()
+        .to_owned();
+    proxy.blackhole();
+
+    let os = Session::new(&other).ttl(10).await.unwrap();
+    let om = Mutex::new(&os, "/fence/lock");
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), om.lock())
+        .await
+        .expect("the other client got the lock after the holder's TTL")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2 + 5));
+    let new_fence = om.fencing_revision().unwrap();
+    assert!(new_fence > old_fence);
+    let cur: u64 = other.kv().get("/fence/counter").await.unwrap().kvs[0]
+        .value_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r = other
+        .kv()
+        .txn()
+        .when([om.is_owner()])
+        .and_then([Op::put("/fence/counter", (cur + 1).to_string())])
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+
+    // The old holder wakes up and writes what it computed: refused by the fence.
+    proxy.pass();
+    let n: u64 = seen.parse().unwrap();
+    let stale = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match paused
+                .kv()
+                .txn()
+                .when([pm.is_owner()])
+                .and_then([Op::put("/fence/counter", (n + 100).to_string())])
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => assert!(e.is_retryable() || e.kind() == ErrorKind::Deadline, "{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !stale.succeeded,
+        "the paused holder's guarded write must fail"
+    );
+    assert!(!pm.is_locked(), "the paused holder's session is lost");
+    let r = other.kv().get("/fence/counter").await.unwrap();
+    assert_eq!(r.kvs[0].value_str().unwrap(), "1", "no update lost");
+    om.unlock().await.unwrap();
+}

@@ -1,0 +1,122 @@
+//! Software transactional memory against a real etcd.
+
+mod common;
+
+use common::{client, etcd};
+use etcdv3::{ErrorKind, Isolation, stm};
+
+const ACCOUNTS: usize = 5;
+const START: i64 = 100;
+
+async fn total(c: &etcdv3::Client) -> i64 {
+    let r = c.kv().get("/bank/").prefix().await.unwrap();
+    assert_eq!(r.kvs.len(), ACCOUNTS);
+    r.kvs
+        .iter()
+        .map(|kv| kv.value_str().unwrap().parse::<i64>().unwrap())
+        .sum()
+}
+
+async fn transfers_keep_the_total(isolation: Isolation) {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    for i in 0..ACCOUNTS {
+        c.kv()
+            .put(format!("/bank/{i}"), START.to_string())
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for t in 0..8usize {
+        let c = client(&etcd).await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..10usize {
+                let from = format!("/bank/{}", (t + n) % ACCOUNTS);
+                let to = format!("/bank/{}", (t + n + 1 + t % 3) % ACCOUNTS);
+                let amount = ((t * 7 + n) % 13) as i64 + 1;
+                stm(&c, move |tx| {
+                    let (from, to) = (from.clone(), to.clone());
+                    async move {
+                        let a: i64 = tx.get_str(from.as_str()).await?.unwrap().parse().unwrap();
+                        let b: i64 = tx.get_str(to.as_str()).await?.unwrap().parse().unwrap();
+                        tx.put(from.as_str(), (a - amount).to_string());
+                        tx.put(to.as_str(), (b + amount).to_string());
+                        Ok(())
+                    }
+                })
+                .isolation(isolation)
+                .attempts(200)
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(total(&c).await, START * ACCOUNTS as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_transfers_keep_the_total() {
+    transfers_keep_the_total(Isolation::Serializable).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_transfers_keep_the_total() {
+    transfers_keep_the_total(Isolation::RepeatableRead).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_snapshot_transfers_keep_the_total() {
+    transfers_keep_the_total(Isolation::SerializableSnapshot).await;
+}
+
+#[tokio::test]
+async fn conflicts_are_retried_then_typed_and_errors_abort() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    c.kv().put("/stm/x", "0").await.unwrap();
+    // A closure that makes its own read stale every time: always conflicts.
+    let c2 = c.clone();
+    let err = stm(&c, move |tx| {
+        let c2 = c2.clone();
+        async move {
+            let v = tx.get_str("/stm/x").await?.unwrap();
+            c2.kv().put("/stm/x", format!("{v}+")).await?;
+            tx.put("/stm/y", "never");
+            Ok(())
+        }
+    })
+    .attempts(3)
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert_eq!(
+        c.kv().get("/stm/x").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "0+++"
+    );
+    assert!(c.kv().get("/stm/y").await.unwrap().kvs.is_empty());
+
+    // An error from the closure aborts: nothing written.
+    let err = stm(&c, |tx| async move {
+        tx.put("/stm/z", "1");
+        Err::<(), _>(tx.abort("insufficient funds"))
+    })
+    .await;
+    assert_eq!(err.unwrap_err().kind(), ErrorKind::Canceled);
+    assert!(c.kv().get("/stm/z").await.unwrap().kvs.is_empty());
+
+    // Reads see own writes; the value returned is the committed attempt's.
+    let got = stm(&c, |tx| async move {
+        tx.put("/stm/w", "7");
+        tx.delete("/stm/x");
+        Ok((tx.get_str("/stm/w").await?, tx.get("/stm/x").await?))
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, (Some("7".to_owned()), None));
+    assert!(c.kv().get("/stm/x").await.unwrap().kvs.is_empty());
+}
