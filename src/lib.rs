@@ -59,6 +59,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `testkit` | `testkit` module: start real etcd servers for tests, inject faults |
+//! | `toolkit` | `toolkit` module: config source, service registry and discovery, mirror (serde, serde_json) |
+//! | `toolkit-files` | YAML and TOML base files for the toolkit's hybrid config (serde_norway, toml) |
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -81,6 +83,9 @@ mod request;
 mod srv;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "toolkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "toolkit")))]
+pub mod toolkit;
 mod txn;
 mod types;
 mod watch;
