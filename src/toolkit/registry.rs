@@ -129,7 +129,7 @@ impl Register {
         let shared = Arc::new(RegShared {
             info: Mutex::new(self.info),
             lease_id: AtomicI64::new(kept.id()),
-            subscribers: Mutex::new(Vec::new()),
+            subscribers: Mutex::new(Some(Vec::new())),
         });
         let (cmds, rx) = mpsc::unbounded_channel();
         let task = RegTask {
@@ -207,12 +207,15 @@ pub enum RegistrationEvent {
 struct RegShared {
     info: Mutex<ServiceInfo>,
     lease_id: AtomicI64,
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<RegistrationEvent>>>,
+    /// `None` once the task has stopped: the events streams end.
+    subscribers: Mutex<Option<Vec<mpsc::UnboundedSender<RegistrationEvent>>>>,
 }
 
 impl RegShared {
     fn emit(&self, ev: RegistrationEvent) {
-        if let Ok(mut subs) = self.subscribers.lock() {
+        if let Ok(mut subs) = self.subscribers.lock()
+            && let Some(subs) = subs.as_mut()
+        {
             subs.retain(|s| s.send(ev.clone()).is_ok());
         }
     }
@@ -265,13 +268,17 @@ impl Registration {
     }
 
     /// A stream of what happens to the registration, starting with
-    /// [`RegistrationEvent::Registered`] for the current lease.
+    /// [`RegistrationEvent::Registered`] for the current lease. It ends when the
+    /// registration's task stops (after [`deregister`](Self::deregister), or when the client
+    /// was closed).
     pub fn events(&self) -> RegistrationEvents {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(RegistrationEvent::Registered {
             lease_id: self.lease_id(),
         });
-        if let Ok(mut subs) = self.shared.subscribers.lock() {
+        if let Ok(mut subs) = self.shared.subscribers.lock()
+            && let Some(subs) = subs.as_mut()
+        {
             subs.push(tx);
         }
         RegistrationEvents { rx }
@@ -341,6 +348,15 @@ struct RegTask {
     ttl: i64,
     shared: Arc<RegShared>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
+}
+
+impl Drop for RegTask {
+    fn drop(&mut self) {
+        // The task has stopped: end every events stream.
+        if let Ok(mut subs) = self.shared.subscribers.lock() {
+            *subs = None;
+        }
+    }
 }
 
 impl RegTask {
