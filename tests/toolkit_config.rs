@@ -56,10 +56,16 @@ async fn etcd_only_read_set_delete_and_typed_watch() {
     assert_eq!(cfg.value().await.unwrap(), json!({}));
 
     cfg.set("name", "shop").await.unwrap();
-    cfg.set("db", json!({"host": "db1", "port": 5432})).await.unwrap();
+    cfg.set("db", json!({"host": "db1", "port": 5432}))
+        .await
+        .unwrap();
     let rev = cfg.set("db.pool.size", 10).await.unwrap();
     // The raw keys are JSON text, one per dotted path.
-    let raw = c.kv().get("/apps/shop/config/myapp/db.pool.size").await.unwrap();
+    let raw = c
+        .kv()
+        .get("/apps/shop/config/myapp/db.pool.size")
+        .await
+        .unwrap();
     assert_eq!(raw.kvs[0].value_str().unwrap(), "10");
     assert_eq!(raw.kvs[0].mod_revision(), rev);
 
@@ -98,10 +104,7 @@ async fn etcd_only_read_set_delete_and_typed_watch() {
     // Invalid paths are typed errors.
     for bad in ["", "a..b", ".a", "a/b"] {
         assert!(
-            matches!(
-                cfg.set(bad, 1).await,
-                Err(ToolkitError::InvalidPath { .. })
-            ),
+            matches!(cfg.set(bad, 1).await, Err(ToolkitError::InvalidPath { .. })),
             "{bad:?}"
         );
     }
@@ -127,12 +130,17 @@ async fn a_bad_value_is_reported_with_its_key_and_the_last_good_config_stays() {
     let c = client(&etcd).await;
     let cfg = c.config_source("svc");
     cfg.set("name", "a").await.unwrap();
-    cfg.set("db", json!({"host": "h", "port": 1})).await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
     let mut w = cfg.watch::<AppConfig>().await.unwrap();
     let good = next(&mut w).await.unwrap();
     assert_eq!(good.config.name, "a");
 
-    c.kv().put("/etcdv3/config/svc/name", "{oops").await.unwrap();
+    c.kv()
+        .put("/etcdv3/config/svc/name", "{oops")
+        .await
+        .unwrap();
     match next(&mut w).await {
         Err(ToolkitError::InvalidValue { key, .. }) => assert_eq!(key, "/etcdv3/config/svc/name"),
         other => panic!("expected InvalidValue, got {other:?}"),
@@ -163,7 +171,9 @@ async fn changes_in_one_batch_are_coalesced_into_one_config() {
     let c = client(&etcd).await;
     let cfg = c.config_source("co");
     cfg.set("name", "n").await.unwrap();
-    cfg.set("db", json!({"host": "h", "port": 1})).await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
     let mut w = cfg.watch::<AppConfig>().await.unwrap();
     next(&mut w).await.unwrap();
     // One transaction = one revision = one batch: one new config with every change.
@@ -256,7 +266,10 @@ async fn hybrid_mode_overlays_etcd_on_yaml_toml_and_json_files() {
     }
     // A missing file and an unknown extension are typed file errors.
     let missing = c.config_source("hy").file(dir.path().join("nope.yaml"));
-    assert!(matches!(missing.value().await, Err(ToolkitError::File { .. })));
+    assert!(matches!(
+        missing.value().await,
+        Err(ToolkitError::File { .. })
+    ));
     let odd = dir.path().join("base.ini");
     std::fs::write(&odd, "a=1").unwrap();
     assert!(matches!(
@@ -279,10 +292,14 @@ async fn the_watch_task_ends_when_the_watch_is_dropped() {
     next(&mut w).await.unwrap();
     assert!(m.num_alive_tasks() > baseline);
     drop(w);
-    wait_until(Duration::from_secs(10), "the config watch task to end", || {
-        let n = m.num_alive_tasks();
-        async move { n == baseline }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the config watch task to end",
+        || {
+            let n = m.num_alive_tasks();
+            async move { n == baseline }
+        },
+    )
     .await;
     drop(warm);
 }

@@ -23,8 +23,12 @@ async fn next_event(w: &mut ServiceWatch, within: Duration) -> ServiceEvent {
 }
 
 fn info(i: usize) -> ServiceInfo {
-    ServiceInfo::new("api", format!("api-{i:02}"), format!("127.0.0.1:{}", 9000 + i))
-        .metadata("version", "1")
+    ServiceInfo::new(
+        "api",
+        format!("api-{i:02}"),
+        format!("127.0.0.1:{}", 9000 + i),
+    )
+    .metadata("version", "1")
 }
 
 #[tokio::test]
@@ -126,7 +130,11 @@ async fn twenty_instances_and_every_kind_of_change_reach_a_watcher() {
     assert_eq!(ids.len(), 18);
     assert_eq!(
         ids,
-        cache.instances().into_iter().map(|i| i.id).collect::<Vec<_>>()
+        cache
+            .instances()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>()
     );
 }
 
@@ -188,7 +196,11 @@ async fn reregisters_with_a_new_lease_after_the_lease_is_lost() {
 
 #[tokio::test]
 async fn killing_and_restarting_the_watchers_member_loses_no_event() {
-    let cluster = EtcdCluster::builder().members(3).start_async().await.unwrap();
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
     // The watcher's client knows only member 0; the writer only members 1 and 2.
     let watcher_client = Client::builder([cluster.endpoint(0)])
         .request_timeout(Duration::from_secs(10))
@@ -336,10 +348,14 @@ async fn background_tasks_end_with_their_handles() {
     assert_eq!(m.num_alive_tasks(), baseline + 2);
     drop(reg);
     drop(cache);
-    wait_until(Duration::from_secs(5), "the registration task to end", || {
-        let n = m.num_alive_tasks();
-        async move { n == baseline + 1 }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the registration task to end",
+        || {
+            let n = m.num_alive_tasks();
+            async move { n == baseline + 1 }
+        },
+    )
     .await;
     drop(cache2);
     wait_until(Duration::from_secs(5), "the cache task to end", || {

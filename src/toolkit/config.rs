@@ -81,7 +81,7 @@ impl ConfigSource {
     /// A value in etcd that is not JSON fails with [`ToolkitError::InvalidValue`] naming its
     /// key.
     pub async fn value(&self) -> ToolkitResult<Value> {
-        Ok(self.read().await?.0.build()?)
+        self.read().await?.0.build()
     }
 
     /// Read the config into `T`.
@@ -287,10 +287,12 @@ impl Overlay {
     fn build(&self) -> ToolkitResult<Value> {
         let mut tree = self.base.clone();
         for (path, (key, parsed)) in &self.entries {
-            let value = parsed.as_ref().map_err(|reason| ToolkitError::InvalidValue {
-                key: key.clone(),
-                reason: reason.clone(),
-            })?;
+            let value = parsed
+                .as_ref()
+                .map_err(|reason| ToolkitError::InvalidValue {
+                    key: key.clone(),
+                    reason: reason.clone(),
+                })?;
             set_path(&mut tree, path, value.clone());
         }
         Ok(tree)

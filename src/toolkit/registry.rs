@@ -40,11 +40,7 @@ pub struct ServiceInfo {
 
 impl ServiceInfo {
     /// An instance without metadata.
-    pub fn new(
-        name: impl Into<String>,
-        id: impl Into<String>,
-        address: impl Into<String>,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, id: impl Into<String>, address: impl Into<String>) -> Self {
         ServiceInfo {
             name: name.into(),
             id: id.into(),
@@ -223,10 +219,7 @@ impl RegShared {
 
 enum Cmd {
     Deregister(oneshot::Sender<Result<(), Error>>),
-    Update(
-        BTreeMap<String, String>,
-        oneshot::Sender<ToolkitResult<()>>,
-    ),
+    Update(BTreeMap<String, String>, oneshot::Sender<ToolkitResult<()>>),
 }
 
 /// A registered service instance, kept registered by a background task.
