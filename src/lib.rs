@@ -46,6 +46,7 @@
 //! | Server-side lock and election services ([`LockService`], [`ElectionService`]; the caller keeps the lease alive) | ✅ |
 //! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
+//! | Application toolkit (feature `toolkit`): config source (etcd-only or file base + etcd overlay, typed, watched), service registry with re-registration, discovery (snapshot, events, live cache), mirror | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
 //!

@@ -287,7 +287,10 @@ impl Registration {
     }
 
     /// Revoke the lease (deleting the record) and stop the task. Idempotent: later calls
-    /// return the first call's result.
+    /// return the first call's result. If the revoke fails (e.g. no member reachable), the
+    /// task stops all the same and the record disappears when the lease expires, within the
+    /// TTL. While a lost lease is being replaced, there is no lease to revoke: the task stops
+    /// (a lease granted by the interrupted attempt expires within the TTL).
     pub async fn deregister(&self) -> ToolkitResult<()> {
         let r = self
             .deregistered
