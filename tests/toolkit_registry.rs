@@ -201,13 +201,21 @@ async fn killing_and_restarting_the_watchers_member_loses_no_event() {
         .start_async()
         .await
         .unwrap();
-    // The watcher's client knows only member 0; the writer only members 1 and 2.
-    let watcher_client = Client::builder([cluster.endpoint(0)])
+    // The watcher's client knows only one follower; the writer only the other two members.
+    // (Killing a follower keeps the writes going: killing the leader would fail writes for
+    // the election's duration, which is not what this test is about.)
+    let leader = cluster.leader_async(Duration::from_secs(10)).await.unwrap();
+    let victim = (leader + 1) % 3;
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != victim)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    let watcher_client = Client::builder([cluster.endpoint(victim)])
         .request_timeout(Duration::from_secs(10))
         .connect()
         .await
         .unwrap();
-    let writer = Client::builder([cluster.endpoint(1), cluster.endpoint(2)])
+    let writer = Client::builder(others)
         .request_timeout(Duration::from_secs(10))
         .connect()
         .await
@@ -227,7 +235,7 @@ async fn killing_and_restarting_the_watchers_member_loses_no_event() {
         ));
     }
 
-    cluster.kill(0).unwrap();
+    cluster.kill(victim).unwrap();
     // Changes while the watcher's member is down.
     for i in 5..10 {
         regs.push(tk.register(info(i)).await.unwrap());
@@ -238,7 +246,7 @@ async fn killing_and_restarting_the_watchers_member_loses_no_event() {
         .update_metadata(BTreeMap::from([("version".into(), "9".into())]))
         .await
         .unwrap();
-    cluster.restart_async(0).await.unwrap();
+    cluster.restart_async(victim).await.unwrap();
 
     let mut got = Vec::new();
     for _ in 0..8 {
