@@ -47,6 +47,7 @@
 //! | Leases: grant (TTL, explicit ID), revoke, time-to-live (with keys), list, keep-alive once; lease keeper (one keep-alive stream for every kept lease, refresh at TTL/3, loss reported with a reason, reconnects, revoke on drop) | ✅ |
 //! | Concurrency recipes (Go semantics, without Go's open bugs): [`Session`], [`Mutex`] (fencing revision, `is_owner` guard compare, cancel-safe `lock`, `try_lock`), [`Election`] (campaign, proclaim, leader, observe, retryable resign), [`stm`] (serializable, snapshot, repeatable-read, read-committed); a prefixed [`Namespace`] view over KV, watch, leases and the recipes | ✅ |
 //! | Pluggable executor; tasks end with the last handle | ✅ |
+//! | Application toolkit (feature `toolkit`): config source (etcd-only or file base + etcd overlay, typed, watched), service registry with re-registration, discovery (snapshot, events, live cache), mirror | ✅ |
 //! | Raw generated gRPC clients for every etcd service ([`raw`]) | ✅ |
 //! | `testkit` feature: real etcd clusters on loopback, member faults, fault proxy | ✅ |
 //!
@@ -60,6 +61,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `testkit` | `testkit` module: start real etcd servers for tests, inject faults |
+//! | `toolkit` | `toolkit` module: config source, service registry and discovery, mirror (serde, serde_json) |
+//! | `toolkit-files` | YAML and TOML base files for the toolkit's hybrid config (serde_norway, toml) |
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -84,6 +87,9 @@ mod request;
 mod srv;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "toolkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "toolkit")))]
+pub mod toolkit;
 mod txn;
 mod types;
 mod watch;

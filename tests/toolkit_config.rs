@@ -1,0 +1,305 @@
+//! The toolkit's config source against a real etcd: etcd-only and hybrid (file base) modes,
+//! typed reads, atomic writes, watch, bad values.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, etcd, wait_until};
+use etcdv3::toolkit::{ToolkitError, ToolkitResult};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct Pool {
+    size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct Db {
+    host: String,
+    port: u16,
+    #[serde(default)]
+    pool: Option<Pool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct AppConfig {
+    name: String,
+    db: Db,
+    #[serde(default)]
+    debug: bool,
+}
+
+async fn next<T: Clone>(
+    w: &mut etcdv3::toolkit::ConfigWatch<T>,
+) -> ToolkitResult<etcdv3::toolkit::ConfigUpdate<T>> {
+    tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("a config update within 10 s")
+        .expect("the watch goes on")
+}
+
+#[tokio::test]
+async fn etcd_only_read_set_delete_and_typed_watch() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = c.toolkit().prefix("/apps/shop/");
+    assert_eq!(tk.key_prefix(), "/apps/shop");
+    let cfg = tk.config_source("myapp");
+    assert_eq!(
+        cfg.key("db.pool.size").unwrap(),
+        "/apps/shop/config/myapp/db.pool.size"
+    );
+
+    // Empty config: an empty tree.
+    assert_eq!(cfg.value().await.unwrap(), json!({}));
+
+    cfg.set("name", "shop").await.unwrap();
+    cfg.set("db", json!({"host": "db1", "port": 5432}))
+        .await
+        .unwrap();
+    let rev = cfg.set("db.pool.size", 10).await.unwrap();
+    // The raw keys are JSON text, one per dotted path.
+    let raw = c
+        .kv()
+        .get("/apps/shop/config/myapp/db.pool.size")
+        .await
+        .unwrap();
+    assert_eq!(raw.kvs[0].value_str().unwrap(), "10");
+    assert_eq!(raw.kvs[0].mod_revision(), rev);
+
+    assert_eq!(
+        cfg.value().await.unwrap(),
+        json!({"name": "shop", "db": {"host": "db1", "port": 5432, "pool": {"size": 10}}})
+    );
+    let typed: AppConfig = cfg.get().await.unwrap();
+    assert_eq!(typed.db.pool, Some(Pool { size: 10 }));
+
+    // The watch starts with the config as read, then follows every change, typed.
+    let mut w = cfg.watch::<AppConfig>().await.unwrap();
+    let first = next(&mut w).await.unwrap();
+    assert_eq!(first.config, typed);
+    assert!(first.revision >= rev);
+
+    let rev2 = cfg.set("db.port", 6543).await.unwrap();
+    let u = next(&mut w).await.unwrap();
+    assert_eq!(u.config.db.port, 6543);
+    assert_eq!(u.revision, rev2);
+
+    // delete removes the path and everything below it, atomically.
+    assert_eq!(cfg.delete("db.pool").await.unwrap(), 1);
+    let u = next(&mut w).await.unwrap();
+    assert_eq!(u.config.db.pool, None);
+    assert_eq!(w.current().unwrap(), u);
+
+    // A change made while nobody reads is not lost (the watch started at read revision + 1).
+    c.kv()
+        .put("/apps/shop/config/myapp/debug", "true")
+        .await
+        .unwrap();
+    let u = next(&mut w).await.unwrap();
+    assert!(u.config.debug);
+
+    // Invalid paths are typed errors.
+    for bad in ["", "a..b", ".a", "a/b"] {
+        assert!(
+            matches!(cfg.set(bad, 1).await, Err(ToolkitError::InvalidPath { .. })),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        c.toolkit().config_source("a/b").value().await,
+        Err(ToolkitError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        c.toolkit().prefix("nope").config_source("x").value().await,
+        Err(ToolkitError::InvalidPrefix { .. })
+    ));
+    // A tree that does not fit the type.
+    cfg.set("db.port", "not a number").await.unwrap();
+    assert!(matches!(
+        cfg.get::<AppConfig>().await,
+        Err(ToolkitError::Decode { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_bad_value_is_reported_with_its_key_and_the_last_good_config_stays() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let cfg = c.config_source("svc");
+    cfg.set("name", "a").await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
+    let mut w = cfg.watch::<AppConfig>().await.unwrap();
+    let good = next(&mut w).await.unwrap();
+    assert_eq!(good.config.name, "a");
+
+    c.kv()
+        .put("/etcdv3/config/svc/name", "{oops")
+        .await
+        .unwrap();
+    match next(&mut w).await {
+        Err(ToolkitError::InvalidValue { key, .. }) => assert_eq!(key, "/etcdv3/config/svc/name"),
+        other => panic!("expected InvalidValue, got {other:?}"),
+    }
+    assert_eq!(w.current().unwrap(), good, "the last good config stays");
+    // A read reports it too.
+    assert!(matches!(
+        cfg.value().await,
+        Err(ToolkitError::InvalidValue { key, .. }) if key == "/etcdv3/config/svc/name"
+    ));
+    // Another change while the bad value is there: still an error, still the old config.
+    cfg.set("db.port", 2).await.unwrap();
+    assert!(matches!(
+        next(&mut w).await,
+        Err(ToolkitError::InvalidValue { .. })
+    ));
+    assert_eq!(w.current().unwrap(), good);
+    // Fixed: a new good config with both changes.
+    cfg.set("name", "b").await.unwrap();
+    let u = next(&mut w).await.unwrap();
+    assert_eq!((u.config.name.as_str(), u.config.db.port), ("b", 2));
+    assert_eq!(w.current().unwrap(), u);
+}
+
+#[tokio::test]
+async fn changes_in_one_batch_are_coalesced_into_one_config() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let cfg = c.config_source("co");
+    cfg.set("name", "n").await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
+    let mut w = cfg.watch::<AppConfig>().await.unwrap();
+    next(&mut w).await.unwrap();
+    // One transaction = one revision = one batch: one new config with every change.
+    use etcdv3::Op;
+    let r = c
+        .kv()
+        .txn()
+        .and_then([
+            Op::put("/etcdv3/config/co/db.port", "7"),
+            Op::put("/etcdv3/config/co/db.host", "\"h2\""),
+            Op::put("/etcdv3/config/co/debug", "true"),
+        ])
+        .await
+        .unwrap();
+    let u = next(&mut w).await.unwrap();
+    assert_eq!(u.revision, r.header.revision);
+    assert_eq!(
+        (u.config.db.port, u.config.db.host.as_str(), u.config.debug),
+        (7, "h2", true)
+    );
+    // Many writes while the consumer is away end as fewer (coalesced) configs, the last one
+    // complete.
+    let mut last = 0;
+    for i in 0..50 {
+        last = cfg.set("db.port", 100 + i).await.unwrap();
+    }
+    let mut seen = 0;
+    loop {
+        let u = next(&mut w).await.unwrap();
+        seen += 1;
+        if u.revision == last {
+            assert_eq!(u.config.db.port, 149);
+            break;
+        }
+    }
+    assert!(seen <= 50, "{seen}");
+}
+
+#[tokio::test]
+async fn hybrid_mode_overlays_etcd_on_yaml_toml_and_json_files() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        (
+            "base.yaml",
+            "name: from-file\ndb:\n  host: file-host\n  port: 1000\n  pool:\n    size: 4\n",
+        ),
+        (
+            "base.toml",
+            "name = \"from-file\"\n[db]\nhost = \"file-host\"\nport = 1000\n[db.pool]\nsize = 4\n",
+        ),
+        (
+            "base.json",
+            r#"{"name": "from-file", "db": {"host": "file-host", "port": 1000, "pool": {"size": 4}}}"#,
+        ),
+    ];
+    let cfg_etcd = c.config_source("hy");
+    cfg_etcd.set("db.port", 2000).await.unwrap();
+    for (file, text) in files {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let cfg = c.config_source("hy").file(&path);
+        // etcd wins at its path; everything else comes from the file.
+        let v: AppConfig = cfg.get().await.unwrap();
+        assert_eq!(
+            v,
+            AppConfig {
+                name: "from-file".into(),
+                db: Db {
+                    host: "file-host".into(),
+                    port: 2000,
+                    pool: Some(Pool { size: 4 })
+                },
+                debug: false,
+            },
+            "{file}"
+        );
+        // A watch overlays later changes on the file too.
+        let mut w = cfg.watch::<AppConfig>().await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().config, v);
+        cfg.set("db.pool.size", 8).await.unwrap();
+        let u = next(&mut w).await.unwrap();
+        assert_eq!(u.config.db.pool, Some(Pool { size: 8 }));
+        assert_eq!(u.config.db.host, "file-host");
+        // Deleting the etcd value brings the file's value back.
+        cfg.delete("db.pool.size").await.unwrap();
+        let u = next(&mut w).await.unwrap();
+        assert_eq!(u.config.db.pool, Some(Pool { size: 4 }), "{file}");
+    }
+    // A missing file and an unknown extension are typed file errors.
+    let missing = c.config_source("hy").file(dir.path().join("nope.yaml"));
+    assert!(matches!(
+        missing.value().await,
+        Err(ToolkitError::File { .. })
+    ));
+    let odd = dir.path().join("base.ini");
+    std::fs::write(&odd, "a=1").unwrap();
+    assert!(matches!(
+        c.config_source("hy").file(&odd).value().await,
+        Err(ToolkitError::File { .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_watch_task_ends_when_the_watch_is_dropped() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let cfg = c.config_source("t");
+    cfg.set("x", 1).await.unwrap();
+    // Warm up the client's shared workers (watch multiplexer) before taking the baseline.
+    let warm = cfg.watch::<serde_json::Value>().await.unwrap();
+    let m = tokio::runtime::Handle::current().metrics();
+    let baseline = m.num_alive_tasks();
+    let mut w = cfg.watch::<serde_json::Value>().await.unwrap();
+    next(&mut w).await.unwrap();
+    assert!(m.num_alive_tasks() > baseline);
+    drop(w);
+    wait_until(
+        Duration::from_secs(10),
+        "the config watch task to end",
+        || {
+            let n = m.num_alive_tasks();
+            async move { n == baseline }
+        },
+    )
+    .await;
+    drop(warm);
+}

@@ -1,0 +1,108 @@
+//! The toolkit's mirror against a real etcd: a paginated base snapshot plus watched updates
+//! equals a fresh range at the same revision.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{client, etcd, wait_until};
+use etcdv3::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[tokio::test]
+async fn mirror_equals_a_fresh_range_after_1000_random_writes() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let kv = c.kv();
+    // A base larger than one page (page size 7), and neighbours outside the prefix.
+    for i in 0..50 {
+        kv.put(format!("/m/k{i:03}"), format!("base-{i}"))
+            .await
+            .unwrap();
+    }
+    kv.put("/m", "not under /m/").await.unwrap();
+    kv.put("/n/k", "outside").await.unwrap();
+
+    let mirror = c.mirror("/m/").page(7).await.unwrap();
+    let base_rev = mirror.revision();
+    assert_eq!(mirror.len(), 50);
+    assert_eq!(mirror.get("/m/k007").unwrap(), Bytes::from("base-7"));
+    assert!(mirror.get("/n/k").is_none());
+    assert!(mirror.get("/m").is_none());
+
+    // 1,000 random puts and deletes over 80 keys, from 10 concurrent writers, some outside
+    // the prefix.
+    let mut writers = Vec::new();
+    for w in 0..10u64 {
+        let kv = kv.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(w);
+            for n in 0..100 {
+                let key = format!("/m/k{:03}", rng.random_range(0..80));
+                match rng.random_range(0..10) {
+                    0..=5 => {
+                        kv.put(key, format!("w{w}-{n}")).await.unwrap();
+                    }
+                    6..=8 => {
+                        kv.delete(key).await.unwrap();
+                    }
+                    _ => {
+                        kv.put(format!("/n/{n}"), "x").await.unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // A last write under the prefix marks the end.
+    let end = kv.put("/m/zz-end", "end").await.unwrap().header.revision;
+    assert!(end > base_rev + 500);
+    tokio::time::timeout(Duration::from_secs(10), mirror.wait_revision(end))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let (snapshot, rev) = mirror.snapshot();
+    assert_eq!(rev, end);
+    let fresh = kv.get("/m/").prefix().revision(rev).await.unwrap();
+    let want: BTreeMap<Bytes, Bytes> = fresh
+        .kvs
+        .into_iter()
+        .map(|kv| kv.into_key_value())
+        .collect();
+    assert_eq!(snapshot.len(), want.len());
+    assert_eq!(snapshot, want);
+    assert_eq!(mirror.len(), want.len());
+    assert!(mirror.error().is_none());
+}
+
+#[tokio::test]
+async fn the_mirror_task_ends_with_the_last_handle() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    // Warm up the watch multiplexer.
+    let warm = c.mirror("/warm/").await.unwrap();
+    let r = c.kv().put("/warm/a", "1").await.unwrap().header.revision;
+    warm.wait_revision(r).await.unwrap();
+    let m = tokio::runtime::Handle::current().metrics();
+    let baseline = m.num_alive_tasks();
+    let mirror = c.mirror("/x/").await.unwrap();
+    let clone = mirror.clone();
+    assert_eq!(m.num_alive_tasks(), baseline + 1);
+    let r = c.kv().put("/x/a", "1").await.unwrap().header.revision;
+    clone.wait_revision(r).await.unwrap();
+    assert_eq!(mirror.get("/x/a").unwrap(), Bytes::from("1"));
+    drop(mirror);
+    assert_eq!(clone.len(), 1);
+    drop(clone);
+    wait_until(Duration::from_secs(5), "the mirror task to end", || {
+        let n = m.num_alive_tasks();
+        async move { n == baseline }
+    })
+    .await;
+    drop(warm);
+}

@@ -1,0 +1,376 @@
+//! The toolkit's service registry and discovery against a real etcd: registration on kept
+//! leases, re-registration, deregistration, watch events (also across a member restart),
+//! the live cache, validation.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{client, etcd, wait_until};
+use etcdv3::Client;
+use etcdv3::testkit::EtcdCluster;
+use etcdv3::toolkit::{
+    RegistrationEvent, ServiceEvent, ServiceInfo, ServiceWatch, Toolkit, ToolkitError,
+};
+
+async fn next_event(w: &mut ServiceWatch, within: Duration) -> ServiceEvent {
+    tokio::time::timeout(within, w.next())
+        .await
+        .expect("a service event in time")
+        .expect("the watch goes on")
+        .expect("no watch error")
+}
+
+fn info(i: usize) -> ServiceInfo {
+    ServiceInfo::new(
+        "api",
+        format!("api-{i:02}"),
+        format!("127.0.0.1:{}", 9000 + i),
+    )
+    .metadata("version", "1")
+}
+
+#[tokio::test]
+async fn twenty_instances_and_every_kind_of_change_reach_a_watcher() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = c.toolkit().prefix("/reg");
+    // The instance whose client will be dropped has a client of its own.
+    let doomed_client = client(&etcd).await;
+    let doomed_tk = doomed_client.toolkit().prefix("/reg");
+
+    // 5 instances before the watch starts (its snapshot), 15 after.
+    let mut regs = Vec::new();
+    for i in 0..5 {
+        regs.push(tk.register(info(i)).await.unwrap());
+    }
+    let mut w = tk.watch_service("api").await.unwrap();
+    for i in 5..19 {
+        regs.push(tk.register(info(i)).await.unwrap());
+    }
+    let doomed = doomed_tk
+        .register(info(19))
+        .ttl(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let doomed_lease = doomed.lease_id();
+
+    let mut added = BTreeSet::new();
+    for _ in 0..20 {
+        match next_event(&mut w, Duration::from_secs(10)).await {
+            ServiceEvent::Added(i) => assert!(added.insert(i.id.clone()), "twice: {i:?}"),
+            other => panic!("expected Added, got {other:?}"),
+        }
+    }
+    assert_eq!(added.len(), 20);
+    assert_eq!(tk.discover("api").await.unwrap().len(), 20);
+    // The stored record is the info as JSON, on the registration's lease.
+    let raw = c.kv().get("/reg/services/api/api-03").await.unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(raw.kvs[0].value()).unwrap();
+    assert_eq!(stored["address"], "127.0.0.1:9003");
+    assert_eq!(raw.kvs[0].lease(), regs[3].lease_id());
+
+    let cache = tk.service_cache("api").await.unwrap();
+    assert_eq!(cache.len(), 20);
+
+    // Deregister: Removed at once; a second call returns the first result.
+    regs[0].deregister().await.unwrap();
+    regs[0].deregister().await.unwrap();
+    match next_event(&mut w, Duration::from_secs(5)).await {
+        ServiceEvent::Removed(i) => assert_eq!(i.id, "api-00"),
+        other => panic!("expected Removed, got {other:?}"),
+    }
+
+    // Metadata update: Modified.
+    let md = BTreeMap::from([("version".to_string(), "2".to_string())]);
+    regs[1].update_metadata(md.clone()).await.unwrap();
+    assert_eq!(regs[1].info().metadata, md);
+    match next_event(&mut w, Duration::from_secs(5)).await {
+        ServiceEvent::Modified(i) => {
+            assert_eq!(i.id, "api-01");
+            assert_eq!(i.metadata, md);
+        }
+        other => panic!("expected Modified, got {other:?}"),
+    }
+
+    // The doomed instance's process "dies": registration and client dropped, no revoke. Its
+    // record goes when the 2 s lease expires.
+    let dropped_at = Instant::now();
+    drop(doomed);
+    drop(doomed_tk);
+    drop(doomed_client);
+    match next_event(&mut w, Duration::from_secs(10)).await {
+        ServiceEvent::Removed(i) => assert_eq!(i.id, "api-19"),
+        other => panic!("expected Removed, got {other:?}"),
+    }
+    let waited = dropped_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "removed after {waited:?}: the lease must expire, not be revoked"
+    );
+    let ttl = c.lease().time_to_live(doomed_lease).await.unwrap();
+    assert!(!ttl.exists());
+
+    // The cache followed.
+    wait_until(Duration::from_secs(5), "the cache to hold 18", || {
+        let n = cache.len();
+        async move { n == 18 }
+    })
+    .await;
+    assert_eq!(cache.get("api-01").unwrap().metadata, md);
+    assert!(cache.get("api-00").is_none());
+    let ids: Vec<_> = tk
+        .discover("api")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids.len(), 18);
+    assert_eq!(
+        ids,
+        cache
+            .instances()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn reregisters_with_a_new_lease_after_the_lease_is_lost() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let other = client(&etcd).await;
+    let tk = c.toolkit();
+    let reg = tk
+        .register(ServiceInfo::new("db", "db-1", "127.0.0.1:5432"))
+        .ttl(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut events = reg.events();
+    let first = reg.lease_id();
+    assert_eq!(
+        events.next().await,
+        Some(RegistrationEvent::Registered { lease_id: first })
+    );
+
+    // Another client revokes the lease: the record goes, the registration notices and
+    // registers again on a new lease.
+    other.lease().revoke(first).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, RegistrationEvent::Lost { lease_id, .. } if lease_id == first),
+        "{ev:?}"
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let RegistrationEvent::Reregistered { lease_id: second } = ev else {
+        panic!("expected Reregistered, got {ev:?}");
+    };
+    assert_ne!(second, first);
+    assert_eq!(reg.lease_id(), second);
+    let raw = other.kv().get("/etcdv3/services/db/db-1").await.unwrap();
+    assert_eq!(raw.kvs.len(), 1);
+    assert_eq!(raw.kvs[0].lease(), second);
+
+    // Deregister revokes the current lease; the events stream ends with the task.
+    reg.deregister().await.unwrap();
+    assert!(!other.lease().time_to_live(second).await.unwrap().exists());
+    assert!(tk.discover("db").await.unwrap().is_empty());
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap(),
+        None
+    );
+    // Idempotent after the task ended too.
+    reg.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn killing_and_restarting_the_watchers_member_loses_no_event() {
+    let cluster = EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
+    // The watcher's client knows only one follower; the writer only the other two members.
+    // (Killing a follower keeps the writes going: killing the leader would fail writes for
+    // the election's duration, which is not what this test is about.)
+    let leader = cluster.leader_async(Duration::from_secs(10)).await.unwrap();
+    let victim = (leader + 1) % 3;
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != victim)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    let watcher_client = Client::builder([cluster.endpoint(victim)])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let writer = Client::builder(others)
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let wtk = Toolkit::new(watcher_client.clone());
+    let tk = Toolkit::new(writer.clone());
+
+    let mut regs = Vec::new();
+    for i in 0..5 {
+        regs.push(tk.register(info(i)).await.unwrap());
+    }
+    let mut w = wtk.watch_service("api").await.unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            next_event(&mut w, Duration::from_secs(5)).await,
+            ServiceEvent::Added(_)
+        ));
+    }
+
+    cluster.kill(victim).unwrap();
+    // Changes while the watcher's member is down.
+    for i in 5..10 {
+        regs.push(tk.register(info(i)).await.unwrap());
+    }
+    regs[0].deregister().await.unwrap();
+    regs[1].deregister().await.unwrap();
+    regs[2]
+        .update_metadata(BTreeMap::from([("version".into(), "9".into())]))
+        .await
+        .unwrap();
+    cluster.restart_async(victim).await.unwrap();
+
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        got.push(next_event(&mut w, Duration::from_secs(30)).await);
+    }
+    let want: Vec<ServiceEvent> = (5..10)
+        .map(|i| ServiceEvent::Added(info(i)))
+        .chain([
+            ServiceEvent::Removed(info(0)),
+            ServiceEvent::Removed(info(1)),
+            ServiceEvent::Modified(info(2).metadata("version", "9")),
+        ])
+        .collect();
+    assert_eq!(got, want);
+    // And it keeps going after the restart.
+    regs[3].deregister().await.unwrap();
+    assert_eq!(
+        next_event(&mut w, Duration::from_secs(10)).await,
+        ServiceEvent::Removed(info(3))
+    );
+    assert_eq!(w.instances().len(), 7);
+}
+
+#[tokio::test]
+async fn validation_gives_typed_errors() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = c.toolkit();
+    assert!(tk.validate().is_ok());
+    assert_eq!(tk.key_prefix(), "/etcdv3");
+    for bad in ["", "relative", "/"] {
+        assert!(
+            matches!(
+                c.toolkit().prefix(bad).validate(),
+                Err(ToolkitError::InvalidPrefix { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        ServiceInfo::new("", "i", "a").validate(),
+        Err(ToolkitError::EmptyName)
+    ));
+    assert!(matches!(
+        ServiceInfo::new("n", "", "a").validate(),
+        Err(ToolkitError::EmptyId)
+    ));
+    assert!(matches!(
+        ServiceInfo::new("n", "i", "").validate(),
+        Err(ToolkitError::EmptyAddress)
+    ));
+    assert!(matches!(
+        ServiceInfo::new("n", "a/b", "x").validate(),
+        Err(ToolkitError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        tk.register(ServiceInfo::new("n", "", "a")).await,
+        Err(ToolkitError::EmptyId)
+    ));
+    assert!(matches!(
+        tk.register(ServiceInfo::new("n", "i", "a"))
+            .ttl(Duration::from_millis(999))
+            .await,
+        Err(ToolkitError::InvalidTtl { .. })
+    ));
+    assert!(matches!(
+        c.toolkit()
+            .prefix("x")
+            .register(ServiceInfo::new("n", "i", "a"))
+            .await,
+        Err(ToolkitError::InvalidPrefix { .. })
+    ));
+    // Nothing was written.
+    assert_eq!(c.kv().get_all().count_only().await.unwrap().count, 0);
+    // A TTL of 1.2 s is rounded up to 2 s.
+    let reg = tk
+        .register(ServiceInfo::new("n", "i", "a"))
+        .ttl(Duration::from_millis(1200))
+        .await
+        .unwrap();
+    let ttl = c.lease().time_to_live(reg.lease_id()).await.unwrap();
+    assert_eq!(ttl.granted_ttl, 2);
+    reg.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn background_tasks_end_with_their_handles() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = c.toolkit();
+    // Warm up the client's shared workers (lease keeper, watch multiplexer).
+    let warm = tk
+        .register(ServiceInfo::new("warm", "w", "a"))
+        .await
+        .unwrap();
+    let warm_watch = tk.watch_service("warm").await.unwrap();
+    let m = tokio::runtime::Handle::current().metrics();
+    let baseline = m.num_alive_tasks();
+
+    let reg = tk
+        .register(ServiceInfo::new("t", "t-1", "a"))
+        .await
+        .unwrap();
+    let cache = tk.service_cache("t").await.unwrap();
+    let cache2 = cache.clone();
+    assert_eq!(cache.len(), 1);
+    assert_eq!(m.num_alive_tasks(), baseline + 2);
+    drop(reg);
+    drop(cache);
+    wait_until(
+        Duration::from_secs(5),
+        "the registration task to end",
+        || {
+            let n = m.num_alive_tasks();
+            async move { n == baseline + 1 }
+        },
+    )
+    .await;
+    drop(cache2);
+    wait_until(Duration::from_secs(5), "the cache task to end", || {
+        let n = m.num_alive_tasks();
+        async move { n == baseline }
+    })
+    .await;
+    drop(warm_watch);
+    drop(warm);
+}
