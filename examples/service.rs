@@ -1,14 +1,11 @@
 //! A small service built on the application toolkit: it reads its config (a local YAML file as
-//! the base, etcd values overlaid), registers itself, discovers its peers, and follows config
-//! and peer changes for a few seconds.
+//! the base, etcd values overlaid), registers itself, discovers its peers, elects a leader among
+//! the instances, and follows config and peer changes for a few seconds.
 //!
 //! ```text
 //! cargo run --example service --features toolkit-files                    # starts etcd itself
 //! cargo run --example service --features toolkit-files -- 127.0.0.1:2379  # or use a running etcd
 //! ```
-//!
-//! Leader election is not shown here: the toolkit-level locks and elections are not part of
-//! the toolkit yet (the server-side election service is shown in `examples/lock_service.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -82,6 +79,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("peer {} at {} {:?}", p.id, p.address, p.metadata);
     }
 
+    // Elect a leader among the instances: the first campaigner wins; the other waits.
+    let leadership = tk
+        .campaign("billing-leader", "billing-1", Duration::from_secs(10))
+        .await?;
+    println!(
+        "leader of billing: {:?} (this instance leads: {})",
+        tk.leader("billing-leader").await?,
+        leadership.is_leader()
+    );
+
     // Follow the peers: the stream starts with the current ones.
     let mut peers = tk.watch_service("billing").await?;
     let cache = tk.service_cache("billing").await?;
@@ -122,7 +129,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // Graceful shutdown: deregister (revokes the lease, the record goes at once).
+    // Graceful shutdown: step down as leader, deregister (revokes the lease, the record goes
+    // at once).
+    leadership.resign().await?;
     me.deregister().await?;
     if let Ok(Some(RegistrationEvent::Updated)) =
         tokio::time::timeout(Duration::from_secs(1), my_events.next()).await

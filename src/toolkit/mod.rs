@@ -31,6 +31,7 @@
 //! Locks and elections at the toolkit level are not part of this module yet.
 
 mod config;
+mod coordination;
 mod discovery;
 mod mirror;
 mod registry;
@@ -43,6 +44,7 @@ use crate::client::Client;
 use crate::error::Error;
 
 pub use config::{ConfigSource, ConfigUpdate, ConfigWatch};
+pub use coordination::{Leadership, ToolkitLock};
 pub use discovery::{ServiceCache, ServiceEvent, ServiceWatch};
 pub use mirror::{Mirror, MirrorBuilder};
 pub use registry::{

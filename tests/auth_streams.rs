@@ -1,0 +1,97 @@
+//! Streams under token auth: a kept lease and a watch survive the expiry of the client's
+//! token and a reconnect (the keeper and the watch worker re-authenticate before reconnecting).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use etcdv3::Client;
+use etcdv3::testkit::FaultProxy;
+
+const TOKEN_TTL: u64 = 2;
+
+async fn auth_etcd() -> etcdv3::testkit::EtcdCluster {
+    let etcd = common::etcd_with(&[
+        "--auth-token=simple",
+        &format!("--auth-token-ttl={TOKEN_TTL}"),
+    ])
+    .await;
+    let admin = common::client(&etcd).await;
+    admin.auth().user_add("root", "rootpw").await.unwrap();
+    admin.auth().user_grant_role("root", "root").await.unwrap();
+    admin.auth().enable().await.unwrap();
+    etcd
+}
+
+#[tokio::test]
+async fn a_kept_lease_and_a_watch_survive_token_expiry_and_reconnects() {
+    let etcd = auth_etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .user("root", "rootpw")
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let observer = Client::builder(etcd.endpoints())
+        .user("root", "rootpw")
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let kept = c.lease().grant(4).keep_alive().await.unwrap();
+    let first = c
+        .kv()
+        .put("a/0", "x")
+        .lease(kept.id())
+        .await
+        .unwrap()
+        .header
+        .revision;
+    let mut w = c.watch("a/").prefix().start_revision(first).await.unwrap();
+    let streams = c.lease().keeper_streams_opened();
+
+    for round in 1..=2 {
+        // Let the client's token expire on the server (TTL plus its 1 s resolution), then
+        // cut every connection: the keeper and the watch must reconnect with a fresh token.
+        tokio::time::sleep(Duration::from_secs(TOKEN_TTL) + Duration::from_millis(1500)).await;
+        proxy.cut_all().await;
+        let rev = observer
+            .kv()
+            .put(format!("a/{round}"), "y")
+            .await
+            .unwrap()
+            .header
+            .revision;
+        // The watch delivers the write made across the reconnect.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while !seen.contains(&rev) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let b = tokio::time::timeout(left, w.next())
+                .await
+                .expect("event in time")
+                .unwrap()
+                .unwrap();
+            seen.extend(b.events().iter().map(|e| e.revision()));
+        }
+        assert!(
+            kept.lost_reason().is_none(),
+            "round {round}: {:?}",
+            kept.lost_reason()
+        );
+    }
+    // Two more TTLs of the lease: still kept, the key still there.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert!(kept.lost_reason().is_none(), "{:?}", kept.lost_reason());
+        let ttl = observer.lease().time_to_live(kept.id()).await.unwrap();
+        assert!(ttl.ttl > 0, "lease alive on the server: {ttl:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(observer.kv().get("a/0").await.unwrap().count, 1);
+    assert!(
+        c.lease().keeper_streams_opened() > streams,
+        "the keeper reconnected"
+    );
+}
