@@ -78,7 +78,7 @@ async fn session_keeps_lease_orphan_and_close() {
 async fn mutex_counter_is_exact_and_fencing_increases() {
     let etcd = etcd().await;
     let clients: Vec<Client> = futures::future::join_all((0..5).map(|_| client(&etcd))).await;
-    const PER_TASK: usize = 30;
+    const PER_TASK: usize = 100;
     let fences = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for t in 0..10 {

@@ -229,3 +229,56 @@ pub(crate) async fn txn_mixed(bench: &Arc<Bench>, a: &TxnMixedArgs) -> Result<Re
     })
     .await
 }
+
+/// `stm` flags (etcd benchmark's names).
+#[derive(Args, Debug)]
+pub(crate) struct StmArgs {
+    /// Keys read and written by each transaction.
+    #[arg(long, default_value_t = 1)]
+    stm_keys_per_txn: u64,
+    /// Isolation: `s` serializable, `ss` serializable snapshot, `r` repeatable read, `c` read
+    /// committed.
+    #[arg(long, default_value = "s")]
+    isolation: String,
+}
+
+/// `stm`: software transactions that read `--stm-keys-per-txn` keys and write each back
+/// (conflicts are retried by the STM).
+pub(crate) async fn stm(bench: &Arc<Bench>, a: &StmArgs) -> Result<Report, String> {
+    let isolation = match a.isolation.as_str() {
+        "s" => etcdv3::Isolation::Serializable,
+        "ss" => etcdv3::Isolation::SerializableSnapshot,
+        "r" => etcdv3::Isolation::RepeatableRead,
+        "c" => etcdv3::Isolation::ReadCommitted,
+        other => return Err(format!("--isolation must be s, ss, r or c, not {other:?}")),
+    };
+    if a.stm_keys_per_txn == 0 {
+        return Err("--stm-keys-per-txn must be at least 1".into());
+    }
+    let n = a.stm_keys_per_txn;
+    let value = bytes::Bytes::from(bench.value());
+    drive(bench, "stm", move |b, w, seq| {
+        let value = value.clone();
+        async move {
+            let keys: Vec<Vec<u8>> = (0..n)
+                .map(|i| b.pick_key(seq.wrapping_mul(n).wrapping_add(i)))
+                .collect();
+            etcdv3::stm(b.client(w), move |tx| {
+                let (keys, value) = (keys.clone(), value.clone());
+                async move {
+                    for k in &keys {
+                        tx.get(k.clone()).await?;
+                    }
+                    for k in keys {
+                        tx.put(k, value.clone());
+                    }
+                    Ok(())
+                }
+            })
+            .isolation(isolation)
+            .await?;
+            Ok(())
+        }
+    })
+    .await
+}

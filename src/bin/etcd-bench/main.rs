@@ -94,6 +94,8 @@ enum Workload {
     WatchCatchup(watch::CatchupArgs),
     /// Keep many leases alive on one keep-alive stream.
     LeaseKeepalive(watch::LeaseArgs),
+    /// Software transactions (read keys, write them back; conflicts retried).
+    Stm(kv::StmArgs),
 }
 
 /// Parse `500ms`, `30s`, `2m`, `1h` or plain seconds.
@@ -261,6 +263,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
         Workload::WatchGet(a) => watch::watch_get(&bench, a).await,
         Workload::WatchCatchup(a) => watch::watch_catchup(&bench, a).await,
         Workload::LeaseKeepalive(a) => watch::lease_keepalive(&bench, a).await,
+        Workload::Stm(a) => kv::stm(&bench, a).await,
     };
     if let Some(p) = &bench.progress {
         p.finish_and_clear();
