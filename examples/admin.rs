@@ -18,19 +18,11 @@ use etcdv3::{AlarmType, Client, ErrorKind, Permission};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let throwaway = args.is_empty();
-    let _cluster;
-    let endpoints = if throwaway {
-        let cluster = EtcdCluster::builder().members(3).start_async().await?;
-        println!(
-            "started a throwaway 3-member etcd {} (removed at exit)",
-            cluster.version()
-        );
-        let eps = cluster.endpoints();
-        _cluster = cluster;
-        eps
-    } else {
-        args
-    };
+    // The endpoints given on the command line, or a throwaway etcd started now.
+    let (endpoints, _cluster) = EtcdCluster::builder()
+        .members(3)
+        .endpoints_or_start(args)
+        .await?;
     let client = Client::builder(endpoints.clone())
         .request_timeout(Duration::from_secs(10))
         .connect()

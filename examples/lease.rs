@@ -16,22 +16,9 @@ use etcdv3::{Client, ErrorKind, LeaseLost};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Use the endpoints given on the command line, or start a throwaway etcd.
+    // The endpoints given on the command line, or a throwaway etcd started now.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let _cluster;
-    let endpoints = if args.is_empty() {
-        let cluster = EtcdCluster::builder().start_async().await?;
-        println!(
-            "started a throwaway etcd {} at {} (removed at exit)",
-            cluster.version(),
-            cluster.endpoint(0)
-        );
-        let eps = cluster.endpoints();
-        _cluster = cluster;
-        eps
-    } else {
-        args
-    };
+    let (endpoints, _cluster) = EtcdCluster::builder().endpoints_or_start(args).await?;
     let client = Client::builder(endpoints)
         .request_timeout(Duration::from_secs(5))
         .connect()

@@ -30,19 +30,8 @@ async fn grant(client: &Client, ttl: i64) -> Result<i64, Box<dyn std::error::Err
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let _cluster;
-    let endpoints = if args.is_empty() {
-        let cluster = EtcdCluster::builder().start_async().await?;
-        println!(
-            "started a throwaway etcd {} (removed at exit)",
-            cluster.version()
-        );
-        let eps = cluster.endpoints();
-        _cluster = cluster;
-        eps
-    } else {
-        args
-    };
+    // The endpoints given on the command line, or a throwaway etcd started now.
+    let (endpoints, _cluster) = EtcdCluster::builder().endpoints_or_start(args).await?;
     let client = Client::builder(endpoints)
         .request_timeout(Duration::from_secs(30))
         .connect()

@@ -16,20 +16,8 @@ use etcdv3::{Client, ErrorKind, Mutex, Op, Session};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let _cluster;
-    let endpoints = if args.is_empty() {
-        let cluster = EtcdCluster::builder().start_async().await?;
-        println!(
-            "started a throwaway etcd {} at {}",
-            cluster.version(),
-            cluster.endpoint(0)
-        );
-        let eps = cluster.endpoints();
-        _cluster = cluster;
-        eps
-    } else {
-        args
-    };
+    // The endpoints given on the command line, or a throwaway etcd started now.
+    let (endpoints, _cluster) = EtcdCluster::builder().endpoints_or_start(args).await?;
 
     let mut workers = Vec::new();
     for w in 0..4 {

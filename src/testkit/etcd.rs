@@ -343,6 +343,27 @@ impl EtcdClusterBuilder {
         Ok(())
     }
 
+    /// For examples and tools: the endpoints in `args` (e.g. the command-line arguments) when
+    /// there are any; otherwise a throwaway cluster is started from this builder, announced on
+    /// stderr, and its endpoints are returned with it. Keep the returned cluster alive while
+    /// using the endpoints: dropping it stops the members and removes their data.
+    pub async fn endpoints_or_start(
+        self,
+        args: Vec<String>,
+    ) -> Result<(Vec<String>, Option<EtcdCluster>), TestkitError> {
+        if !args.is_empty() {
+            return Ok((args, None));
+        }
+        let cluster = self.start_async().await?;
+        let endpoints = cluster.endpoints();
+        eprintln!(
+            "started a throwaway etcd {} at {} (removed at exit)",
+            cluster.version(),
+            endpoints.join(",")
+        );
+        Ok((endpoints, Some(cluster)))
+    }
+
     /// Starts the cluster and waits (blocking) until every member is healthy.
     ///
     /// On a port clash (a freshly picked free port was taken meanwhile) the start
