@@ -60,8 +60,11 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `tls` (default) | `https://` endpoints and mutual TLS with rustls ([`TlsOptions`]) |
+//! | `dns-srv` | endpoint discovery from DNS SRV records (`SrvDiscovery`, hickory-resolver) |
 //! | `testkit` | `testkit` module: start real etcd servers for tests, inject faults |
-//! | `toolkit` | `toolkit` module: config source, service registry and discovery, mirror (serde, serde_json) |
+//! | `bench` | the `etcd-bench` benchmark tool (testkit, clap, indicatif) |
+//! | `toolkit` | `toolkit` module: config source, service registry and discovery, mirror, locks and elections (serde, serde_json) |
 //! | `toolkit-files` | YAML and TOML base files for the toolkit's hybrid config (serde_norway, toml) |
 
 #![forbid(unsafe_code)]
