@@ -464,6 +464,10 @@ impl Worker {
                 status,
             },
         );
+        // Counted before the caller hears back, so the count never lags a returned handle.
+        self.stats
+            .kept
+            .store(self.leases.len() as u64, Ordering::Relaxed);
         let _ = reply.send(rx);
         match deadline {
             Some(d) if now >= d || ttl <= 0 => self.lose(id, LeaseLost::NotAcknowledged),
