@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -729,6 +730,20 @@ impl Shared {
         Ok((request, generation))
     }
 
+    /// The token to send without any I/O: `Some(None)` when the client has no credentials,
+    /// `Some(Some(token))` when a token is cached and is not the `stale` generation, `None`
+    /// when [`Shared::token`] must (re-)authenticate.
+    pub(crate) fn cached_token(
+        &self,
+        stale: Option<u64>,
+    ) -> Option<Option<(u64, AsciiMetadataValue)>> {
+        let Some(auth) = &self.auth else {
+            return Some(None);
+        };
+        let t = auth.token.read().ok().and_then(|g| g.clone())?;
+        (Some(t.0) != stale).then_some(Some(t))
+    }
+
     /// The current auth token, authenticating first when there is none or when `stale` names
     /// the generation that the server just rejected. Concurrent callers share one
     /// Authenticate call.
@@ -780,8 +795,8 @@ impl Shared {
         Ok(Some(fresh))
     }
 
-    /// Send one unary request through the shared path: a tower `Retry` (with the configured
-    /// [`RetryPolicy`]) around single attempts. Each attempt goes to the balancer's pick, carries
+    /// Send one unary request through the shared path: a retry loop driven by the configured
+    /// [`RetryPolicy`] (through [`RetryState`]'s tower `Policy`) around single attempts. Each attempt goes to the balancer's pick, carries
     /// the remaining deadline, the auth token (re-authenticating once when the server says it
     /// is invalid) and `hasleader` when asked; connection-level failures move the pin on.
     pub(crate) async fn unary<T, R, F, Fut>(
@@ -818,13 +833,7 @@ impl Shared {
     {
         let timeout = opts.timeout.or(self.cfg.request_timeout);
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let shared = self.clone();
-        let attempt = tower::service_fn(move |att: Attempt<T>| {
-            let shared = shared.clone();
-            let call = call.clone();
-            async move { shared.attempt(att, opts, call).await }
-        });
-        let policy = RetryState {
+        let mut policy = RetryState {
             policy: self.cfg.retry_policy.clone(),
             method: opts.method,
             idempotent: opts.idempotent,
@@ -833,17 +842,25 @@ impl Shared {
             attempts: 0,
             failures: Vec::new(),
         };
-        tower::retry::Retry::new(policy, attempt)
-            .oneshot(Attempt { msg: req, deadline })
-            .await
+        let mut att = Attempt { msg: req, deadline };
+        // The retry loop of tower's `Retry`, driven by hand: the same `Policy` decides, but
+        // without a service clone and request clone per attempt and with a future a fraction
+        // of the size (this path runs for every unary request).
+        loop {
+            let mut result = self.attempt(&att, opts, &call).await;
+            match tower::retry::Policy::retry(&mut policy, &mut att, &mut result) {
+                None => return result,
+                Some(wait) => wait.await,
+            }
+        }
     }
 
     /// One attempt of a unary request on the balancer's current pick.
     async fn attempt<T, R, F, Fut>(
-        self: Arc<Self>,
-        att: Attempt<T>,
+        &self,
+        att: &Attempt<T>,
         opts: CallOpts,
-        call: F,
+        call: &F,
     ) -> Result<(R, Pick)>
     where
         T: Clone,
@@ -858,10 +875,16 @@ impl Shared {
         loop {
             // (Re-)authentication counts against this request's deadline: a caller never
             // waits past it for the shared Authenticate call.
-            let left = att
-                .deadline
-                .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-            let token = with_deadline(left, self.token(stale)).await??;
+            let token = match self.cached_token(stale) {
+                Some(token) => token,
+                None => {
+                    let left = att
+                        .deadline
+                        .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                    // Boxed: the rare slow path must not grow every request's future.
+                    Box::pin(with_deadline(left, self.token(stale))).await??
+                }
+            };
             let pick = self.transport.pick()?;
             let mut request = tonic::Request::new(att.msg.clone());
             let remaining = match att.deadline {
@@ -889,7 +912,9 @@ impl Shared {
                 endpoint = pick.endpoint(),
                 outcome = tracing::field::Empty,
             );
-            let fut = with_deadline(remaining, call(pick.channel(), request));
+            // Boxed once here, so the futures around it (retry, the caller's) stay small and
+            // cheap to move.
+            let fut = Box::pin(with_deadline(remaining, call(pick.channel(), request)));
             let outcome = match &self.cfg.layer {
                 None => fut
                     .instrument(span.clone())
@@ -979,15 +1004,39 @@ fn deadline_error() -> Error {
 }
 
 /// Await `fut` within `timeout` (if any); a missed deadline is [`ErrorKind::Deadline`].
-pub(crate) async fn with_deadline<F: Future>(
-    timeout: Option<Duration>,
-    fut: F,
-) -> Result<F::Output> {
-    match timeout {
-        None => Ok(fut.await),
-        Some(t) => tokio::time::timeout(t, fut)
-            .await
-            .map_err(|_| deadline_error()),
+///
+/// A plain future (not an `async fn`), so it is the size of `fut` plus a pointer: the timer is
+/// boxed, and only made when there is a timeout.
+pub(crate) fn with_deadline<F: Future>(timeout: Option<Duration>, fut: F) -> WithDeadline<F> {
+    WithDeadline {
+        fut,
+        sleep: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`with_deadline`].
+    pub(crate) struct WithDeadline<F> {
+        #[pin]
+        fut: F,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for WithDeadline<F> {
+    type Output = Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if let Some(sleep) = this.sleep
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(deadline_error()));
+        }
+        Poll::Pending
     }
 }
 

@@ -185,11 +185,11 @@ impl ElectionService {
             }
             let max = this.max_encoding();
             let req = epb::CampaignRequest { name, lease, value };
-            let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
-                let mut c = election_client(ch, max);
-                async move { c.campaign(r).await }
-            })
-            .await?;
+            let resp: epb::CampaignResponse =
+                unary_on(&this.client, None, req, opts, move |ch, r| {
+                    crate::grpc::unary(ch, "/v3electionpb.Election/Campaign", r, max, usize::MAX)
+                })
+                .await?;
             let l = resp.leader.ok_or_else(|| {
                 Error::new(ErrorKind::Protocol, "campaign answer without a leader key")
             })?;
@@ -216,11 +216,11 @@ impl ElectionService {
         };
         Request::new(call_opts("Proclaim", false), move |opts| async move {
             let max = this.max_encoding();
-            let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
-                let mut c = election_client(ch, max);
-                async move { c.proclaim(r).await }
-            })
-            .await?;
+            let resp: epb::ProclaimResponse =
+                unary_on(&this.client, None, req, opts, move |ch, r| {
+                    crate::grpc::unary(ch, "/v3electionpb.Election/Proclaim", r, max, usize::MAX)
+                })
+                .await?;
             Ok(ElectionResponse {
                 header: ResponseHeader::from_pb(resp.header),
             })
@@ -239,8 +239,7 @@ impl ElectionService {
                 epb::LeaderRequest { name },
                 opts,
                 move |ch, r| {
-                    let mut c = election_client(ch, max);
-                    async move { c.leader(r).await }
+                    crate::grpc::unary(ch, "/v3electionpb.Election/Leader", r, max, usize::MAX)
                 },
             )
             .await;
@@ -277,11 +276,11 @@ impl ElectionService {
         };
         Request::new(call_opts("Resign", false), move |opts| async move {
             let max = this.max_encoding();
-            let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
-                let mut c = election_client(ch, max);
-                async move { c.resign(r).await }
-            })
-            .await?;
+            let resp: epb::ResignResponse =
+                unary_on(&this.client, None, req, opts, move |ch, r| {
+                    crate::grpc::unary(ch, "/v3electionpb.Election/Resign", r, max, usize::MAX)
+                })
+                .await?;
             Ok(ElectionResponse {
                 header: ResponseHeader::from_pb(resp.header),
             })

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tonic::transport::Channel;
 
 use crate::client::{CallOpts, Client, Config, OrderingGuard, Shared};
 use crate::error::{Error, ErrorKind, Result};
@@ -44,12 +43,6 @@ pub struct Detached;
 #[derive(Debug, Clone)]
 pub struct Kv {
     client: Client,
-}
-
-pub(crate) fn kv_client(ch: Channel, max_encoding: usize) -> pb::kv_client::KvClient<Channel> {
-    pb::kv_client::KvClient::new(ch)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(max_encoding)
 }
 
 impl Kv {
@@ -112,8 +105,7 @@ impl Kv {
             let seen = shared.max_revision();
             let (resp, pick) = shared
                 .unary_at(req.clone(), opts, move |ch, r| {
-                    let mut c = kv_client(ch, max);
-                    async move { c.range(r).await }
+                    crate::grpc::unary(ch, "/etcdserverpb.KV/Range", r, max, usize::MAX)
                 })
                 .await?;
             let resp = GetResponse::from_pb(resp);
@@ -144,8 +136,7 @@ impl Kv {
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
-                let mut c = kv_client(ch, max);
-                async move { c.put(r).await }
+                crate::grpc::unary(ch, "/etcdserverpb.KV/Put", r, max, usize::MAX)
             })
             .await?;
         let resp = PutResponse::from_pb(resp);
@@ -163,8 +154,7 @@ impl Kv {
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
-                let mut c = kv_client(ch, max);
-                async move { c.delete_range(r).await }
+                crate::grpc::unary(ch, "/etcdserverpb.KV/DeleteRange", r, max, usize::MAX)
             })
             .await?;
         let resp = DeleteResponse::from_pb(resp);
@@ -183,8 +173,7 @@ impl Kv {
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
-                let mut c = kv_client(ch, max);
-                async move { c.txn(r).await }
+                crate::grpc::unary(ch, "/etcdserverpb.KV/Txn", r, max, usize::MAX)
             })
             .await?;
         let resp = crate::TxnResponse::from_pb(resp);
@@ -198,11 +187,10 @@ impl Kv {
         opts: CallOpts,
     ) -> Result<CompactResponse> {
         let max = self.config().max_encoding_bytes();
-        let resp = self
+        let resp: pb::CompactionResponse = self
             .client
             .unary(req, opts, move |ch, r| {
-                let mut c = kv_client(ch, max);
-                async move { c.compact(r).await }
+                crate::grpc::unary(ch, "/etcdserverpb.KV/Compact", r, max, usize::MAX)
             })
             .await?;
         Ok(CompactResponse {

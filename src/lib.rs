@@ -38,7 +38,7 @@
 //! | Typed errors mapped from etcd's server errors, client-side validation | ✅ |
 //! | Token auth: authenticate, attach the token to every request and stream, one re-authentication shared by all concurrent callers on an invalid/stale token | ✅ |
 //! | Many endpoints: pinned endpoint, round-robin failover with back-off, `set_endpoints`, `sync`/auto-sync, keep-alive pings | ✅ |
-//! | Retries inside the deadline through a tower `Retry` with a pluggable [`RetryPolicy`] (reads on unavailable-class errors, writes only when never sent) | ✅ |
+//! | Retries inside the deadline, decided by a tower retry `Policy` over a pluggable [`RetryPolicy`] (reads on unavailable-class errors, writes only when never sent) | ✅ |
 //! | Ordering guard for serializable reads ([`OrderingGuard`]), require-leader | ✅ |
 //! | Cluster: member list (linearizable or not), add (voting or learner), remove, update, promote | ✅ |
 //! | Maintenance, on the current member or a chosen one ([`Client::maintenance_at`]): status, alarms (list, activate, disarm), defragment, hash, hash_kv, snapshot stream and snapshot-to-file with size checks, move leader (routed to the leader), downgrade validate/enable/cancel | ✅ |
@@ -78,6 +78,7 @@ mod cluster;
 mod concurrency;
 mod election;
 mod error;
+mod grpc;
 mod kv;
 mod lease;
 mod lock;

@@ -4,15 +4,12 @@
 use std::fmt;
 
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::client::Client;
 use crate::error::Error;
 use crate::proto::v3lockpb as lockpb;
-use crate::request::{Request, call_opts, grpc_client, unary_on};
+use crate::request::{Request, call_opts, unary_on};
 use crate::types::{IntoBytes, ResponseHeader};
-
-grpc_client!(lock_client, lockpb::lock_client::LockClient<Channel>);
 
 impl Client {
     /// The server-side lock service (etcd's v3lock API). See the [`LockService`] docs
@@ -91,15 +88,12 @@ impl LockService {
                 ));
             }
             let max = this.client.config().max_encoding_bytes();
-            let resp = unary_on(
+            let resp: lockpb::LockResponse = unary_on(
                 &this.client,
                 None,
                 lockpb::LockRequest { name, lease },
                 opts,
-                move |ch, r| {
-                    let mut c = lock_client(ch, max);
-                    async move { c.lock(r).await }
-                },
+                move |ch, r| crate::grpc::unary(ch, "/v3lockpb.Lock/Lock", r, max, usize::MAX),
             )
             .await?;
             Ok(HeldLock {
@@ -118,15 +112,12 @@ impl LockService {
         let key = key.into_bytes();
         Request::new(call_opts("Unlock", false), move |opts| async move {
             let max = this.client.config().max_encoding_bytes();
-            let resp = unary_on(
+            let resp: lockpb::UnlockResponse = unary_on(
                 &this.client,
                 None,
                 lockpb::UnlockRequest { key },
                 opts,
-                move |ch, r| {
-                    let mut c = lock_client(ch, max);
-                    async move { c.unlock(r).await }
-                },
+                move |ch, r| crate::grpc::unary(ch, "/v3lockpb.Lock/Unlock", r, max, usize::MAX),
             )
             .await?;
             Ok(UnlockResponse {

@@ -111,8 +111,8 @@ impl RetryPolicy for DefaultRetryPolicy {
     }
 }
 
-/// Per-request retry state; implements [`tower::retry::Policy`] so the request path is an
-/// ordinary tower `Retry` around a one-attempt service.
+/// Per-request retry state; implements [`tower::retry::Policy`], which the unary request loop
+/// (`Shared::unary_at`) consults after every failed attempt.
 #[derive(Clone)]
 pub(crate) struct RetryState {
     pub(crate) policy: Arc<dyn RetryPolicy>,

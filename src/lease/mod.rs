@@ -231,10 +231,9 @@ async fn grant_pb(
     opts: CallOpts,
 ) -> Result<GrantResponse> {
     let max = shared.config().max_encoding_bytes();
-    let resp = shared
+    let resp: pb::LeaseGrantResponse = shared
         .unary(req, opts, move |ch, r| {
-            let mut c = lease_client_max(ch, max);
-            async move { c.lease_grant(r).await }
+            crate::grpc::unary(ch, "/etcdserverpb.Lease/LeaseGrant", r, max, usize::MAX)
         })
         .await?;
     Ok(GrantResponse {
@@ -250,10 +249,9 @@ pub(crate) async fn revoke_pb(
     opts: CallOpts,
 ) -> Result<RevokeResponse> {
     let max = shared.config().max_encoding_bytes();
-    let resp = shared
+    let resp: pb::LeaseRevokeResponse = shared
         .unary(pb::LeaseRevokeRequest { id }, opts, move |ch, r| {
-            let mut c = lease_client_max(ch, max);
-            async move { c.lease_revoke(r).await }
+            crate::grpc::unary(ch, "/etcdserverpb.Lease/LeaseRevoke", r, max, usize::MAX)
         })
         .await?;
     Ok(RevokeResponse {
@@ -436,12 +434,17 @@ impl IntoFuture for TimeToLive {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let max = self.lease.shared().config().max_encoding_bytes();
-            let resp = self
+            let resp: pb::LeaseTimeToLiveResponse = self
                 .lease
                 .shared()
                 .unary(self.req, self.opts, move |ch, r| {
-                    let mut c = lease_client_max(ch, max);
-                    async move { c.lease_time_to_live(r).await }
+                    crate::grpc::unary(
+                        ch,
+                        "/etcdserverpb.Lease/LeaseTimeToLive",
+                        r,
+                        max,
+                        usize::MAX,
+                    )
                 })
                 .await?;
             Ok(TimeToLiveResponse {
@@ -504,12 +507,11 @@ impl IntoFuture for Leases {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let max = self.lease.shared().config().max_encoding_bytes();
-            let resp = self
+            let resp: pb::LeaseLeasesResponse = self
                 .lease
                 .shared()
                 .unary(pb::LeaseLeasesRequest {}, self.opts, move |ch, r| {
-                    let mut c = lease_client_max(ch, max);
-                    async move { c.lease_leases(r).await }
+                    crate::grpc::unary(ch, "/etcdserverpb.Lease/LeaseLeases", r, max, usize::MAX)
                 })
                 .await?;
             Ok(LeasesResponse {

@@ -71,6 +71,10 @@ struct Common {
     /// Print one JSON object instead of the text report.
     #[arg(long, global = true)]
     json: bool,
+    /// Client runtime threads: 0 = a multi-thread tokio runtime with one worker per core,
+    /// 1 = a current-thread runtime (everything on one thread), N = N worker threads.
+    #[arg(long, default_value_t = 0, global = true)]
+    threads: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,10 +279,19 @@ fn main() -> ExitCode {
     // clap prints usage and exits with code 2 on bad flags.
     let cli = Cli::parse();
     let json = cli.common.json;
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match cli.common.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("etcd-bench: cannot start the runtime: {e}");

@@ -1,0 +1,197 @@
+//! A lean unary gRPC call: the request and response path of every unary RPC the typed API
+//! sends, without tonic's streaming codec machinery.
+//!
+//! tonic's generated clients run a unary call as a one-message client stream: an encoding body
+//! stream, a `Streaming` decoder with its state machine, and metadata conversions on both
+//! sides. For a unary call all of that collapses to: encode one length-prefixed message into
+//! one buffer, send it as the whole body, read the body's frames until the trailers, and decode
+//! one message out of the (normally single) data frame without copying it. Status handling is
+//! gRPC's: a trailers-only answer, `grpc-status` in the trailers, or the HTTP status when there
+//! are none (the same mapping tonic uses). Transport errors become a [`tonic::Status`] through
+//! [`tonic::Status::from_error`], exactly as in tonic, so the error classification downstream
+//! (never sent, endpoint failure) sees the same source chain.
+//!
+//! The generated clients stay available for everything else (streams, and the raw API).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, header};
+use http_body_util::BodyExt;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tower::{Service, ServiceExt};
+
+/// The 5-byte gRPC message prefix: compression flag and big-endian length.
+const PREFIX: usize = 5;
+
+/// Send `request` (its message plus the metadata set on it: deadline, token, `hasleader`) as a
+/// unary call of `path` on `channel`, and decode the answer.
+///
+/// `max_encoding` and `max_decoding` bound the message sizes (encoded request, decoded
+/// response), with the codes tonic uses (`OutOfRange`).
+pub(crate) async fn unary<T, R>(
+    mut channel: Channel,
+    path: &'static str,
+    request: tonic::Request<T>,
+    max_encoding: usize,
+    max_decoding: usize,
+) -> Result<tonic::Response<R>, Status>
+where
+    T: prost::Message,
+    R: prost::Message + Default,
+{
+    let (metadata, _extensions, msg) = request.into_parts();
+    let len = msg.encoded_len();
+    if len > max_encoding {
+        return Err(Status::out_of_range(format!(
+            "Error, encoded message length too large: found {len} bytes, the limit is: {max_encoding} bytes"
+        )));
+    }
+    let wire_len = u32::try_from(len)
+        .map_err(|_| Status::out_of_range(format!("message of {len} bytes is too large")))?;
+    let mut buf = BytesMut::with_capacity(PREFIX + len);
+    buf.put_u8(0);
+    buf.put_u32(wire_len);
+    msg.encode_raw(&mut buf);
+    drop(msg);
+
+    let mut http = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
+        buf.freeze(),
+    )));
+    *http.method_mut() = http::Method::POST;
+    *http.version_mut() = http::Version::HTTP_2;
+    *http.uri_mut() = http::Uri::from(PathAndQuery::from_static(path));
+    let headers = http.headers_mut();
+    *headers = metadata.into_headers();
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+
+    let svc = channel
+        .ready()
+        .await
+        .map_err(|e| Status::from_error(e.into()))?;
+    let response = svc
+        .call(http)
+        .await
+        .map_err(|e| Status::from_error(e.into()))?;
+
+    let status_code = response.status();
+    // A trailers-only answer carries its status in the headers.
+    if let Some(status) = Status::from_header_map(response.headers())
+        && status.code() != Code::Ok
+    {
+        return Err(status);
+    }
+    let mut body = response.into_body();
+    let mut data: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(chunk) => match (&mut data, &mut more) {
+                (None, None) => data = Some(chunk),
+                (Some(first), None) => {
+                    let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
+                    joined.put_slice(first);
+                    joined.put_slice(&chunk);
+                    data = None;
+                    more = Some(joined);
+                }
+                (_, Some(joined)) => joined.put_slice(&chunk),
+            },
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+        let have = data.as_ref().map_or(0, Bytes::len) + more.as_ref().map_or(0, BytesMut::len);
+        if have > PREFIX.saturating_add(max_decoding) {
+            return Err(too_large(have - PREFIX, max_decoding));
+        }
+    }
+    match trailers.as_ref().and_then(Status::from_header_map) {
+        Some(status) if status.code() == Code::Ok => {}
+        Some(status) => return Err(status),
+        None => return Err(status_without_trailers(status_code)),
+    }
+    let mut bytes = match (data, more) {
+        (_, Some(joined)) => joined.freeze(),
+        (Some(one), None) => one,
+        (None, None) => return Err(Status::internal("Missing response message.")),
+    };
+    if bytes.len() < PREFIX {
+        return Err(Status::internal("truncated gRPC message prefix"));
+    }
+    let compressed = bytes.get_u8();
+    if compressed != 0 {
+        return Err(Status::internal(
+            "the server sent a compressed message; compression was not negotiated",
+        ));
+    }
+    let msg_len = bytes.get_u32() as usize;
+    if msg_len > max_decoding {
+        return Err(too_large(msg_len, max_decoding));
+    }
+    if bytes.len() != msg_len {
+        return Err(Status::internal(format!(
+            "gRPC message length {msg_len} does not match the {} bytes received",
+            bytes.len()
+        )));
+    }
+    let msg = R::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(tonic::Response::new(msg))
+}
+
+fn too_large(len: usize, max: usize) -> Status {
+    Status::out_of_range(format!(
+        "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
+    ))
+}
+
+/// The status of an answer that ended without `grpc-status`: from the HTTP status, as gRPC's
+/// HTTP-to-gRPC status mapping says (and tonic does).
+fn status_without_trailers(http: http::StatusCode) -> Status {
+    use http::StatusCode as S;
+    let code = match http {
+        S::BAD_REQUEST => Code::Internal,
+        S::UNAUTHORIZED => Code::Unauthenticated,
+        S::FORBIDDEN => Code::PermissionDenied,
+        S::NOT_FOUND => Code::Unimplemented,
+        S::TOO_MANY_REQUESTS | S::BAD_GATEWAY | S::SERVICE_UNAVAILABLE | S::GATEWAY_TIMEOUT => {
+            Code::Unavailable
+        }
+        S::OK => {
+            return Status::unknown(
+                "protocol error: the response ended without a grpc-status trailer",
+            );
+        }
+        _ => Code::Unknown,
+    };
+    Status::new(code, format!("HTTP status {http} without a gRPC status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_mapping() {
+        assert_eq!(
+            status_without_trailers(http::StatusCode::SERVICE_UNAVAILABLE).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            status_without_trailers(http::StatusCode::NOT_FOUND).code(),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            status_without_trailers(http::StatusCode::OK).code(),
+            Code::Unknown
+        );
+    }
+}
