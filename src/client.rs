@@ -775,7 +775,7 @@ impl Shared {
         };
         let mut request = tonic::Request::new(req);
         if let Some(t) = self.cfg.request_timeout {
-            request.set_timeout(t);
+            crate::grpc::set_timeout(&mut request, t);
         }
         let resp = with_deadline(self.cfg.request_timeout, client.authenticate(request))
             .await?
@@ -893,7 +893,7 @@ impl Shared {
                     if left.is_zero() {
                         return Err(deadline_error());
                     }
-                    request.set_timeout(left);
+                    crate::grpc::set_timeout(&mut request, left);
                     Some(left)
                 }
                 None => None,

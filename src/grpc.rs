@@ -13,6 +13,8 @@
 //!
 //! The generated clients stay available for everything else (streams, and the raw API).
 
+use std::time::Duration;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, header};
@@ -147,6 +149,54 @@ where
     Ok(tonic::Response::new(msg))
 }
 
+/// Set the `grpc-timeout` header of `request` (the server's copy of the deadline).
+///
+/// Unlike tonic's `set_timeout` (microsecond precision, so every value is new), the value is
+/// rounded down to about 1% of itself: under load many requests then carry the same value,
+/// which HPACK sends as a one-byte index instead of a fresh literal, and formatting needs no
+/// allocation. Rounding down only makes the server give up slightly before the client.
+pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
+    let (value, unit) = grpc_timeout(timeout);
+    let mut buf = [0u8; 12];
+    let mut n = 0;
+    let mut digits = [0u8; 10];
+    let mut d = 0;
+    let mut v = value;
+    loop {
+        digits[d] = b'0' + (v % 10) as u8;
+        d += 1;
+        v /= 10;
+        if v == 0 || d == digits.len() {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        buf[n] = digits[d];
+        n += 1;
+    }
+    buf[n] = unit;
+    n += 1;
+    if let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(&buf[..n]) {
+        request.metadata_mut().insert("grpc-timeout", value);
+    }
+}
+
+/// The `grpc-timeout` value and unit for `timeout`: at most 8 digits, rounded down to about
+/// 1% (exact below 100 ms).
+fn grpc_timeout(timeout: Duration) -> (u64, u8) {
+    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    match ms {
+        0 => (u64::try_from(timeout.as_micros()).unwrap_or(0), b'u'),
+        1..100 => (ms, b'm'),
+        100..1_000 => (ms - ms % 10, b'm'),
+        1_000..10_000 => (ms - ms % 10, b'm'),
+        10_000..100_000 => (ms - ms % 100, b'm'),
+        100_000..100_000_000 => (ms - ms % 1_000, b'm'),
+        _ => ((timeout.as_secs() / 60).min(99_999_999), b'M'),
+    }
+}
+
 fn too_large(len: usize, max: usize) -> Status {
     Status::out_of_range(format!(
         "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
@@ -178,6 +228,28 @@ fn status_without_trailers(http: http::StatusCode) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_is_rounded_down_by_at_most_one_percent() {
+        let ms = |v| Duration::from_millis(v);
+        assert_eq!(grpc_timeout(Duration::from_micros(250)), (250, b'u'));
+        assert_eq!(grpc_timeout(ms(57)), (57, b'm'));
+        assert_eq!(grpc_timeout(ms(457)), (450, b'm'));
+        assert_eq!(grpc_timeout(ms(4_999)), (4_990, b'm'));
+        assert_eq!(grpc_timeout(ms(29_999)), (29_900, b'm'));
+        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), (3_333, b'M'));
+        for v in [
+            1u64, 99, 100, 999, 1_000, 9_999, 10_000, 12_345_678, 99_999_999,
+        ] {
+            let (n, unit) = grpc_timeout(ms(v));
+            assert_eq!(unit, b'm');
+            assert!(n <= v && n * 100 + 100 >= v * 99, "{v} -> {n}");
+            assert!(n <= 99_999_999);
+        }
+        let mut r = tonic::Request::new(());
+        set_timeout(&mut r, ms(4_321));
+        assert_eq!(r.metadata().get("grpc-timeout").unwrap(), "4320m");
+    }
 
     #[test]
     fn http_status_mapping() {

@@ -104,7 +104,7 @@ where
             with_deadline(left(deadline)?, shared.stream_request(req.clone(), stale)).await??;
         let remaining = left(deadline)?;
         if let Some(t) = remaining {
-            request.set_timeout(t);
+            crate::grpc::set_timeout(&mut request, t);
         }
         match with_deadline(remaining, call(channel.clone(), request)).await? {
             Ok(resp) => return Ok(resp.into_inner()),
