@@ -1,35 +1,29 @@
-//! Protocol encode/decode costs: Put, Range and Txn requests encoded, WatchResponses decoded
-//! (1, 10, 100 events; 32 B, 1 KiB and 4 KiB values; with and without prev_kv). Values are
-//! `bytes::Bytes` sliced out of the receive buffer, so decoding copies no key or value.
+//! Protocol encode/decode costs (criterion): Put, Range and Txn requests encoded, and
+//! WatchResponses decoded (1, 10, 100 events; 32 B, 1 KiB and 4 KiB values; with and without
+//! prev_kv). Values are `bytes::Bytes` sliced out of the receive buffer, so decoding copies no
+//! key or value.
 //!
-//! `cargo bench --bench codec` measures; under `cargo test` a short smoke run checks that
-//! every case round-trips.
+//! Groups: `encode` (time per request, throughput in encoded bytes) and
+//! `decode_watch_response/<value size>[+prev_kv]/<events>` (time per response, including
+//! freeing it; throughput in events). Measured in wall time on one thread (pure CPU work).
+//! Each case is first round-tripped outside the timed loop (decoded == original), so a broken
+//! codec fails `cargo test`.
+//!
+//! ```text
+//! cargo bench --bench codec
+//! cargo bench --bench codec -- --warm-up-time 1 --measurement-time 3
+//! cargo bench --bench codec -- decode_watch_response/4096B
+//! ```
+//!
+//! Under `cargo test --all-targets` criterion runs each case once (test mode).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use etcdv3::raw::{etcdserverpb as pb, mvccpb};
 use prost::Message;
-
-/// Encodes one request into the buffer.
-type EncodeFn<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
-
-/// Average time of `f` over about `budget`, after a short warm-up.
-fn time<F: FnMut()>(budget: Duration, mut f: F) -> (Duration, u64) {
-    for _ in 0..100 {
-        f();
-    }
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < budget && n < 50_000_000 {
-        for _ in 0..64 {
-            f();
-        }
-        n += 64;
-    }
-    (start.elapsed() / n.max(1) as u32, n)
-}
 
 fn kv(i: i64, value: &Bytes) -> mvccpb::KeyValue {
     mvccpb::KeyValue {
@@ -42,9 +36,9 @@ fn kv(i: i64, value: &Bytes) -> mvccpb::KeyValue {
     }
 }
 
-fn watch_response(events: usize, value_size: usize, prev_kv: bool) -> Vec<u8> {
+fn watch_response(events: usize, value_size: usize, prev_kv: bool) -> pb::WatchResponse {
     let value = Bytes::from(vec![b'v'; value_size]);
-    let resp = pb::WatchResponse {
+    pb::WatchResponse {
         header: Some(pb::ResponseHeader {
             cluster_id: 1,
             member_id: 2,
@@ -60,20 +54,34 @@ fn watch_response(events: usize, value_size: usize, prev_kv: bool) -> Vec<u8> {
             })
             .collect(),
         ..Default::default()
-    };
-    resp.encode_to_vec()
+    }
 }
 
-fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let budget = if smoke {
-        Duration::from_millis(5)
-    } else {
-        Duration::from_millis(500)
-    };
-    println!("codec{}", if smoke { " (smoke run)" } else { "" });
+/// Encodes `msg`, checks that it decodes back to itself, and benchmarks encoding it.
+fn encode_case<M: Message + Default + PartialEq + std::fmt::Debug>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    msg: &M,
+) {
+    let wire = msg.encode_to_vec();
+    assert!(!wire.is_empty(), "{name}: encoded to nothing");
+    assert_eq!(
+        &M::decode(wire.as_slice()).expect("decode what was encoded"),
+        msg,
+        "{name}: round trip"
+    );
+    c.throughput(Throughput::Bytes(wire.len() as u64));
+    let mut buf = Vec::with_capacity(wire.len() * 2);
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            buf.clear();
+            black_box(msg).encode(&mut buf).expect("the buffer grows");
+            black_box(&buf);
+        })
+    });
+}
 
-    // Encoding requests.
+fn encode(c: &mut Criterion) {
     let value = Bytes::from(vec![b'v'; 256]);
     let put = pb::PutRequest {
         key: Bytes::from_static(b"/bench/key/00000001"),
@@ -110,55 +118,39 @@ fn main() {
             request: Some(pb::request_op::Request::RequestRange(range.clone())),
         }],
     };
-    let mut buf = Vec::with_capacity(4096);
-    let cases: Vec<(&str, EncodeFn<'_>)> = vec![
-        (
-            "Put (256 B value)",
-            Box::new(|b| put.encode(b).unwrap_or_default()),
-        ),
-        ("Range", Box::new(|b| range.encode(b).unwrap_or_default())),
-        (
-            "Txn (1 compare, 4 puts, 1 range)",
-            Box::new(|b| txn.encode(b).unwrap_or_default()),
-        ),
-    ];
-    for (name, encode) in &cases {
-        let (t, _) = time(budget, || {
-            buf.clear();
-            encode(&mut buf);
-            black_box(&buf);
-        });
-        println!(
-            "  encode {name:<34} {:>8.1} ns ({} bytes)",
-            t.as_nanos() as f64,
-            buf.len()
-        );
-        assert!(!buf.is_empty());
-    }
+    let mut group = c.benchmark_group("encode");
+    encode_case(&mut group, "put_256B", &put);
+    encode_case(&mut group, "range", &range);
+    encode_case(&mut group, "txn_1cmp_4put_1range", &txn);
+    group.finish();
+}
 
-    // Decoding watch responses.
-    for events in [1usize, 10, 100] {
-        for value_size in [32usize, 1024, 4096] {
-            for prev in [false, true] {
-                let wire = Bytes::from(watch_response(events, value_size, prev));
-                let (t, _) = time(budget, || {
-                    let r = pb::WatchResponse::decode(wire.clone()).unwrap_or_default();
-                    black_box(r);
-                });
-                let check = pb::WatchResponse::decode(wire.clone()).unwrap_or_default();
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode_watch_response");
+    for value_size in [32usize, 1024, 4096] {
+        for prev in [false, true] {
+            let name = format!("{value_size}B{}", if prev { "+prev_kv" } else { "" });
+            for events in [1usize, 10, 100] {
+                let original = watch_response(events, value_size, prev);
+                let wire = Bytes::from(original.encode_to_vec());
+                let check = pb::WatchResponse::decode(wire.clone()).expect("decode");
+                assert_eq!(check, original, "{name}/{events}: round trip");
                 assert_eq!(check.events.len(), events);
-                assert_eq!(
-                    check.events[0].kv.as_ref().map(|k| k.value.len()),
-                    Some(value_size)
-                );
-                println!(
-                    "  decode WatchResponse {events:>3} events x {value_size:>4} B{}  {:>9.1} ns ({:.1} ns/event, {} bytes)",
-                    if prev { " +prev_kv" } else { "         " },
-                    t.as_nanos() as f64,
-                    t.as_nanos() as f64 / events as f64,
-                    wire.len()
-                );
+                group.throughput(Throughput::Elements(events as u64));
+                group.bench_with_input(BenchmarkId::new(&name, events), &wire, |b, wire| {
+                    b.iter(|| pb::WatchResponse::decode(black_box(wire.clone())))
+                });
             }
         }
     }
+    group.finish();
 }
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    targets = encode, decode
+}
+criterion_main!(benches);
