@@ -82,9 +82,7 @@ where
 
     let status_code = response.status();
     // A trailers-only answer carries its status in the headers.
-    if let Some(status) = Status::from_header_map(response.headers())
-        && status.code() != Code::Ok
-    {
+    if let Some(status) = error_status(response.headers()) {
         return Err(status);
     }
     let mut body = response.into_body();
@@ -116,10 +114,13 @@ where
             return Err(too_large(have - PREFIX, max_decoding));
         }
     }
-    match trailers.as_ref().and_then(Status::from_header_map) {
-        Some(status) if status.code() == Code::Ok => {}
-        Some(status) => return Err(status),
-        None => return Err(status_without_trailers(status_code)),
+    match trailers.as_ref() {
+        Some(t) if t.contains_key(GRPC_STATUS) => {
+            if let Some(status) = error_status(t) {
+                return Err(status);
+            }
+        }
+        _ => return Err(status_without_trailers(status_code)),
     }
     let mut bytes = match (data, more) {
         (_, Some(joined)) => joined.freeze(),
@@ -152,9 +153,10 @@ where
 /// Set the `grpc-timeout` header of `request` (the server's copy of the deadline).
 ///
 /// Unlike tonic's `set_timeout` (microsecond precision, so every value is new), the value is
-/// rounded down to about 1% of itself: under load many requests then carry the same value,
-/// which HPACK sends as a one-byte index instead of a fresh literal, and formatting needs no
-/// allocation. Rounding down only makes the server give up slightly before the client.
+/// rounded up by at most about 1%: under load many requests then carry the same value, which
+/// HPACK sends as a one-byte index instead of a fresh literal, and formatting needs no
+/// allocation. Rounding up (never down) keeps the deadline the client's own: its timer fires
+/// at the exact time and cancels the call, so the server never gives up first.
 pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
     let (value, unit) = grpc_timeout(timeout);
     let mut buf = [0u8; 12];
@@ -182,18 +184,34 @@ pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration)
     }
 }
 
-/// The `grpc-timeout` value and unit for `timeout`: at most 8 digits, rounded down to about
-/// 1% (exact below 100 ms).
+/// The `grpc-timeout` value and unit for `timeout`: at most 8 digits, rounded up by at most
+/// about 1% (exact below 100 ms).
 fn grpc_timeout(timeout: Duration) -> (u64, u8) {
     let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let up = |step: u64| ms.div_ceil(step) * step;
     match ms {
-        0 => (u64::try_from(timeout.as_micros()).unwrap_or(0), b'u'),
-        1..100 => (ms, b'm'),
-        100..1_000 => (ms - ms % 10, b'm'),
-        1_000..10_000 => (ms - ms % 10, b'm'),
-        10_000..100_000 => (ms - ms % 100, b'm'),
-        100_000..100_000_000 => (ms - ms % 1_000, b'm'),
-        _ => ((timeout.as_secs() / 60).min(99_999_999), b'M'),
+        0 => (u64::try_from(timeout.as_micros()).unwrap_or(0).max(1), b'u'),
+        1..100 => {
+            let partial = !timeout.subsec_nanos().is_multiple_of(1_000_000);
+            (ms + u64::from(partial), b'm')
+        }
+        100..1_000 => (up(10), b'm'),
+        1_000..10_000 => (up(10), b'm'),
+        10_000..100_000 => (up(100), b'm'),
+        100_000..99_000_000 => (up(1_000), b'm'),
+        _ => ((timeout.as_secs().div_ceil(60)).min(99_999_999), b'M'),
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// The error status in `headers`, if they carry a `grpc-status` other than 0. The common
+/// answer ("0") is recognised without building a `Status` (which copies the headers).
+fn error_status(headers: &http::HeaderMap) -> Option<Status> {
+    match headers.get(GRPC_STATUS) {
+        None => None,
+        Some(v) if v.as_bytes() == b"0" => None,
+        Some(_) => Status::from_header_map(headers).filter(|s| s.code() != Code::Ok),
     }
 }
 
@@ -230,25 +248,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_timeout_is_rounded_down_by_at_most_one_percent() {
+    fn grpc_timeout_is_rounded_up_by_at_most_one_percent() {
         let ms = |v| Duration::from_millis(v);
         assert_eq!(grpc_timeout(Duration::from_micros(250)), (250, b'u'));
+        assert_eq!(grpc_timeout(Duration::from_micros(57_300)), (58, b'm'));
         assert_eq!(grpc_timeout(ms(57)), (57, b'm'));
-        assert_eq!(grpc_timeout(ms(457)), (450, b'm'));
-        assert_eq!(grpc_timeout(ms(4_999)), (4_990, b'm'));
-        assert_eq!(grpc_timeout(ms(29_999)), (29_900, b'm'));
-        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), (3_333, b'M'));
+        assert_eq!(grpc_timeout(ms(451)), (460, b'm'));
+        assert_eq!(grpc_timeout(ms(4_991)), (5_000, b'm'));
+        assert_eq!(grpc_timeout(ms(29_901)), (30_000, b'm'));
+        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), (3_334, b'M'));
         for v in [
-            1u64, 99, 100, 999, 1_000, 9_999, 10_000, 12_345_678, 99_999_999,
+            1u64, 99, 100, 999, 1_000, 9_999, 10_000, 12_345_678, 98_999_999,
         ] {
             let (n, unit) = grpc_timeout(ms(v));
             assert_eq!(unit, b'm');
-            assert!(n <= v && n * 100 + 100 >= v * 99, "{v} -> {n}");
+            assert!(n >= v && n * 100 <= v * 101 + 100, "{v} -> {n}");
             assert!(n <= 99_999_999);
         }
         let mut r = tonic::Request::new(());
         set_timeout(&mut r, ms(4_321));
-        assert_eq!(r.metadata().get("grpc-timeout").unwrap(), "4320m");
+        assert_eq!(r.metadata().get("grpc-timeout").unwrap(), "4330m");
+    }
+
+    #[test]
+    fn error_status_only_for_nonzero_codes() {
+        let mut h = http::HeaderMap::new();
+        assert!(error_status(&h).is_none());
+        h.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        assert!(error_status(&h).is_none());
+        h.insert(GRPC_STATUS, HeaderValue::from_static("9"));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("etcdserver:%20key%20not%20found"),
+        );
+        let s = error_status(&h).unwrap();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(s.message(), "etcdserver: key not found");
     }
 
     #[test]
