@@ -46,7 +46,15 @@ pub struct TokioExecutor;
 
 impl Executor for TokioExecutor {
     fn spawn(&self, fut: BoxFuture) {
-        drop(tokio::spawn(fut));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(fut)),
+            // Not a panic in library code: the builder already refused to build a client
+            // outside a runtime, so this is a task started from a foreign thread later on.
+            Err(_) => tracing::error!(
+                "etcdv3: a background task was started outside a tokio runtime and cannot run; \
+                 use the client inside a tokio runtime or give the builder an executor"
+            ),
+        }
     }
 }
 
@@ -175,6 +183,8 @@ impl fmt::Debug for Config {
 pub struct ClientBuilder {
     cfg: Config,
     executor: Arc<dyn Executor>,
+    /// Whether `executor` is the default [`TokioExecutor`] (which needs a current runtime).
+    tokio_executor: bool,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -210,7 +220,21 @@ impl ClientBuilder {
                 tls: None,
             },
             executor: Arc::new(TokioExecutor),
+            tokio_executor: true,
         }
+    }
+
+    /// With the default executor a tokio runtime must be current when the client is built
+    /// (its connection tasks are spawned on it): say so instead of panicking inside tokio.
+    fn check_runtime(&self) -> Result<()> {
+        if self.tokio_executor && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "no tokio runtime is running here: build the client inside a tokio runtime \
+                 (or give the builder an executor with a tokio reactor reachable)",
+            ));
+        }
+        Ok(())
     }
 
     /// How long to wait for a connection to an endpoint (default 5 s).
@@ -342,6 +366,7 @@ impl ClientBuilder {
     /// Spawn the client's background tasks through `executor` instead of `tokio::spawn`.
     pub fn executor(mut self, executor: impl Executor) -> Self {
         self.executor = Arc::new(executor);
+        self.tokio_executor = false;
         self
     }
 
@@ -349,6 +374,7 @@ impl ClientBuilder {
     /// used. When credentials are set, the client also authenticates now, so a wrong password
     /// fails here with [`ErrorKind::AuthFailed`].
     pub async fn connect(self) -> Result<Client> {
+        self.check_runtime()?;
         let exec = ExecutorAdapter(self.executor.clone());
         let transport = Balancer::connect(&self.cfg, &exec).await?;
         let client = Client::from_parts(self.cfg, Arc::new(transport), self.executor);
@@ -361,6 +387,7 @@ impl ClientBuilder {
     /// Build the client without any I/O: the connection (and authentication) happen on the
     /// first request. Fails only on invalid configuration.
     pub fn connect_lazy(self) -> Result<Client> {
+        self.check_runtime()?;
         let exec = ExecutorAdapter(self.executor.clone());
         let transport = Balancer::lazy(&self.cfg, &exec)?;
         Ok(Client::from_parts(
@@ -1051,6 +1078,15 @@ mod tests {
         assert!(s.contains("root"), "{s}");
         assert!(!s.contains("s3cret-pw"), "{s}");
         assert!(s.contains("<redacted>"), "{s}");
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error_not_a_panic() {
+        let e = Client::builder(["127.0.0.1:2379"])
+            .connect_lazy()
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("tokio runtime"), "{e}");
     }
 
     #[test]
