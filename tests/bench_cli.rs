@@ -57,15 +57,7 @@ fn kv_workloads_run_against_a_throwaway_etcd() {
             "20",
         ],
         // The whole client on one thread (a current-thread runtime).
-        vec![
-            "put",
-            "--total",
-            "100",
-            "--clients",
-            "16",
-            "--threads",
-            "1",
-        ],
+        vec!["put", "--total", "100", "--clients", "16", "--threads", "1"],
     ] {
         let out = bench().args(&args).arg("--json").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
