@@ -432,10 +432,15 @@ impl CallOpts {
     }
 }
 
+/// An auth token generation and the token to send: `None` when the server said that
+/// authentication is not enabled (then requests go without one, as Go's client does, until the
+/// server asks for a user again).
+pub(crate) type Token = (u64, Option<AsciiMetadataValue>);
+
 struct AuthState {
     creds: Credentials,
     /// The current token and its generation (bumped on every re-authentication).
-    token: RwLock<Option<(u64, AsciiMetadataValue)>>,
+    token: RwLock<Option<Token>>,
     /// Serialises (re-)authentication so concurrent callers share one Authenticate call.
     refresh: tokio::sync::Mutex<()>,
 }
@@ -751,7 +756,9 @@ impl Shared {
         let token = self.token(stale).await?;
         let mut request = tonic::Request::new(msg);
         let generation = token.map(|(generation, t)| {
-            request.metadata_mut().insert("token", t);
+            if let Some(t) = t {
+                request.metadata_mut().insert("token", t);
+            }
             generation
         });
         Ok((request, generation))
@@ -760,10 +767,7 @@ impl Shared {
     /// The token to send without any I/O: `Some(None)` when the client has no credentials,
     /// `Some(Some(token))` when a token is cached and is not the `stale` generation, `None`
     /// when [`Shared::token`] must (re-)authenticate.
-    pub(crate) fn cached_token(
-        &self,
-        stale: Option<u64>,
-    ) -> Option<Option<(u64, AsciiMetadataValue)>> {
+    pub(crate) fn cached_token(&self, stale: Option<u64>) -> Option<Option<Token>> {
         let Some(auth) = &self.auth else {
             return Some(None);
         };
@@ -774,10 +778,11 @@ impl Shared {
     /// The current auth token, authenticating first when there is none or when `stale` names
     /// the generation that the server just rejected. Concurrent callers share one
     /// Authenticate call.
-    pub(crate) async fn token(
-        &self,
-        stale: Option<u64>,
-    ) -> Result<Option<(u64, AsciiMetadataValue)>> {
+    ///
+    /// When the server answers that authentication is not enabled, the client goes on without
+    /// a token (Go's client does the same); if the server later asks for a user
+    /// ([`ErrorKind::UserEmpty`]), that generation is stale and the next call authenticates.
+    pub(crate) async fn token(&self, stale: Option<u64>) -> Result<Option<Token>> {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
@@ -804,17 +809,22 @@ impl Shared {
         if let Some(t) = self.cfg.request_timeout {
             crate::grpc::set_timeout(&mut request, t);
         }
-        let resp = with_deadline(self.cfg.request_timeout, client.authenticate(request))
+        let value = match with_deadline(self.cfg.request_timeout, client.authenticate(request))
             .await?
-            .map_err(Error::from_status)?
-            .into_inner();
-        let value = AsciiMetadataValue::try_from(resp.token.as_str()).map_err(|e| {
-            Error::new(
-                ErrorKind::Protocol,
-                "server sent an auth token that is not ASCII",
-            )
-            .with_source(e)
-        })?;
+            .map_err(Error::from_status)
+        {
+            Ok(resp) => Some(
+                AsciiMetadataValue::try_from(resp.into_inner().token.as_str()).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Protocol,
+                        "server sent an auth token that is not ASCII",
+                    )
+                    .with_source(e)
+                })?,
+            ),
+            Err(e) if e.kind() == ErrorKind::AuthNotEnabled => None,
+            Err(e) => return Err(e),
+        };
         let fresh = (prev_gen + 1, value);
         if let Ok(mut g) = auth.token.write() {
             *g = Some(fresh.clone());
@@ -925,7 +935,7 @@ impl Shared {
                 }
                 None => None,
             };
-            if let Some((_, t)) = &token {
+            if let Some((_, Some(t))) = &token {
                 request.metadata_mut().insert("token", t.clone());
             }
             if require_leader {

@@ -416,11 +416,13 @@ impl Error {
         self.inner.kind == ErrorKind::Deadline
     }
 
-    /// True for auth-token problems that a fresh token can fix.
+    /// True for auth-token problems that a fresh token can fix: an invalid or outdated token,
+    /// or no user at all ([`ErrorKind::UserEmpty`], e.g. auth was enabled after the client
+    /// found it disabled; Go's client refreshes on it too when it has credentials).
     pub fn is_auth_token_error(&self) -> bool {
         matches!(
             self.inner.kind,
-            ErrorKind::InvalidAuthToken | ErrorKind::AuthOldRevision
+            ErrorKind::InvalidAuthToken | ErrorKind::AuthOldRevision | ErrorKind::UserEmpty
         )
     }
 

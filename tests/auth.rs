@@ -475,3 +475,29 @@ async fn tokens_dropped_by_the_server_are_refreshed_transparently() {
     );
     assert_eq!(authenticate_calls(etcd.client_addr(0)) - before, 1);
 }
+
+#[tokio::test]
+async fn credentials_work_while_auth_is_disabled_and_after_it_is_enabled() {
+    let etcd = etcd().await;
+    let admin = client(&etcd).await;
+    // As Go's client does: the server says auth is not enabled, so requests go without a token.
+    let c = login(&etcd, "root", "rootpw").await.unwrap();
+    c.kv().put("k", "v1").await.unwrap();
+    enable_auth(&admin).await;
+    // Now the server asks for a user: the client authenticates and retries once.
+    c.kv().put("k", "v2").await.unwrap();
+    let got = c.kv().get("k").await.unwrap();
+    assert_eq!(got.kvs[0].value_str().unwrap(), "v2");
+    // Streams carry the fresh token too.
+    let mut w = c.watch("k").await.unwrap();
+    c.kv().put("k", "v3").await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("a batch within 10 s")
+        .expect("the watcher is open")
+        .unwrap();
+    assert_eq!(batch.events()[0].kv.value_str().unwrap(), "v3");
+    // A client without credentials is refused with the server's kind.
+    let e = admin.kv().get("k").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UserEmpty, "{e:?}");
+}
