@@ -361,6 +361,24 @@ impl NsWatch {
         self
     }
 
+    /// See [`Watch::fragment`].
+    pub fn fragment(mut self) -> Self {
+        self.inner = self.inner.fragment();
+        self
+    }
+
+    /// See [`Watch::created_notify`].
+    pub fn created_notify(mut self) -> Self {
+        self.inner = self.inner.created_notify();
+        self
+    }
+
+    /// See [`Watch::require_leader`].
+    pub fn require_leader(mut self, require: bool) -> Self {
+        self.inner = self.inner.require_leader(require);
+        self
+    }
+
     /// See [`Watch::buffer`].
     pub fn buffer(mut self, batches: usize) -> Self {
         self.inner = self.inner.buffer(batches);

@@ -204,3 +204,30 @@ async fn every_operation_stays_inside_the_namespace() {
     .await;
     assert_eq!(all_keys(&raw).await.len(), 4);
 }
+
+#[tokio::test]
+async fn namespaced_watch_passes_created_notify_fragment_and_require_leader_through() {
+    let etcd = etcd().await;
+    let raw = client(&etcd).await;
+    let ns = raw.with_namespace(NS);
+    let mut w = ns
+        .watch("k")
+        .created_notify()
+        .fragment()
+        .require_leader(false)
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("the creation notice within 10 s")
+        .expect("open")
+        .unwrap();
+    assert!(first.is_created(), "created_notify reached the server");
+    ns.kv().put("k", "v").await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("open")
+        .unwrap();
+    assert_eq!(batch.events()[0].kv.key().as_ref(), b"k");
+}
