@@ -25,8 +25,6 @@ mod cpu;
 #[path = "common/watch_fixture.rs"]
 mod watch_fixture;
 
-use std::time::Duration;
-
 use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
@@ -52,11 +50,7 @@ fn ceiling(c: &mut Criterion<ThreadCpu>) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .with_measurement(ThreadCpu)
-        .sample_size(30)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(5));
+    config = cpu::watch_config();
     targets = ceiling
 }
 criterion_main!(benches);

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use criterion::Throughput;
 use criterion::measurement::{Measurement, ValueFormatter};
+use criterion::{Criterion, Throughput};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::sys::time::TimeVal;
 
@@ -113,4 +113,14 @@ impl ValueFormatter for CpuFormatter {
     fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
         "ns"
     }
+}
+
+/// The criterion settings of the watch benches: this thread's CPU as the measurement, 30
+/// samples, 2 s warm-up, 5 s measurement.
+pub(crate) fn watch_config() -> Criterion<ThreadCpu> {
+    Criterion::default()
+        .with_measurement(ThreadCpu)
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(5))
 }
