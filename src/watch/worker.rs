@@ -12,7 +12,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +45,8 @@ const CLOSE_CHECK: Duration = Duration::from_secs(1);
 /// single-threaded runtime a busy stream would otherwise fill the buffers of consumers that
 /// keep pace, and pause them for nothing.
 const YIELD_EVERY: u32 = 16;
+/// The most consumer wake-ups held back (see `Worker::flush_wakes`).
+const MAX_HELD_WAKES: usize = 64;
 /// How long a token obtained by a forced re-authentication counts as surely valid.
 const FRESH_TOKEN: Duration = Duration::from_secs(10);
 
@@ -311,6 +313,11 @@ pub(crate) struct Worker {
     /// Until when the current stream's token is known to be fresh.
     fresh_token_until: Option<tokio::time::Instant>,
     stats: Arc<Stats>,
+    /// Consumers with a new batch queued, not woken yet: waking them in one run once the
+    /// stream has nothing more ready (or before yielding) costs far less than one wake-up per
+    /// response, which on a multi-threaded runtime unparks an idle worker thread again and
+    /// again (a system call each time).
+    wakes: Vec<Waker>,
 }
 
 impl Worker {
@@ -336,6 +343,7 @@ impl Worker {
             forced_reauth: false,
             fresh_token_until: None,
             stats,
+            wakes: Vec::new(),
         }
     }
 
@@ -349,28 +357,44 @@ impl Worker {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
                     Some(cmd) => self.on_cmd(cmd),
-                    None => return,
+                    None => break,
                 },
                 ev = conn_event(&mut self.conn) => {
                     let message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
                     if !self.on_conn_event(ev) {
-                        return;
+                        break;
                     }
                     if message {
                         in_a_row += 1;
                         if in_a_row >= YIELD_EVERY {
                             in_a_row = 0;
+                            self.flush_wakes();
                             tokio::task::yield_now().await;
+                        } else if self.wakes.len() >= MAX_HELD_WAKES {
+                            self.flush_wakes();
                         }
                     }
                 }
                 _ = tick.tick() => {
                     if self.shared.is_closed() {
                         self.shutdown();
-                        return;
+                        break;
                     }
                 }
+                // Last (the select is biased): nothing else is ready, the worker is about to
+                // wait. Wake the consumers of the batches queued meanwhile.
+                () = std::future::ready(()), if !self.wakes.is_empty() => {
+                    self.flush_wakes();
+                }
             }
+        }
+        self.flush_wakes();
+    }
+
+    /// Wake the consumers held back in `wakes`.
+    fn flush_wakes(&mut self) {
+        for w in self.wakes.drain(..) {
+            w.wake();
         }
     }
 
@@ -710,7 +734,10 @@ impl Worker {
         }
         let last = events.last().map_or(next, revision_of);
         match slot.queue.push(WatchBatch::events_from(header, events)) {
-            Ok(()) => slot.next_rev = last + 1,
+            Ok(waker) => {
+                slot.next_rev = last + 1;
+                self.wakes.extend(waker);
+            }
             Err(PushError::Full) => self.pause(id),
         }
         true
