@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::codec::Streaming;
 use tonic::metadata::AsciiMetadataValue;
 
+use super::codec::{WATCH_PATH, WatchCodec};
 use super::queue::{PushError, WatcherQueue};
 use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
 use crate::balancer::WeakPick;
@@ -259,10 +260,21 @@ async fn open_stream(
             .metadata_mut()
             .insert("hasleader", AsciiMetadataValue::from_static("true"));
     }
-    let mut client = pb::watch_client::WatchClient::new(channel)
+    // What the generated `WatchClient::watch` does, with the cheaper response decoder.
+    let mut grpc = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(shared.config().max_encoding_bytes());
-    match client.watch(request).await {
+    let opened = async {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("etcdserverpb.Watch", "Watch"));
+        let path = http::uri::PathAndQuery::from_static(WATCH_PATH);
+        grpc.streaming(request, path, WatchCodec).await
+    };
+    match opened.await {
         Ok(resp) => Ok((resp.into_inner(), token_gen)),
         Err(status) => Err((Error::from_status(status), token_gen)),
     }
