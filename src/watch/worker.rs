@@ -42,12 +42,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often an idle worker checks whether the client was closed.
 const CLOSE_CHECK: Duration = Duration::from_secs(1);
-/// Responses handled in a row before the worker lets other tasks (the consumers) run: on a
-/// single-threaded runtime a busy stream would otherwise fill the buffers of consumers that
-/// keep pace, and pause them for nothing.
-const YIELD_EVERY: u32 = 16;
-/// The most consumer wake-ups held back (see `Worker::flush_wakes`).
-const MAX_HELD_WAKES: usize = 64;
+/// Responses handled in a row before the worker wakes the consumers it queued batches for
+/// and lets other tasks (the consumers) run: on a single-threaded runtime a busy stream would
+/// otherwise fill the buffers of consumers that keep pace, and pause them for nothing.
+const YIELD_EVERY: u32 = 64;
 /// How long a token obtained by a forced re-authentication counts as surely valid.
 const FRESH_TOKEN: Duration = Duration::from_secs(10);
 
@@ -326,9 +324,9 @@ pub(crate) struct Worker {
     fresh_token_until: Option<tokio::time::Instant>,
     stats: Arc<Stats>,
     /// Consumers with a new batch queued, not woken yet: waking them in one run once the
-    /// stream has nothing more ready (or before yielding) costs far less than one wake-up per
-    /// response, which on a multi-threaded runtime unparks an idle worker thread again and
-    /// again (a system call each time).
+    /// stream has nothing more ready (or before yielding, at most `YIELD_EVERY` responses
+    /// later) costs far less than one wake-up per response, which on a multi-threaded runtime
+    /// unparks an idle worker thread again and again (a system call each time).
     wakes: Vec<Waker>,
 }
 
@@ -364,7 +362,7 @@ impl Worker {
         let mut tick = tokio::time::interval(CLOSE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_a_row = 0u32;
-        loop {
+        'run: loop {
             tokio::select! {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
@@ -372,18 +370,26 @@ impl Worker {
                     None => break,
                 },
                 ev = conn_event(&mut self.conn) => {
-                    let message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
+                    let mut message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
                     if !self.on_conn_event(ev) {
                         break;
                     }
-                    if message {
+                    // Handle the messages that are ready without going through the select
+                    // for each (commands wait that long).
+                    while message {
                         in_a_row += 1;
                         if in_a_row >= YIELD_EVERY {
                             in_a_row = 0;
                             self.flush_wakes();
                             tokio::task::yield_now().await;
-                        } else if self.wakes.len() >= MAX_HELD_WAKES {
-                            self.flush_wakes();
+                            break;
+                        }
+                        let Some(ev) = self.ready_message().await else {
+                            break;
+                        };
+                        message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
+                        if !self.on_conn_event(ev) {
+                            break 'run;
                         }
                     }
                 }
@@ -401,6 +407,23 @@ impl Worker {
             }
         }
         self.flush_wakes();
+    }
+
+    /// The stream's next message when one is ready now (`None` when it is not, or there is
+    /// no open stream). Polling registers the task's waker, as the select would.
+    async fn ready_message(&mut self) -> Option<ConnEvent> {
+        let Conn::Open { stream, .. } = &mut self.conn else {
+            return None;
+        };
+        std::future::poll_fn(|cx| {
+            Poll::Ready(
+                match futures_core::Stream::poll_next(Pin::new(&mut *stream), cx) {
+                    Poll::Ready(m) => Some(ConnEvent::Message(m.transpose())),
+                    Poll::Pending => None,
+                },
+            )
+        })
+        .await
     }
 
     /// Wake the consumers held back in `wakes`.
