@@ -240,6 +240,11 @@ fn decode_response(buf: &Bytes) -> Option<pb::WatchResponse> {
             11 => {
                 let mut e = mvccpb::Event::default();
                 merge_event(&mut e, r.message(wt)?)?;
+                if m.events.capacity() == 0 {
+                    // Most responses carry one event; a first push would make room for four
+                    // (an event is 200 bytes, and the batch keeps this allocation).
+                    m.events.reserve_exact(1);
+                }
                 m.events.push(e);
             }
             _ => r.skip(wt)?,
