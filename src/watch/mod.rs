@@ -20,6 +20,7 @@
 //! The guarantees are documented on [`Watcher`] (this module is private; its docs are for the
 //! crate's developers: see `worker.rs` for how the multiplexer works).
 
+mod codec;
 mod queue;
 mod worker;
 

@@ -56,30 +56,33 @@ impl WatcherQueue {
     }
 
     /// Queue a batch of events, or mark the watcher paused when the buffer is full.
-    pub(crate) fn push(&self, batch: WatchBatch) -> std::result::Result<(), PushError> {
+    ///
+    /// Returns the consumer's waker when the consumer waits for this batch: the caller wakes
+    /// it, possibly later (the multiplexer wakes a run of consumers at once, see
+    /// `Worker::flush_wakes`), which is fine since the batch is already queued.
+    pub(crate) fn push(&self, batch: WatchBatch) -> std::result::Result<Option<Waker>, PushError> {
         let mut s = self.lock();
         if s.done {
-            return Ok(());
+            return Ok(None);
         }
         if s.items.len() >= s.cap as usize {
             s.paused = true;
             return Err(PushError::Full);
         }
         s.items.push_back(Ok(batch));
-        let waker = s.waker.take();
-        drop(s);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Ok(())
+        Ok(s.waker.take())
     }
 
     /// Queue a notification when there is room; dropped otherwise (it carries no events).
     pub(crate) fn push_notification(&self, batch: WatchBatch) {
-        let _ = self.push(batch).map_err(|PushError::Full| {
-            // `push` marked it paused; a notification must not pause the watcher.
-            self.lock().paused = false;
-        });
+        match self.push(batch) {
+            Ok(Some(w)) => w.wake(),
+            Ok(None) => {}
+            Err(PushError::Full) => {
+                // `push` marked it paused; a notification must not pause the watcher.
+                self.lock().paused = false;
+            }
+        }
     }
 
     /// The server confirmed the watcher; `first` is the created notification, when asked for.

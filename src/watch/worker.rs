@@ -12,7 +12,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::codec::Streaming;
 use tonic::metadata::AsciiMetadataValue;
 
+use super::codec::{WATCH_PATH, WatchCodec};
 use super::queue::{PushError, WatcherQueue};
 use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
 use crate::balancer::WeakPick;
@@ -41,10 +42,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often an idle worker checks whether the client was closed.
 const CLOSE_CHECK: Duration = Duration::from_secs(1);
-/// Responses handled in a row before the worker lets other tasks (the consumers) run: on a
-/// single-threaded runtime a busy stream would otherwise fill the buffers of consumers that
-/// keep pace, and pause them for nothing.
-const YIELD_EVERY: u32 = 16;
+/// Responses handled in a row before the worker wakes the consumers it queued batches for
+/// and lets other tasks (the consumers) run: on a single-threaded runtime a busy stream would
+/// otherwise fill the buffers of consumers that keep pace, and pause them for nothing.
+const YIELD_EVERY: u32 = 64;
 /// How long a token obtained by a forced re-authentication counts as surely valid.
 const FRESH_TOKEN: Duration = Duration::from_secs(10);
 
@@ -257,10 +258,21 @@ async fn open_stream(
             .metadata_mut()
             .insert("hasleader", AsciiMetadataValue::from_static("true"));
     }
-    let mut client = pb::watch_client::WatchClient::new(channel)
+    // What the generated `WatchClient::watch` does, with the cheaper response decoder.
+    let mut grpc = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(shared.config().max_encoding_bytes());
-    match client.watch(request).await {
+    let opened = async {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("etcdserverpb.Watch", "Watch"));
+        let path = http::uri::PathAndQuery::from_static(WATCH_PATH);
+        grpc.streaming(request, path, WatchCodec).await
+    };
+    match opened.await {
         Ok(resp) => Ok((resp.into_inner(), token_gen)),
         Err(status) => Err((Error::from_status(status), token_gen)),
     }
@@ -311,6 +323,11 @@ pub(crate) struct Worker {
     /// Until when the current stream's token is known to be fresh.
     fresh_token_until: Option<tokio::time::Instant>,
     stats: Arc<Stats>,
+    /// Consumers with a new batch queued, not woken yet: waking them in one run once the
+    /// stream has nothing more ready (or before yielding, at most `YIELD_EVERY` responses
+    /// later) costs far less than one wake-up per response, which on a multi-threaded runtime
+    /// unparks an idle worker thread again and again (a system call each time).
+    wakes: Vec<Waker>,
 }
 
 impl Worker {
@@ -336,6 +353,7 @@ impl Worker {
             forced_reauth: false,
             fresh_token_until: None,
             stats,
+            wakes: Vec::new(),
         }
     }
 
@@ -344,33 +362,74 @@ impl Worker {
         let mut tick = tokio::time::interval(CLOSE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_a_row = 0u32;
-        loop {
+        'run: loop {
             tokio::select! {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
                     Some(cmd) => self.on_cmd(cmd),
-                    None => return,
+                    None => break,
                 },
                 ev = conn_event(&mut self.conn) => {
-                    let message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
+                    let mut message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
                     if !self.on_conn_event(ev) {
-                        return;
+                        break;
                     }
-                    if message {
+                    // Handle the messages that are ready without going through the select
+                    // for each (commands wait that long).
+                    while message {
                         in_a_row += 1;
                         if in_a_row >= YIELD_EVERY {
                             in_a_row = 0;
+                            self.flush_wakes();
                             tokio::task::yield_now().await;
+                            break;
+                        }
+                        let Some(ev) = self.ready_message().await else {
+                            break;
+                        };
+                        message = matches!(ev, ConnEvent::Message(Ok(Some(_))));
+                        if !self.on_conn_event(ev) {
+                            break 'run;
                         }
                     }
                 }
                 _ = tick.tick() => {
                     if self.shared.is_closed() {
                         self.shutdown();
-                        return;
+                        break;
                     }
                 }
+                // Last (the select is biased): nothing else is ready, the worker is about to
+                // wait. Wake the consumers of the batches queued meanwhile.
+                () = std::future::ready(()), if !self.wakes.is_empty() => {
+                    self.flush_wakes();
+                }
             }
+        }
+        self.flush_wakes();
+    }
+
+    /// The stream's next message when one is ready now (`None` when it is not, or there is
+    /// no open stream). Polling registers the task's waker, as the select would.
+    async fn ready_message(&mut self) -> Option<ConnEvent> {
+        let Conn::Open { stream, .. } = &mut self.conn else {
+            return None;
+        };
+        std::future::poll_fn(|cx| {
+            Poll::Ready(
+                match futures_core::Stream::poll_next(Pin::new(&mut *stream), cx) {
+                    Poll::Ready(m) => Some(ConnEvent::Message(m.transpose())),
+                    Poll::Pending => None,
+                },
+            )
+        })
+        .await
+    }
+
+    /// Wake the consumers held back in `wakes`.
+    fn flush_wakes(&mut self) {
+        for w in self.wakes.drain(..) {
+            w.wake();
         }
     }
 
@@ -710,7 +769,10 @@ impl Worker {
         }
         let last = events.last().map_or(next, revision_of);
         match slot.queue.push(WatchBatch::events_from(header, events)) {
-            Ok(()) => slot.next_rev = last + 1,
+            Ok(waker) => {
+                slot.next_rev = last + 1;
+                self.wakes.extend(waker);
+            }
             Err(PushError::Full) => self.pause(id),
         }
         true
