@@ -11,13 +11,22 @@
 //! [`tonic::Status::from_error`], exactly as in tonic, so the error classification downstream
 //! (never sent, endpoint failure) sees the same source chain.
 //!
-//! The generated clients stay available for everything else (streams, and the raw API).
+//! Streams get the same treatment where the cost matters (the watch stream): [`streaming`]
+//! sends a stream of messages as the request body and [`MessageStream`] reads the answer's
+//! messages straight off the body frames, slicing each message out of the frame it arrived in
+//! without a copy (only a message that spans frames is gathered into one buffer).
+//!
+//! The generated clients stay available for everything else (other streams, and the raw API).
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_core::Stream;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, header};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -49,36 +58,12 @@ where
             "Error, encoded message length too large: found {len} bytes, the limit is: {max_encoding} bytes"
         )));
     }
-    let wire_len = u32::try_from(len)
-        .map_err(|_| Status::out_of_range(format!("message of {len} bytes is too large")))?;
     let mut buf = BytesMut::with_capacity(PREFIX + len);
-    buf.put_u8(0);
-    buf.put_u32(wire_len);
-    msg.encode_raw(&mut buf);
+    put_message(&msg, &mut buf)?;
     drop(msg);
 
-    let mut http = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
-        buf.freeze(),
-    )));
-    *http.method_mut() = http::Method::POST;
-    *http.version_mut() = http::Version::HTTP_2;
-    *http.uri_mut() = http::Uri::from(PathAndQuery::from_static(path));
-    let headers = http.headers_mut();
-    *headers = metadata.into_headers();
-    headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-
-    let svc = channel
-        .ready()
-        .await
-        .map_err(|e| Status::from_error(e.into()))?;
-    let response = svc
-        .call(http)
-        .await
-        .map_err(|e| Status::from_error(e.into()))?;
+    let body = tonic::body::Body::new(http_body_util::Full::new(buf.freeze()));
+    let response = send(&mut channel, path, metadata, body).await?;
 
     let status_code = response.status();
     // A trailers-only answer carries its status in the headers.
@@ -148,6 +133,303 @@ where
     }
     let msg = R::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
     Ok(tonic::Response::new(msg))
+}
+
+/// Send a gRPC request with `body` (already framed) on `channel`: the HTTP/2 request that
+/// tonic would build (POST, `te: trailers`, `content-type: application/grpc`, the metadata).
+async fn send(
+    channel: &mut Channel,
+    path: &'static str,
+    metadata: tonic::metadata::MetadataMap,
+    body: tonic::body::Body,
+) -> Result<http::Response<tonic::body::Body>, Status> {
+    let mut http = http::Request::new(body);
+    *http.method_mut() = http::Method::POST;
+    *http.version_mut() = http::Version::HTTP_2;
+    *http.uri_mut() = http::Uri::from(PathAndQuery::from_static(path));
+    let headers = http.headers_mut();
+    *headers = metadata.into_headers();
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let svc = channel
+        .ready()
+        .await
+        .map_err(|e| Status::from_error(e.into()))?;
+    svc.call(http)
+        .await
+        .map_err(|e| Status::from_error(e.into()))
+}
+
+/// Append one message with its 5-byte gRPC prefix to `buf`.
+fn put_message<M: prost::Message>(msg: &M, buf: &mut BytesMut) -> Result<(), Status> {
+    let len = msg.encoded_len();
+    let wire_len = u32::try_from(len)
+        .map_err(|_| Status::out_of_range(format!("message of {len} bytes is too large")))?;
+    buf.reserve(PREFIX + len);
+    buf.put_u8(0);
+    buf.put_u32(wire_len);
+    msg.encode_raw(buf);
+    Ok(())
+}
+
+/// A request body that sends the messages of a stream as gRPC messages, and ends when the
+/// stream ends. The stream must keep answering `None` once it has ended (an mpsc receiver
+/// does): a batch may have seen the end already.
+struct MessageBody<S> {
+    messages: S,
+}
+
+impl<S, M> Body for MessageBody<S>
+where
+    S: Stream<Item = M> + Unpin,
+    M: prost::Message,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let Some(first) = ready!(Pin::new(&mut self.messages).poll_next(cx)) else {
+            return Poll::Ready(None);
+        };
+        // Messages that are ready together go out in one DATA frame (many watch creates at
+        // once, say), up to a bound; a pending poll has registered the waker for the rest.
+        let mut buf = BytesMut::new();
+        let mut msg = first;
+        loop {
+            if let Err(status) = put_message(&msg, &mut buf) {
+                return Poll::Ready(Some(Err(status)));
+            }
+            if buf.len() >= BATCH_BYTES {
+                break;
+            }
+            match Pin::new(&mut self.messages).poll_next(cx) {
+                Poll::Ready(Some(next)) => msg = next,
+                // The end (or nothing more yet) comes with the next poll.
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+    }
+}
+
+/// How many bytes of ready messages one request DATA frame gathers at most.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// Open a bidirectional (or server) stream: the messages of `request` go out as they come,
+/// and the answer's messages are read with `decode`. Fails with the server's status when it
+/// refuses the stream at once (a trailers-only answer).
+pub(crate) async fn streaming<S, M, T>(
+    mut channel: Channel,
+    path: &'static str,
+    request: tonic::Request<S>,
+    decode: fn(Bytes) -> Result<T, Status>,
+) -> Result<MessageStream<T>, Status>
+where
+    S: Stream<Item = M> + Unpin + Send + 'static,
+    M: prost::Message + 'static,
+{
+    let (metadata, _extensions, messages) = request.into_parts();
+    let body = tonic::body::Body::new(MessageBody { messages });
+    let response = send(&mut channel, path, metadata, body).await?;
+    if let Some(status) = error_status(response.headers()) {
+        return Err(status);
+    }
+    // A trailers-only OK answer has no messages: the stream ends at once.
+    let done = response.headers().contains_key(GRPC_STATUS);
+    let http_status = response.status();
+    Ok(MessageStream {
+        body: response.into_body(),
+        decode,
+        chunk: Bytes::new(),
+        gathered: BytesMut::new(),
+        http_status,
+        done,
+    })
+}
+
+/// The messages of a gRPC answer, read straight off the response body: see the module docs.
+pub(crate) struct MessageStream<T> {
+    body: tonic::body::Body,
+    decode: fn(Bytes) -> Result<T, Status>,
+    /// The undecoded rest of the last DATA frame (messages are sliced out of it).
+    chunk: Bytes,
+    /// A message that spans frames, gathered (non-empty only while one is incomplete).
+    gathered: BytesMut,
+    http_status: http::StatusCode,
+    /// The trailers (or the end, or an error) were seen: nothing more will come.
+    done: bool,
+}
+
+impl<T> MessageStream<T> {
+    /// The next message; `Ok(None)` when the stream ended with an OK status.
+    pub(crate) async fn message(&mut self) -> Result<Option<T>, Status> {
+        std::future::poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, Status>> {
+        loop {
+            match self.take_message() {
+                Ok(Some(msg)) => return Poll::Ready((self.decode)(msg).map(Some)),
+                Ok(None) => {}
+                Err(status) => {
+                    self.done = true;
+                    return Poll::Ready(Err(status));
+                }
+            }
+            if self.done {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.push(data),
+                    Err(frame) => {
+                        self.done = true;
+                        let trailers = frame.into_trailers().ok();
+                        match trailers.as_ref() {
+                            Some(t) if t.contains_key(GRPC_STATUS) => {
+                                if let Some(status) = error_status(t) {
+                                    return Poll::Ready(Err(status));
+                                }
+                            }
+                            _ => {
+                                return Poll::Ready(Err(status_without_trailers(self.http_status)));
+                            }
+                        }
+                        if !self.chunk.is_empty() || !self.gathered.is_empty() {
+                            return Poll::Ready(Err(Status::internal(
+                                "the stream ended inside a gRPC message",
+                            )));
+                        }
+                    }
+                },
+                Some(Err(status)) => {
+                    self.done = true;
+                    return Poll::Ready(Err(status));
+                }
+                None => {
+                    self.done = true;
+                    return Poll::Ready(Err(status_without_trailers(self.http_status)));
+                }
+            }
+        }
+    }
+
+    /// Add a DATA frame's bytes.
+    fn push(&mut self, data: Bytes) {
+        if self.gathered.is_empty() && self.chunk.is_empty() {
+            self.chunk = data;
+        } else {
+            if !self.chunk.is_empty() {
+                // An incomplete message at the end of the previous frame: gather from here.
+                let rest = std::mem::take(&mut self.chunk);
+                self.gathered.extend_from_slice(&rest);
+            }
+            self.gathered.extend_from_slice(&data);
+        }
+    }
+
+    /// The next complete message's bytes (without its prefix), if one has arrived.
+    fn take_message(&mut self) -> Result<Option<Bytes>, Status> {
+        if self.gathered.is_empty() {
+            let Some(len) = message_len(&self.chunk)? else {
+                return Ok(None);
+            };
+            if self.chunk.len() < PREFIX + len {
+                return Ok(None);
+            }
+            let mut msg = self.chunk.split_to(PREFIX + len);
+            msg.advance(PREFIX);
+            return Ok(Some(msg));
+        }
+        let Some(len) = message_len(&self.gathered)? else {
+            return Ok(None);
+        };
+        if self.gathered.len() < PREFIX + len {
+            return Ok(None);
+        }
+        let mut msg = self.gathered.split_to(PREFIX + len).freeze();
+        msg.advance(PREFIX);
+        Ok(Some(msg))
+    }
+}
+
+#[cfg(test)]
+impl<T> MessageStream<T> {
+    /// A stream over these DATA frames, then an OK status.
+    pub(crate) fn for_test(frames: Vec<Bytes>, decode: fn(Bytes) -> Result<T, Status>) -> Self {
+        Self::for_test_with(frames, Some("0"), decode)
+    }
+
+    /// A stream over these DATA frames, then trailers with this `grpc-status` (or none).
+    pub(crate) fn for_test_with(
+        frames: Vec<Bytes>,
+        status: Option<&'static str>,
+        decode: fn(Bytes) -> Result<T, Status>,
+    ) -> Self {
+        let mut items: Vec<Result<Frame<Bytes>, Status>> =
+            frames.into_iter().map(|f| Ok(Frame::data(f))).collect();
+        if let Some(code) = status {
+            let mut t = http::HeaderMap::new();
+            t.insert(GRPC_STATUS, HeaderValue::from_static(code));
+            t.insert("grpc-message", HeaderValue::from_static("test%20status"));
+            items.push(Ok(Frame::trailers(t)));
+        }
+        items.reverse();
+        MessageStream {
+            body: tonic::body::Body::new(TestBody(items)),
+            decode,
+            chunk: Bytes::new(),
+            gathered: BytesMut::new(),
+            http_status: http::StatusCode::OK,
+            done: false,
+        }
+    }
+}
+
+/// A body that yields prepared frames (popped from the end).
+#[cfg(test)]
+struct TestBody(Vec<Result<Frame<Bytes>, Status>>);
+
+#[cfg(test)]
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = Status;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Poll::Ready(self.0.pop())
+    }
+}
+
+impl<T> Stream for MessageStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_message(cx).map(Result::transpose)
+    }
+}
+
+/// The length of the message whose prefix starts `buf`, once the prefix is complete.
+fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
+    let Some(&[flag, a, b, c, d]) = buf.first_chunk::<PREFIX>() else {
+        return Ok(None);
+    };
+    if flag != 0 {
+        return Err(Status::internal(
+            "the server sent a compressed message; compression was not negotiated",
+        ));
+    }
+    let len = u32::from_be_bytes([a, b, c, d]);
+    usize::try_from(len)
+        .map(Some)
+        .map_err(|_| Status::out_of_range(format!("message of {len} bytes is too large")))
 }
 
 /// Set the `grpc-timeout` header of `request` (the server's copy of the deadline).
@@ -268,6 +550,74 @@ mod tests {
         let mut r = tonic::Request::new(());
         set_timeout(&mut r, ms(4_321));
         assert_eq!(r.metadata().get("grpc-timeout").unwrap(), "4330m");
+    }
+
+    fn raw(b: Bytes) -> Result<Bytes, Status> {
+        Ok(b)
+    }
+
+    fn framed(msgs: &[&[u8]]) -> Bytes {
+        let mut out = BytesMut::new();
+        for m in msgs {
+            out.put_u8(0);
+            out.put_u32(u32::try_from(m.len()).unwrap());
+            out.put_slice(m);
+        }
+        out.freeze()
+    }
+
+    async fn collect(mut s: MessageStream<Bytes>) -> (Vec<Bytes>, Option<Status>) {
+        let mut out = Vec::new();
+        loop {
+            match s.message().await {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn message_stream_slices_gathers_and_ends_on_the_status() {
+        let msgs: [&[u8]; 4] = [b"first", b"", b"a somewhat longer third message", b"4"];
+        let all = framed(&msgs);
+        for piece in [1usize, 2, 5, 6, 13, all.len()] {
+            let frames = all.chunks(piece).map(Bytes::copy_from_slice).collect();
+            let (got, err) = collect(MessageStream::for_test(frames, raw)).await;
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(got, msgs.to_vec(), "frames of {piece} bytes");
+        }
+        // Several messages in one frame are slices of it, not copies.
+        let frame = all.clone();
+        let (got, _) = collect(MessageStream::for_test(vec![frame], raw)).await;
+        let base = all.as_ptr() as usize;
+        let at = got[0].as_ptr() as usize;
+        assert!(at >= base && at < base + all.len(), "zero-copy slice");
+    }
+
+    #[tokio::test]
+    async fn message_stream_errors() {
+        // An error status after some messages: the messages, then the status.
+        let s = MessageStream::for_test_with(vec![framed(&[b"x"])], Some("9"), raw);
+        let (got, err) = collect(s).await;
+        assert_eq!(got.len(), 1);
+        let err = err.unwrap();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert_eq!(err.message(), "test status");
+        // No status at all: an error, not a clean end.
+        let (_, err) = collect(MessageStream::for_test_with(vec![], None, raw)).await;
+        assert_eq!(err.unwrap().code(), Code::Unknown);
+        // The stream ends inside a message.
+        let mut cut = framed(&[b"abcdef"]);
+        cut.truncate(8);
+        let (got, err) = collect(MessageStream::for_test(vec![cut], raw)).await;
+        assert!(got.is_empty());
+        assert_eq!(err.unwrap().code(), Code::Internal);
+        // A compressed message is refused.
+        let mut compressed = BytesMut::from(&framed(&[b"z"])[..]);
+        compressed[0] = 1;
+        let (_, err) = collect(MessageStream::for_test(vec![compressed.freeze()], raw)).await;
+        assert_eq!(err.unwrap().code(), Code::Internal);
     }
 
     #[test]

@@ -1,17 +1,14 @@
-//! The gRPC codec of the Watch stream.
+//! Decoding of the Watch stream's responses.
 //!
-//! Same wire format as the generated client's prost codec; the difference is decoding, the
-//! largest client cost of a watch response. tonic hands the decoder a `DecodeBuf`, a view of
-//! its receive buffer whose every `advance` goes through `BytesMut`'s bookkeeping, and prost
-//! calls it for every tag and varint (about 30 per one-event response). This decoder takes
-//! the message out as one `Bytes` (a zero-copy split of that buffer) and reads it with a
-//! decoder written for the watch messages (keys and values are still slices of the received
-//! bytes, as with prost); anything it does not expect goes to prost.
+//! Same result as prost; the difference is speed, decoding being the largest client cost of a
+//! watch response. Each message arrives as one `Bytes` (sliced out of the received frame by
+//! `grpc::MessageStream`) and is read by a decoder written for the watch messages (keys and
+//! values are slices of the received bytes, as with prost); anything it does not expect goes
+//! to prost.
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
@@ -19,55 +16,13 @@ use crate::proto::mvccpb;
 /// The path of the Watch RPC.
 pub(super) const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct WatchCodec;
-
-#[derive(Debug)]
-pub(super) struct RequestEncoder;
-
-#[derive(Debug)]
-pub(super) struct ResponseDecoder;
-
-impl Codec for WatchCodec {
-    type Encode = pb::WatchRequest;
-    type Decode = pb::WatchResponse;
-    type Encoder = RequestEncoder;
-    type Decoder = ResponseDecoder;
-
-    fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder
+/// Decode one WatchResponse (the gRPC prefix already removed): the fast path below, or prost
+/// for anything it does not handle (or a malformed message, so errors are prost's).
+pub(super) fn decode(bytes: Bytes) -> Result<pb::WatchResponse, Status> {
+    if let Some(r) = decode_response(&bytes) {
+        return Ok(r);
     }
-
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
-
-impl Encoder for RequestEncoder {
-    type Item = pb::WatchRequest;
-    type Error = Status;
-
-    fn encode(&mut self, item: pb::WatchRequest, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // The buffer grows as needed: encoding cannot run out of room.
-        item.encode(buf)
-            .map_err(|e| Status::internal(e.to_string()))
-    }
-}
-
-impl Decoder for ResponseDecoder {
-    type Item = pb::WatchResponse;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::WatchResponse>, Status> {
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        if let Some(r) = decode_response(&bytes) {
-            return Ok(Some(r));
-        }
-        // Something the fast path does not handle (or a malformed message): prost decides.
-        pb::WatchResponse::decode(bytes)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
-    }
+    pb::WatchResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
 }
 
 // ---- the fast path ----
@@ -307,46 +262,42 @@ fn merge_kv(kv: &mut mvccpb::KeyValue, mut r: Reader<'_>) -> Option<()> {
 mod tests {
     use super::*;
     use crate::proto::mvccpb;
-    use bytes::{BufMut, Bytes, BytesMut};
+    use bytes::{BufMut, BytesMut};
 
-    /// A body that yields its chunks (popped from the end).
-    struct Chunks(Vec<Bytes>);
-
-    impl hyper::body::Body for Chunks {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-            std::task::Poll::Ready(self.0.pop().map(|b| Ok(hyper::body::Frame::data(b))))
-        }
-    }
-
-    /// Frame `msgs` as gRPC messages and decode them back through `Streaming`.
-    async fn round_trip(msgs: Vec<pb::WatchResponse>) -> Vec<pb::WatchResponse> {
+    /// Frame `msgs` as gRPC messages, cut the bytes into frames of `piece` bytes (so that
+    /// messages straddle frames), end with an OK status, and decode them back through
+    /// `MessageStream`.
+    async fn round_trip_in(msgs: &[pb::WatchResponse], piece: usize) -> Vec<pb::WatchResponse> {
         let mut body = BytesMut::new();
-        for m in &msgs {
+        for m in msgs {
             let enc = m.encode_to_vec();
             body.put_u8(0);
             body.put_u32(u32::try_from(enc.len()).unwrap_or(u32::MAX));
             body.put_slice(&enc);
         }
-        // In two pieces, so that a message straddles two frames.
         let mut body = body.freeze();
-        let second = body.split_off(body.len() / 2 + 1);
-        let mut stream = tonic::codec::Streaming::new_response(
-            ResponseDecoder,
-            Chunks(vec![second, body]),
-            http::StatusCode::OK,
-            None,
-            Some(usize::MAX),
-        );
+        let mut frames = Vec::new();
+        while !body.is_empty() {
+            frames.push(body.split_to(piece.min(body.len())));
+        }
+        let mut stream = crate::grpc::MessageStream::for_test(frames, decode);
         let mut out = Vec::new();
-        while let Some(m) = stream.message().await.ok().flatten() {
+        while let Some(m) = stream.message().await.unwrap() {
             out.push(m);
         }
         out
+    }
+
+    async fn round_trip(msgs: Vec<pb::WatchResponse>) -> Vec<pb::WatchResponse> {
+        let whole = round_trip_in(&msgs, usize::MAX).await;
+        for piece in [1, 7, 64] {
+            assert_eq!(
+                round_trip_in(&msgs, piece).await,
+                whole,
+                "frames of {piece} bytes"
+            );
+        }
+        whole
     }
 
     /// xorshift64*: deterministic test data without a dependency.

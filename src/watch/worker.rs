@@ -18,15 +18,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
-use tonic::codec::Streaming;
 use tonic::metadata::AsciiMetadataValue;
 
-use super::codec::{WATCH_PATH, WatchCodec};
+use super::codec::{self, WATCH_PATH};
 use super::queue::{PushError, WatcherQueue};
 use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
 use crate::balancer::WeakPick;
 use crate::client::{Shared, is_endpoint_failure};
 use crate::error::{Error, ErrorKind};
+use crate::grpc::MessageStream;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
 use crate::types::ResponseHeader;
@@ -182,7 +182,7 @@ impl Hasher for IdHasher {
 type Slots = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
 type ReqTx = mpsc::UnboundedSender<pb::WatchRequest>;
 type OpenResult =
-    std::result::Result<(Streaming<pb::WatchResponse>, Option<u64>), (Error, Option<u64>)>;
+    std::result::Result<(MessageStream<pb::WatchResponse>, Option<u64>), (Error, Option<u64>)>;
 
 /// The request half of the gRPC stream.
 struct ReqStream(mpsc::UnboundedReceiver<pb::WatchRequest>);
@@ -208,7 +208,7 @@ enum Conn {
     },
     Open {
         tx: ReqTx,
-        stream: Streaming<pb::WatchResponse>,
+        stream: MessageStream<pb::WatchResponse>,
         /// The auth token generation the stream was opened with.
         token_gen: Option<u64>,
     },
@@ -258,22 +258,9 @@ async fn open_stream(
             .metadata_mut()
             .insert("hasleader", AsciiMetadataValue::from_static("true"));
     }
-    // What the generated `WatchClient::watch` does, with the cheaper response decoder.
-    let mut grpc = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(shared.config().max_encoding_bytes());
-    let opened = async {
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
-        request
-            .extensions_mut()
-            .insert(tonic::GrpcMethod::new("etcdserverpb.Watch", "Watch"));
-        let path = http::uri::PathAndQuery::from_static(WATCH_PATH);
-        grpc.streaming(request, path, WatchCodec).await
-    };
-    match opened.await {
-        Ok(resp) => Ok((resp.into_inner(), token_gen)),
+    // The messages are read straight off the response body and decoded by the watch decoder.
+    match crate::grpc::streaming(channel, WATCH_PATH, request, codec::decode).await {
+        Ok(stream) => Ok((stream, token_gen)),
         Err(status) => Err((Error::from_status(status), token_gen)),
     }
 }
