@@ -253,6 +253,11 @@ where
     })
 }
 
+/// Decode one message with prost (the `decode` of [`streaming`] for most streams).
+pub(crate) fn decode<T: prost::Message + Default>(bytes: Bytes) -> Result<T, Status> {
+    T::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+}
+
 /// The messages of a gRPC answer, read straight off the response body: see the module docs.
 pub(crate) struct MessageStream<T> {
     body: tonic::body::Body,

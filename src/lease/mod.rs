@@ -70,7 +70,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
-use crate::client::{CallOpts, Client, Config, Shared, with_deadline};
+use crate::client::{CallOpts, Client, Shared, with_deadline};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kv::BoxFuture;
 use crate::proto::etcdserverpb as pb;
@@ -86,10 +86,6 @@ impl Client {
             client: self.clone(),
         }
     }
-}
-
-pub(crate) fn lease_client(ch: Channel, cfg: &Config) -> pb::lease_client::LeaseClient<Channel> {
-    lease_client_max(ch, cfg.max_encoding_bytes())
 }
 
 fn lease_client_max(ch: Channel, max_encoding: usize) -> pb::lease_client::LeaseClient<Channel> {

@@ -29,12 +29,12 @@ use futures_core::Stream;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
-use tonic::codec::Streaming;
 
-use super::{LeaseLost, LeaseStatus, lease_client, require_leader, revoke_pb};
+use super::{LeaseLost, LeaseStatus, require_leader, revoke_pb};
 use crate::balancer::WeakPick;
 use crate::client::{CallOpts, Shared, is_endpoint_failure};
 use crate::error::{Error, ErrorKind, Result};
+use crate::grpc::MessageStream;
 use crate::proto::etcdserverpb as pb;
 
 /// How often the worker checks whether the client was closed.
@@ -56,7 +56,10 @@ const REVOKE_TIMEOUT: Duration = Duration::from_secs(5);
 const BUDGET: usize = 4096;
 
 type OpenFuture = Pin<
-    Box<dyn Future<Output = Result<(Streaming<pb::LeaseKeepAliveResponse>, Option<u64>)>> + Send>,
+    Box<
+        dyn Future<Output = Result<(MessageStream<pb::LeaseKeepAliveResponse>, Option<u64>)>>
+            + Send,
+    >,
 >;
 
 /// A lease's TTL known from its grant: the keeper takes it over without a first refresh.
@@ -229,7 +232,7 @@ enum Conn {
     /// The stream is open.
     Open {
         tx: mpsc::UnboundedSender<pb::LeaseKeepAliveRequest>,
-        rx: Box<Streaming<pb::LeaseKeepAliveResponse>>,
+        rx: Box<MessageStream<pb::LeaseKeepAliveResponse>>,
     },
 }
 
@@ -612,12 +615,15 @@ impl Worker {
         let fut: OpenFuture = Box::pin(async move {
             let (mut request, generation) = shared.stream_request(RequestStream(rx), stale).await?;
             require_leader(&mut request);
-            let mut client = lease_client(channel, shared.config());
-            let response = client
-                .lease_keep_alive(request)
-                .await
-                .map_err(Error::from_status)?;
-            Ok((response.into_inner(), generation))
+            let stream = crate::grpc::streaming(
+                channel,
+                "/etcdserverpb.Lease/LeaseKeepAlive",
+                request,
+                crate::grpc::decode::<pb::LeaseKeepAliveResponse>,
+            )
+            .await
+            .map_err(Error::from_status)?;
+            Ok((stream, generation))
         });
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
         self.conn = Conn::Opening { tx, fut };
