@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         // of the receive buffer instead of copied.
         .bytes(".")
         .build_client(true)
+        // Our own transport (src/transport.rs) replaces tonic's Channel: no `connect` helpers.
+        .build_transport(false)
         // Servers are generated for in-process test/bench servers (e.g. the watch ceiling bench).
         .build_server(true)
         .compile_fds(fds)?;

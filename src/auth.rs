@@ -3,8 +3,8 @@
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
+use crate::transport::Channel;
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::client::{CallOpts, Client};
 use crate::error::{Error, ErrorKind, Result};

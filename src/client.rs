@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::transport::Channel;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::Channel;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -67,7 +67,7 @@ where
     }
 }
 
-/// Bridges our [`Executor`] to the executor trait hyper (and so tonic) spawns through.
+/// The executor a client's background tasks (connections, workers) are spawned on.
 #[derive(Clone)]
 pub(crate) struct ExecutorAdapter(Arc<dyn Executor>);
 
@@ -78,11 +78,9 @@ impl ExecutorAdapter {
     }
 }
 
-impl<F> hyper::rt::Executor<F> for ExecutorAdapter
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, fut: F) {
+impl ExecutorAdapter {
+    /// Run `fut` in the background.
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
         self.0.spawn(Box::pin(fut));
     }
 }

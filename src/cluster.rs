@@ -4,7 +4,7 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use crate::transport::Channel;
 
 use crate::client::{CallOpts, Client};
 use crate::error::{Error, Result};

@@ -4,9 +4,9 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::transport::Channel;
 use bytes::Bytes;
 use futures_core::Stream;
-use tonic::transport::Channel;
 
 use crate::client::Client;
 use crate::error::{Error, ErrorKind, Result};

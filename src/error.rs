@@ -476,20 +476,14 @@ impl Error {
     }
 }
 
-/// True when the status says the request never left the client: the connection to the
-/// endpoint could not be established (tonic puts a `ConnectError` in the source chain), or the
-/// connection closed while the request still waited in hyper's dispatch queue (hyper then
-/// cancels it unsent, the case its own pool retries).
+/// True when the status says the request never left the client: the transport could not
+/// connect, the connection was gone before the request was written, or the server refused
+/// the stream (REFUSED_STREAM, or a GOAWAY that left it unprocessed).
 fn never_sent(status: &tonic::Status) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = cur {
-        if e.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>()
-            && h.is_canceled()
-        {
-            return true;
+        if let Some(t) = e.downcast_ref::<crate::transport::TransportError>() {
+            return t.never_sent();
         }
         cur = e.source();
     }

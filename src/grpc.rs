@@ -22,15 +22,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::transport::Channel;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_core::Stream;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, header};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tower::{Service, ServiceExt};
 
 /// The 5-byte gRPC message prefix: compression flag and big-endian length.
 const PREFIX: usize = 5;
@@ -41,7 +40,7 @@ const PREFIX: usize = 5;
 /// `max_encoding` and `max_decoding` bound the message sizes (encoded request, decoded
 /// response), with the codes tonic uses (`OutOfRange`).
 pub(crate) async fn unary<T, R>(
-    mut channel: Channel,
+    channel: Channel,
     path: &'static str,
     request: tonic::Request<T>,
     max_encoding: usize,
@@ -62,8 +61,9 @@ where
     put_message(&msg, &mut buf)?;
     drop(msg);
 
-    let body = tonic::body::Body::new(http_body_util::Full::new(buf.freeze()));
-    let response = send(&mut channel, path, metadata, body).await?;
+    let response = channel
+        .unary(path, grpc_headers(metadata), buf.freeze())
+        .await?;
 
     let status_code = response.status();
     // A trailers-only answer carries its status in the headers.
@@ -135,32 +135,16 @@ where
     Ok(tonic::Response::new(msg))
 }
 
-/// Send a gRPC request with `body` (already framed) on `channel`: the HTTP/2 request that
-/// tonic would build (POST, `te: trailers`, `content-type: application/grpc`, the metadata).
-async fn send(
-    channel: &mut Channel,
-    path: &'static str,
-    metadata: tonic::metadata::MetadataMap,
-    body: tonic::body::Body,
-) -> Result<http::Response<tonic::body::Body>, Status> {
-    let mut http = http::Request::new(body);
-    *http.method_mut() = http::Method::POST;
-    *http.version_mut() = http::Version::HTTP_2;
-    *http.uri_mut() = http::Uri::from(PathAndQuery::from_static(path));
-    let headers = http.headers_mut();
-    *headers = metadata.into_headers();
+/// The headers of a gRPC request, as tonic would send them: the metadata (deadline, token,
+/// `hasleader`), `te: trailers` and `content-type: application/grpc`.
+fn grpc_headers(metadata: tonic::metadata::MetadataMap) -> http::HeaderMap {
+    let mut headers = metadata.into_headers();
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    let svc = channel
-        .ready()
-        .await
-        .map_err(|e| Status::from_error(e.into()))?;
-    svc.call(http)
-        .await
-        .map_err(|e| Status::from_error(e.into()))
+    headers
 }
 
 /// Append one message with its 5-byte gRPC prefix to `buf`.
@@ -225,7 +209,7 @@ const BATCH_BYTES: usize = 32 * 1024;
 /// and the answer's messages are read with `decode`. Fails with the server's status when it
 /// refuses the stream at once (a trailers-only answer).
 pub(crate) async fn streaming<S, M, T>(
-    mut channel: Channel,
+    channel: Channel,
     path: &'static str,
     request: tonic::Request<S>,
     decode: fn(Bytes) -> Result<T, Status>,
@@ -235,8 +219,14 @@ where
     M: prost::Message + 'static,
 {
     let (metadata, _extensions, messages) = request.into_parts();
-    let body = tonic::body::Body::new(MessageBody { messages });
-    let response = send(&mut channel, path, metadata, body).await?;
+    let body = MessageBody { messages };
+    let response = channel
+        .request(
+            PathAndQuery::from_static(path),
+            grpc_headers(metadata),
+            body,
+        )
+        .await?;
     if let Some(status) = error_status(response.headers()) {
         return Err(status);
     }
@@ -244,7 +234,7 @@ where
     let done = response.headers().contains_key(GRPC_STATUS);
     let http_status = response.status();
     Ok(MessageStream {
-        body: response.into_body(),
+        body: tonic::body::Body::new(response.into_body()),
         decode,
         chunk: Bytes::new(),
         gathered: BytesMut::new(),

@@ -94,6 +94,7 @@ mod tls;
 #[cfg(feature = "toolkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "toolkit")))]
 pub mod toolkit;
+mod transport;
 mod txn;
 mod types;
 mod watch;

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::transport::Channel;
 use bytes::Bytes;
 use futures_core::Stream;
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 
 use crate::client::{CallOpts, Client, with_deadline};
 use crate::cluster::Cluster;

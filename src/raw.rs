@@ -6,10 +6,9 @@
 //! connection, but requests made through them skip the client's validation, deadlines and auth
 //! token handling (attach a `token` metadata entry yourself when auth is on).
 
-use tonic::transport::Channel;
-
 use crate::client::Config;
 pub use crate::proto::{authpb, etcdserverpb, mvccpb, v3electionpb, v3lockpb};
+pub use crate::transport::{Channel, RecvBody};
 
 /// The generated gRPC client of every etcd service, sharing one connection.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
+use crate::transport::Channel;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::client::{CallOpts, Client, with_deadline};
 use crate::error::{Error, ErrorKind, Result};
@@ -138,7 +138,7 @@ pub(crate) fn left(deadline: Option<Instant>) -> Result<Option<Duration>> {
 /// Generate the gRPC client constructor of a service with the client's message limits.
 macro_rules! grpc_client {
     ($name:ident, $client:ty) => {
-        fn $name(ch: ::tonic::transport::Channel, max_encoding: usize) -> $client {
+        fn $name(ch: $crate::transport::Channel, max_encoding: usize) -> $client {
             <$client>::new(ch)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(max_encoding)

@@ -2,7 +2,11 @@
 
 use std::fmt;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use std::sync::Arc;
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// TLS settings for `https://` endpoints: which CAs to trust, an optional client certificate
 /// for mutual TLS, and an optional server name override.
@@ -49,21 +53,79 @@ impl TlsOptions {
         self.domain_name = Some(name.into());
         self
     }
+}
 
-    pub(crate) fn to_tonic(&self) -> ClientTlsConfig {
-        let mut c = ClientTlsConfig::new();
-        if self.ca_pems.is_empty() {
-            c = c.with_native_roots();
+/// A built rustls client configuration (from [`TlsOptions`]) and the server name override.
+#[derive(Clone)]
+pub(crate) struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    domain_name: Option<String>,
+}
+
+impl ClientTls {
+    /// Build the rustls configuration: the given CAs (or the system's trust store), the client
+    /// identity, ALPN `h2` (gRPC servers expect it).
+    pub(crate) fn new(opts: &TlsOptions) -> Result<ClientTls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        if opts.ca_pems.is_empty() {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                // Unparsable system certificates are skipped, as every rustls user does.
+                let _ = roots.add(cert);
+            }
         } else {
-            c = c.ca_certificates(self.ca_pems.iter().map(Certificate::from_pem));
+            for pem in &opts.ca_pems {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("CA certificate PEM: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA certificate: {e}"))?;
+                }
+            }
+            if roots.is_empty() {
+                return Err("the CA PEM holds no certificate".into());
+            }
         }
-        if let Some((cert, key)) = &self.identity {
-            c = c.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(d) = &self.domain_name {
-            c = c.domain_name(d.clone());
-        }
-        c
+        let builder = builder.with_root_certificates(roots);
+        let mut config = match &opts.identity {
+            Some((cert, key)) => {
+                let certs = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("client certificate PEM: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("client key PEM: {e}"))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("client identity: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            domain_name: opts.domain_name.clone(),
+        })
+    }
+
+    /// The name to verify the server certificate against, when overridden.
+    pub(crate) fn domain_name(&self) -> Option<&str> {
+        self.domain_name.as_deref()
+    }
+
+    /// The TLS handshake over `io`.
+    pub(crate) async fn connect<IO>(
+        &self,
+        name: ServerName<'static>,
+        io: IO,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.connector.connect(name, io).await
     }
 }
 

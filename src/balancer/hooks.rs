@@ -5,9 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
@@ -18,7 +16,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-type ConnectFuture =
+pub(crate) type ConnectFuture =
     Pin<Box<dyn Future<Output = std::result::Result<Box<dyn Io>, BoxError>> + Send>>;
 
 /// A type-erased user connector (`tower::Service<http::Uri>` yielding a byte stream).
@@ -59,21 +57,10 @@ impl DynConnector {
             connect: Arc::new(connect),
         }
     }
-}
 
-impl tower::Service<http::Uri> for DynConnector {
-    type Response = TokioIo<Box<dyn Io>>;
-    type Error = BoxError;
-    type Future =
-        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let fut = (self.connect)(uri);
-        Box::pin(async move { fut.await.map(TokioIo::new) })
+    /// Open a byte stream to `uri` through the user's connector.
+    pub(crate) fn connect(&self, uri: http::Uri) -> ConnectFuture {
+        (self.connect)(uri)
     }
 }
 

@@ -17,14 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
-
 use crate::client::{Config, ExecutorAdapter};
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Channel, ConnectSettings};
 
 pub use retry::{DefaultRetryPolicy, RetryContext, RetryPolicy};
 
-/// One parsed endpoint: the URI tonic connects to, and the text the user gave.
+/// One parsed endpoint: the URI the transport connects to, and the text the user gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ParsedEndpoint {
     /// What the user wrote.
@@ -191,42 +190,12 @@ pub(crate) fn jitter(d: Duration) -> Duration {
 /// The set of endpoints shared by every clone of a client.
 pub(crate) struct Balancer {
     state: RwLock<State>,
-    cfg: Config,
-    exec: ExecutorAdapter,
+    settings: ConnectSettings,
 }
 
 impl Balancer {
-    fn endpoint(cfg: &Config, ep: &ParsedEndpoint, exec: &ExecutorAdapter) -> Result<Endpoint> {
-        // No `Endpoint::timeout`: each request carries its own deadline (see `Shared::unary`).
-        let e = Endpoint::from_shared(ep.uri.clone())
-            .map_err(|err| {
-                Error::invalid_argument(format!("endpoint {:?}", ep.original)).with_source(err)
-            })?
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(cfg.keep_alive_interval)
-            .keep_alive_timeout(cfg.keep_alive_timeout)
-            .keep_alive_while_idle(true)
-            .executor(exec.clone());
-        #[cfg(feature = "tls")]
-        let e = if ep.uri.starts_with("https://") {
-            let tls = cfg.tls.clone().unwrap_or_default();
-            e.tls_config(tls.to_tonic()).map_err(|err| {
-                Error::invalid_argument(format!("TLS settings for {:?}", ep.original))
-                    .with_source(err)
-            })?
-        } else {
-            e
-        };
-        Ok(e)
-    }
-
     fn slot(&self, ep: ParsedEndpoint) -> Result<Arc<Slot>> {
-        let e = Self::endpoint(&self.cfg, &ep, &self.exec)?;
-        let channel = match &self.cfg.connector {
-            Some(c) => e.connect_with_connector_lazy(c.clone()),
-            None => e.connect_lazy(),
-        };
+        let channel = Channel::new(&ep, &self.settings)?;
         Ok(Arc::new(Slot::new(ep, channel)))
     }
 
@@ -238,8 +207,7 @@ impl Balancer {
                 pinned: 0,
                 closed: false,
             }),
-            cfg: cfg.clone(),
-            exec: exec.clone(),
+            settings: ConnectSettings::new(cfg, exec),
         };
         let slots = endpoints
             .into_iter()
@@ -270,25 +238,17 @@ impl Balancer {
         let slots = b.read().slots.clone();
         let mut failures = Vec::new();
         for (i, slot) in slots.iter().enumerate() {
-            let e = Self::endpoint(cfg, &slot.endpoint, exec)?;
-            let connected = match &cfg.connector {
-                Some(c) => e.connect_with_connector(c.clone()).await,
-                None => e.connect().await,
-            };
-            match connected {
-                Ok(ch) => {
-                    // Replace the lazy channel by the connected one.
-                    let connected = Arc::new(Slot::new(slot.endpoint.clone(), ch));
-                    let mut st = b.write();
-                    st.slots[i] = connected;
-                    st.pinned = i;
-                    drop(st);
+            match slot.channel.connect().await {
+                Ok(()) => {
+                    b.write().pinned = i;
                     for s in &slots[..i] {
                         b.mark_failed_slot(s, "connect failed");
                     }
                     return Ok(b);
                 }
-                Err(err) => failures.push((slot.endpoint.original.clone(), source_chain(&err))),
+                Err(err) => {
+                    failures.push((slot.endpoint.original.clone(), err.message().to_owned()))
+                }
             }
         }
         Err(all_failed(&failures))
@@ -466,11 +426,7 @@ pub(crate) fn member_channel(
     exec: &ExecutorAdapter,
 ) -> Result<Channel> {
     let ep = parse_endpoint(endpoint)?;
-    let e = Balancer::endpoint(cfg, &ep, exec)?;
-    Ok(match &cfg.connector {
-        Some(c) => e.connect_with_connector_lazy(c.clone()),
-        None => e.connect_lazy(),
-    })
+    Channel::new(&ep, &ConnectSettings::new(cfg, exec))
 }
 
 fn closed() -> Error {

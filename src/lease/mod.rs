@@ -65,10 +65,10 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::Channel;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
 
 use crate::client::{CallOpts, Client, Shared, with_deadline};
 use crate::error::{Error, ErrorKind, Result};

@@ -243,7 +243,7 @@ async fn conn_event(conn: &mut Conn) -> ConnEvent {
 
 async fn open_stream(
     shared: Arc<Shared>,
-    channel: tonic::transport::Channel,
+    channel: crate::transport::Channel,
     stale: Option<u64>,
     require_leader: bool,
     rx: mpsc::UnboundedReceiver<pb::WatchRequest>,
