@@ -250,7 +250,10 @@ impl ClientBuilder {
     }
 
     /// HTTP/2 keep-alive ping interval (default 10 s; etcd refuses pings more often than every
-    /// 5 s by default).
+    /// 5 s by default). Pings go out while a request or stream is open on the connection (an
+    /// idle connection is not pinged: etcd closes connections that ping without streams), so
+    /// an open stream or a waiting request notices a dead or paused member within the interval
+    /// plus the [timeout](Self::keep_alive_timeout).
     pub fn keep_alive_interval(mut self, interval: Duration) -> Self {
         self.cfg.keep_alive_interval = interval;
         self

@@ -7,16 +7,17 @@
 //! one buffer, send it as the whole body, read the body's frames until the trailers, and decode
 //! one message out of the (normally single) data frame without copying it. Status handling is
 //! gRPC's: a trailers-only answer, `grpc-status` in the trailers, or the HTTP status when there
-//! are none (the same mapping tonic uses). Transport errors become a [`tonic::Status`] through
-//! [`tonic::Status::from_error`], exactly as in tonic, so the error classification downstream
-//! (never sent, endpoint failure) sees the same source chain.
+//! are none (the same mapping tonic uses). The request goes out on our own transport
+//! ([`Channel::unary`]: headers and the one DATA frame from the caller's task); its failures
+//! are [`tonic::Status`]es whose source says whether the request was never sent.
 //!
 //! Streams get the same treatment where the cost matters (the watch stream): [`streaming`]
 //! sends a stream of messages as the request body and [`MessageStream`] reads the answer's
 //! messages straight off the body frames, slicing each message out of the frame it arrived in
 //! without a copy (only a message that spans frames is gathered into one buffer).
 //!
-//! The generated clients stay available for everything else (other streams, and the raw API).
+//! The generated clients stay available for everything else (other streams, and the raw API);
+//! they run on the same [`Channel`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
