@@ -1,0 +1,120 @@
+//! Our HTTP/2 transport (src/transport.rs) against a real etcd, seen through the fault proxy's
+//! connection counts: one connection per endpoint shared by every request, stream and raw
+//! client; closed when the client is dropped; replaced without an error when the server went
+//! away while idle; and an idle connection is not pinged (etcd closes connections that ping
+//! without streams).
+
+mod common;
+
+use std::time::Duration;
+
+use etcdv3::Client;
+use etcdv3::raw::etcdserverpb as pb;
+use etcdv3::testkit::FaultProxy;
+
+#[tokio::test]
+async fn one_connection_for_everything_and_it_closes_with_the_client() {
+    let etcd = common::etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("t/a", "1").await.unwrap();
+    // A watch stream (our own streaming path), a raw unary call and a raw bidirectional
+    // stream (tonic's generated clients on our channel) all share the connection.
+    let mut w = c.watch("t/").prefix().await.unwrap();
+    let mut raw_kv = c.raw().unwrap().kv();
+    let r = raw_kv
+        .range(pb::RangeRequest {
+            key: "t/a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.count, 1);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let grant = c.lease().grant(30).await.unwrap();
+    tx.send(pb::LeaseKeepAliveRequest { id: grant.id }).unwrap();
+    let mut raw_lease = c.raw().unwrap().lease();
+    let mut answers = raw_lease
+        .lease_keep_alive(tokio_stream_of(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.id, grant.id);
+    assert!(first.ttl > 0);
+    // The second request goes out on the same stream, after the first answer.
+    tx.send(pb::LeaseKeepAliveRequest { id: grant.id }).unwrap();
+    let second = answers.message().await.unwrap().unwrap();
+    assert_eq!(second.id, grant.id);
+
+    c.kv().put("t/b", "2").await.unwrap();
+    let batch = w.next().await.unwrap().unwrap();
+    assert_eq!(batch.events()[0].kv.key(), &b"t/b"[..]);
+    assert_eq!(proxy.connections_total(), 1, "one connection for all of it");
+    assert_eq!(proxy.connections_active(), 1);
+
+    // Everything that holds the connection goes: it closes.
+    drop((w, raw_kv, raw_lease, answers, tx, c));
+    common::wait_until(Duration::from_secs(5), "the connection closed", || async {
+        proxy.connections_active() == 0
+    })
+    .await;
+}
+
+/// An mpsc receiver as a `Stream` (what the raw streaming clients take).
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn a_member_restarted_while_idle_is_reconnected_to_without_an_error() {
+    let etcd = common::etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("k", "1").await.unwrap();
+    etcd.kill(0).unwrap();
+    common::wait_until(
+        Duration::from_secs(5),
+        "the proxy saw the server go",
+        || async { proxy.connections_active() == 0 },
+    )
+    .await;
+    etcd.restart_async(0).await.unwrap();
+    // A put (never retried once it may have been sent) works at the first try: the dead
+    // connection was noticed and a new one is made for it.
+    let r = c.kv().put("k", "2").prev_kv().await.unwrap();
+    assert_eq!(r.prev_kv.unwrap().value_str().unwrap(), "1");
+    assert_eq!(proxy.connections_total(), 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_not_pinged() {
+    // etcd's default keep-alive policy: pings at most every 5 s, none without streams.
+    let etcd = common::etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .keep_alive_interval(Duration::from_millis(500))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("k", "1").await.unwrap();
+    // Pinging while idle at this rate would earn a GOAWAY (too many pings) within about
+    // 1.5 s; a request after 4 s of idleness finds the first connection still up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(proxy.connections_active(), 1, "still connected");
+    c.kv().put("k", "2").await.unwrap();
+    assert_eq!(proxy.connections_total(), 1, "no reconnect was needed");
+}
