@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::transport::Channel;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::metadata::AsciiMetadataValue;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -924,26 +924,39 @@ impl Shared {
                 }
             };
             let pick = self.transport.pick()?;
-            let mut request = tonic::Request::new(att.msg.clone());
+            // The metadata as a header map built with pre-parsed names (room for the headers
+            // the transport adds), handed to tonic's request as it is.
+            let mut headers = http::HeaderMap::with_capacity(8);
             let remaining = match att.deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         return Err(deadline_error());
                     }
-                    crate::grpc::set_timeout(&mut request, left);
+                    headers.insert(
+                        crate::grpc::GRPC_TIMEOUT.clone(),
+                        crate::grpc::timeout_value(left),
+                    );
                     Some(left)
                 }
                 None => None,
             };
-            if let Some((_, Some(t))) = &token {
-                request.metadata_mut().insert("token", t.clone());
+            if let Some((_, Some(t))) = &token
+                && let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(t.clone()))
+            {
+                headers.insert(crate::grpc::TOKEN.clone(), v);
             }
             if require_leader {
-                request
-                    .metadata_mut()
-                    .insert("hasleader", MetadataValue::from_static("true"));
+                headers.insert(
+                    crate::grpc::HASLEADER.clone(),
+                    http::HeaderValue::from_static("true"),
+                );
             }
+            let request = tonic::Request::from_parts(
+                tonic::metadata::MetadataMap::from_headers(headers),
+                tonic::Extensions::default(),
+                att.msg.clone(),
+            );
             let span = tracing::debug_span!(
                 "etcd_request",
                 method = opts.method,

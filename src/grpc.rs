@@ -27,7 +27,7 @@ use crate::transport::Channel;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_core::Stream;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, header};
+use http::{HeaderName, HeaderValue, header};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tonic::{Code, Status};
@@ -101,7 +101,7 @@ where
         }
     }
     match trailers.as_ref() {
-        Some(t) if t.contains_key(GRPC_STATUS) => {
+        Some(t) if t.contains_key(&GRPC_STATUS) => {
             if let Some(status) = error_status(t) {
                 return Err(status);
             }
@@ -232,7 +232,7 @@ where
         return Err(status);
     }
     // A trailers-only OK answer has no messages: the stream ends at once.
-    let done = response.headers().contains_key(GRPC_STATUS);
+    let done = response.headers().contains_key(&GRPC_STATUS);
     let http_status = response.status();
     Ok(MessageStream {
         body: tonic::body::Body::new(response.into_body()),
@@ -288,7 +288,7 @@ impl<T> MessageStream<T> {
                         self.done = true;
                         let trailers = frame.into_trailers().ok();
                         match trailers.as_ref() {
-                            Some(t) if t.contains_key(GRPC_STATUS) => {
+                            Some(t) if t.contains_key(&GRPC_STATUS) => {
                                 if let Some(status) = error_status(t) {
                                     return Poll::Ready(Err(status));
                                 }
@@ -372,7 +372,7 @@ impl<T> MessageStream<T> {
             frames.into_iter().map(|f| Ok(Frame::data(f))).collect();
         if let Some(code) = status {
             let mut t = http::HeaderMap::new();
-            t.insert(GRPC_STATUS, HeaderValue::from_static(code));
+            t.insert(GRPC_STATUS.clone(), HeaderValue::from_static(code));
             t.insert("grpc-message", HeaderValue::from_static("test%20status"));
             items.push(Ok(Frame::trailers(t)));
         }
@@ -436,6 +436,14 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
 /// allocation. Rounding up (never down) keeps the deadline the client's own: its timer fires
 /// at the exact time and cancels the call, so the server never gives up first.
 pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
+    let headers = std::mem::take(request.metadata_mut()).into_headers();
+    let mut headers = headers;
+    headers.insert(GRPC_TIMEOUT.clone(), timeout_value(timeout));
+    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+}
+
+/// The `grpc-timeout` header value for `timeout` (see [`set_timeout`]).
+pub(crate) fn timeout_value(timeout: Duration) -> HeaderValue {
     let (value, unit) = grpc_timeout(timeout);
     let mut buf = [0u8; 12];
     let mut n = 0;
@@ -457,10 +465,16 @@ pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration)
     }
     buf[n] = unit;
     n += 1;
-    if let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(&buf[..n]) {
-        request.metadata_mut().insert("grpc-timeout", value);
-    }
+    // Digits and a unit letter: always a valid header value.
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("1M"))
 }
+
+/// Header names the request path uses, parsed once (a `&str` key is parsed on every use).
+pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// The auth token header etcd reads.
+pub(crate) static TOKEN: HeaderName = HeaderName::from_static("token");
+/// etcd's "require a leader" header.
+pub(crate) static HASLEADER: HeaderName = HeaderName::from_static("hasleader");
 
 /// The `grpc-timeout` value and unit for `timeout`: at most 8 digits, rounded up by at most
 /// about 1% (exact below 100 ms).
@@ -481,12 +495,12 @@ fn grpc_timeout(timeout: Duration) -> (u64, u8) {
     }
 }
 
-const GRPC_STATUS: &str = "grpc-status";
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The error status in `headers`, if they carry a `grpc-status` other than 0. The common
 /// answer ("0") is recognised without building a `Status` (which copies the headers).
 fn error_status(headers: &http::HeaderMap) -> Option<Status> {
-    match headers.get(GRPC_STATUS) {
+    match headers.get(&GRPC_STATUS) {
         None => None,
         Some(v) if v.as_bytes() == b"0" => None,
         Some(_) => Status::from_header_map(headers).filter(|s| s.code() != Code::Ok),
@@ -620,9 +634,9 @@ mod tests {
     fn error_status_only_for_nonzero_codes() {
         let mut h = http::HeaderMap::new();
         assert!(error_status(&h).is_none());
-        h.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
         assert!(error_status(&h).is_none());
-        h.insert(GRPC_STATUS, HeaderValue::from_static("9"));
+        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("9"));
         h.insert(
             "grpc-message",
             HeaderValue::from_static("etcdserver:%20key%20not%20found"),
