@@ -57,6 +57,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// HTTP/2 flow-control window of the whole connection (hyper's default too).
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Received bytes handed out before their flow-control capacity is given back at the latest
+/// (a small fraction of the stream window, so the sender never waits for it).
+const RELEASE_BATCH: usize = 64 * 1024;
 /// How much a connection buffers per stream before a sender waits (hyper's default).
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
@@ -316,7 +319,13 @@ impl Channel {
             let conn = self.current();
             let made = match conn.made.get() {
                 Some(made) => made,
-                None => conn.made.get_or_init(|| self.inner.connect(&conn)).await,
+                // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is a large future that
+                // would otherwise grow, and be copied with, every request's future.
+                None => {
+                    conn.made
+                        .get_or_init(|| Box::pin(self.inner.connect(&conn)))
+                        .await
+                }
             };
             let mut send = match made {
                 Ok(send) => send.clone(),
@@ -629,10 +638,13 @@ where
     }
 }
 
-/// The body of an answer: its DATA frames (flow-control capacity is given back as each is
-/// handed out), then its trailers.
+/// The body of an answer: its DATA frames, then its trailers. The flow-control capacity of
+/// the frames handed out is given back in batches (every 64 KiB, and whenever
+/// no more data is waiting), not frame by frame: a watch stream gets thousands of small ones.
 pub struct RecvBody {
     recv: RecvStream,
+    /// Bytes handed out but not yet given back to flow control (given back in batches).
+    unreleased: usize,
     state: BodyState,
     _open: OpenGuard,
     /// Dropping it stops the request's pipe task.
@@ -650,9 +662,18 @@ impl RecvBody {
     fn new(recv: RecvStream, open: OpenGuard, stop: Option<oneshot::Sender<()>>) -> Self {
         RecvBody {
             recv,
+            unreleased: 0,
             state: BodyState::Data,
             _open: open,
             _stop: stop,
+        }
+    }
+
+    /// Give the flow-control capacity of the data handed out so far back to the sender.
+    fn release(&mut self) {
+        if self.unreleased > 0 {
+            let _ = self.recv.flow_control().release_capacity(self.unreleased);
+            self.unreleased = 0;
         }
     }
 }
@@ -673,16 +694,27 @@ impl Body for RecvBody {
     ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         if this.state == BodyState::Data {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
+            match this.recv.poll_data(cx) {
+                Poll::Pending => {
+                    // Caught up: give back what was handed out, so the sender can go on.
+                    this.release();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(data))) => {
+                    this.unreleased += data.len();
+                    if this.unreleased >= RELEASE_BATCH {
+                        this.release();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     this.state = BodyState::Done;
                     return Poll::Ready(Some(Err(status_from_h2(e))));
                 }
-                None => this.state = BodyState::Trailers,
+                Poll::Ready(None) => {
+                    this.release();
+                    this.state = BodyState::Trailers;
+                }
             }
         }
         if this.state == BodyState::Trailers {
