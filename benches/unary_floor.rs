@@ -3,9 +3,10 @@
 //! hand-built gRPC framing, no hyper, no tonic, no balancer, no retries), to one throwaway etcd.
 //!
 //! Both run on a current-thread runtime on the bench thread, so `getrusage(RUSAGE_THREAD)` is
-//! the client's whole CPU (etcd is another process). The difference is what our stack (tonic's
-//! channel, hyper, the balancer, deadlines, retries) costs over the HTTP/2 library itself; it
-//! is the figure a leaner transport would have to shrink.
+//! the client's whole CPU (etcd is another process). The difference is what our stack (our
+//! transport on h2, the balancer, deadlines, retries, the typed API) costs over the HTTP/2
+//! library itself: 46.6k against 41-42.5k instructions per put on the project's 2-core box
+//! (it was 73.7k against 40.9k with tonic's channel and hyper's client underneath).
 //!
 //! ```text
 //! cargo bench --bench unary_floor

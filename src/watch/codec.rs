@@ -84,13 +84,21 @@ impl<'a> Reader<'a> {
         self.long_varint()
     }
 
-    /// A varint of more than one byte (ids, revisions, lengths above 127). With 8 bytes at
-    /// hand it reads them as one word: the first byte without the continuation bit ends the
+    /// A varint of more than one byte (ids, revisions, lengths above 127). Two bytes are read
+    /// as such; longer ones, with 8 bytes at hand, as one word: the first byte without the continuation bit ends the
     /// varint, and the 7-bit groups are packed with three shift-and-mask steps instead of a
     /// loop per byte (cluster and member ids take all 10 bytes, revisions 2-4).
     #[inline(never)]
     fn long_varint(&mut self) -> Option<u64> {
         let rest = self.data.get(self.pos..self.end)?;
+        // Two bytes (lengths up to 16 KiB, revisions up to 16k) are the most common case and
+        // cheapest byte by byte.
+        if let [b0, b1, ..] = rest
+            && *b1 < 0x80
+        {
+            self.pos += 2;
+            return Some(u64::from(b0 & 0x7f) | (u64::from(*b1) << 7));
+        }
         let Some(&first8) = rest.first_chunk::<8>() else {
             return self.short_tail_varint();
         };
