@@ -370,9 +370,20 @@ impl Channel {
         headers: http::HeaderMap,
         body: Bytes,
     ) -> std::result::Result<http::Response<RecvBody>, Status> {
+        self.send_whole(PathAndQuery::from_static(path), headers, body)
+            .await
+    }
+
+    /// [`unary`](Self::unary) for any path.
+    async fn send_whole(
+        &self,
+        path: PathAndQuery,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> std::result::Result<http::Response<RecvBody>, Status> {
         let (mut send, conn) = self.ready().await?;
         let open = OpenGuard::new(conn);
-        let head = self.head(PathAndQuery::from_static(path), headers);
+        let head = self.head(path, headers);
         let (response, mut stream) = send.send_request(head, false).map_err(closed_before_sent)?;
         stream.send_data(body, true).map_err(status_from_h2)?;
         let response = response.await.map_err(status_from_h2)?;
@@ -735,7 +746,8 @@ impl Body for RecvBody {
 }
 
 /// tonic's generated clients send through this: the request's path and headers go out as
-/// they are (scheme and authority are this endpoint's), its body through a pipe task.
+/// they are (scheme and authority are this endpoint's). A body that is ready whole (a unary
+/// call's) is sent from the caller's task; a stream's body goes through a pipe task.
 impl tower::Service<http::Request<tonic::body::Body>> for Channel {
     type Response = http::Response<RecvBody>;
     type Error = Status;
@@ -755,7 +767,149 @@ impl tower::Service<http::Request<tonic::body::Body>> for Channel {
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            channel.request(path, parts.headers, body).await
+            match take_ready_body(body) {
+                ReadyBody::Whole(data) => channel.send_whole(path, parts.headers, data).await,
+                ReadyBody::Failed(status) => Err(status),
+                ReadyBody::Streaming(body) => channel.request(path, parts.headers, body).await,
+            }
         })
+    }
+}
+
+/// What a request body had ready before it was sent.
+enum ReadyBody {
+    /// All of it (a unary call's one message): sent from the caller's task, no pipe.
+    Whole(Bytes),
+    /// It failed at once (e.g. tonic's encoder refusing a message over its size limit).
+    Failed(Status),
+    /// More is to come (a client or bidirectional stream): the frames taken, then the rest.
+    Streaming(Prefixed),
+}
+
+/// Poll `body` without waiting (a no-op waker) for up to two frames: a body that is one DATA
+/// frame and then its end is a unary request's and needs no pipe task.
+fn take_ready_body(mut body: tonic::body::Body) -> ReadyBody {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let first = match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(None) => return ReadyBody::Whole(Bytes::new()),
+        Poll::Ready(Some(Err(status))) => return ReadyBody::Failed(status),
+        Poll::Ready(Some(Ok(frame))) => frame,
+        Poll::Pending => return ReadyBody::Streaming(Prefixed::new(Vec::new(), body)),
+    };
+    let data = match first.into_data() {
+        Ok(data) => data,
+        Err(frame) => return ReadyBody::Streaming(Prefixed::new(vec![frame], body)),
+    };
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(None) => ReadyBody::Whole(data),
+        Poll::Ready(Some(Err(status))) => ReadyBody::Failed(status),
+        Poll::Ready(Some(Ok(second))) => {
+            ReadyBody::Streaming(Prefixed::new(vec![Frame::data(data), second], body))
+        }
+        Poll::Pending => ReadyBody::Streaming(Prefixed::new(vec![Frame::data(data)], body)),
+    }
+}
+
+/// A body whose first frames were already taken: those, then the rest.
+struct Prefixed {
+    /// The frames taken, in reverse order (popped from the end).
+    taken: Vec<Frame<Bytes>>,
+    rest: tonic::body::Body,
+}
+
+impl Prefixed {
+    fn new(mut taken: Vec<Frame<Bytes>>, rest: tonic::body::Body) -> Self {
+        taken.reverse();
+        Prefixed { taken, rest }
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
+        match self.taken.pop() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.taken.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body that yields these frames, `Pending` where a `None` is (waking itself).
+    struct Script(Vec<Option<std::result::Result<Frame<Bytes>, Status>>>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
+            if self.0.is_empty() {
+                return Poll::Ready(None);
+            }
+            match self.0.remove(0) {
+                Some(item) => Poll::Ready(Some(item)),
+                None => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    fn body(items: Vec<Option<std::result::Result<Frame<Bytes>, Status>>>) -> tonic::body::Body {
+        tonic::body::Body::new(Script(items))
+    }
+
+    fn data(s: &'static str) -> Option<std::result::Result<Frame<Bytes>, Status>> {
+        Some(Ok(Frame::data(Bytes::from_static(s.as_bytes()))))
+    }
+
+    /// Everything the body sends, joined.
+    async fn rest(b: Prefixed) -> Bytes {
+        b.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_ready_single_frame_body_is_sent_whole_and_others_keep_every_frame() {
+        // One frame, then the end: a unary call's body.
+        match take_ready_body(body(vec![data("one")])) {
+            ReadyBody::Whole(b) => assert_eq!(b, "one"),
+            _ => panic!("a one-frame body is sent whole"),
+        }
+        // Empty.
+        assert!(matches!(take_ready_body(body(vec![])), ReadyBody::Whole(b) if b.is_empty()));
+        // An error at once is the request's error.
+        let failed = take_ready_body(body(vec![Some(Err(Status::out_of_range("too big")))]));
+        assert!(matches!(failed, ReadyBody::Failed(s) if s.code() == Code::OutOfRange));
+        // Two frames ready, then more later: nothing taken is lost, the order is kept.
+        match take_ready_body(body(vec![data("a"), data("b"), None, data("c")])) {
+            ReadyBody::Streaming(b) => assert_eq!(rest(b).await, "abc"),
+            _ => panic!("a longer body streams"),
+        }
+        // One frame, then pending.
+        match take_ready_body(body(vec![data("a"), None, data("b")])) {
+            ReadyBody::Streaming(b) => assert_eq!(rest(b).await, "ab"),
+            _ => panic!("a pending body streams"),
+        }
+        // Pending at once.
+        match take_ready_body(body(vec![None, data("x")])) {
+            ReadyBody::Streaming(b) => assert_eq!(rest(b).await, "x"),
+            _ => panic!("a pending body streams"),
+        }
     }
 }
