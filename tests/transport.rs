@@ -153,3 +153,30 @@ async fn answers_larger_than_the_flow_control_windows_arrive_whole() {
     }
     assert_eq!(seen, 64);
 }
+
+#[tokio::test]
+async fn a_unix_socket_endpoint_serves_requests_and_streams() {
+    let etcd = etcdv3::testkit::EtcdCluster::builder()
+        .unix_socket(true)
+        .start_async()
+        .await
+        .unwrap();
+    let endpoint = etcd.unix_endpoint(0).unwrap();
+    assert!(endpoint.starts_with("unix:///"), "{endpoint}");
+    let c = Client::builder([endpoint.as_str()])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let mut w = c.watch("u/").prefix().await.unwrap();
+    c.kv().put("u/1", "over a unix socket").await.unwrap();
+    let got = c.kv().get("u/1").await.unwrap();
+    assert_eq!(got.kvs[0].value_str().unwrap(), "over a unix socket");
+    let batch = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("the event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.events()[0].kv.key(), &b"u/1"[..]);
+    assert_eq!(c.pinned_endpoint(), endpoint);
+}

@@ -207,6 +207,7 @@ pub struct EtcdClusterBuilder {
     fsync: bool,
     tls: Option<bool>,
     spares: usize,
+    unix: bool,
 }
 
 impl Default for EtcdClusterBuilder {
@@ -222,6 +223,7 @@ impl Default for EtcdClusterBuilder {
             fsync: false,
             tls: None,
             spares: 0,
+            unix: false,
         }
     }
 }
@@ -234,6 +236,15 @@ impl EtcdClusterBuilder {
     /// health checks.
     pub fn tls(mut self, client_cert_auth: bool) -> Self {
         self.tls = Some(client_cert_auth);
+        self
+    }
+
+    /// Also serve clients on a unix socket per member (etcd's `unix://localhost:PORT`
+    /// listener: a socket file named `localhost:PORT` in the member's directory); see
+    /// [`EtcdCluster::unix_endpoint`]. Plain (not TLS) clusters only: with [`tls`](Self::tls)
+    /// it is ignored.
+    pub fn unix_socket(mut self, on: bool) -> Self {
+        self.unix = on;
         self
     }
 
@@ -459,6 +470,8 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     /// TLS certificates and whether client certificates are required.
     tls: Option<(TestCerts, bool)>,
+    /// Members also listen on a unix socket.
+    unix: bool,
     binary: PathBuf,
     version: String,
     token: String,
@@ -701,6 +714,7 @@ impl EtcdCluster {
         let cluster = Self {
             members,
             tls,
+            unix: cfg.unix,
             binary: binary.to_owned(),
             version: version.to_owned(),
             token,
@@ -761,11 +775,15 @@ impl EtcdCluster {
             .try_clone()
             .map_err(|e| TestkitError::io(ctx("cloning the log handle"), e))?;
         let client_url = format!("{}://{}", self.scheme(), m.client_addr);
-        let listen_urls = if m.http_addr == m.client_addr {
+        let mut listen_urls = if m.http_addr == m.client_addr {
             client_url.clone()
         } else {
             format!("{client_url},http://{}", m.http_addr)
         };
+        let socket_dir = self.unix_socket_dir(m);
+        if socket_dir.is_some() {
+            listen_urls.push_str(&format!(",unix://localhost:{}", m.client_addr.port()));
+        }
         let peer_url = format!("http://{}", m.peer_addr);
         let mut cmd = Command::new(&self.binary);
         cmd.arg(format!("--name={}", m.name))
@@ -781,6 +799,10 @@ impl EtcdCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
+        if let Some(dir) = socket_dir {
+            // etcd creates the socket file relative to its working directory.
+            cmd.current_dir(dir);
+        }
         scrub_etcd_env(&mut cmd);
         cmd.spawn().map_err(|e| {
             TestkitError::io(
@@ -1071,6 +1093,29 @@ impl EtcdCluster {
     /// certificate for mutual TLS).
     pub fn certs(&self) -> Option<&TestCerts> {
         self.tls.as_ref().map(|(c, _)| c)
+    }
+
+    /// The unix socket endpoint of member `index` (`unix:///DIR/localhost:PORT`) when the
+    /// cluster was built with [`EtcdClusterBuilder::unix_socket`], else `None`.
+    ///
+    /// # Panics
+    /// When `index` is out of range.
+    pub fn unix_endpoint(&self, index: usize) -> Option<String> {
+        let m = &self.members[index];
+        let dir = self.unix_socket_dir(m)?;
+        Some(format!(
+            "unix://{}/localhost:{}",
+            dir.display(),
+            m.client_addr.port()
+        ))
+    }
+
+    /// Where member `m`'s unix socket lives (its data directory's parent), when there is one.
+    fn unix_socket_dir<'a>(&self, m: &'a Member) -> Option<&'a Path> {
+        if !self.unix || self.tls.is_some() {
+            return None;
+        }
+        m.data_dir.parent()
     }
 
     fn scheme(&self) -> &'static str {
