@@ -733,6 +733,15 @@ impl Shared {
         balancer::member_channel(&self.cfg, endpoint, &ExecutorAdapter(self.executor.clone()))
     }
 
+    /// Resolves once [`Client::close`] is called (at once if it was).
+    pub(crate) fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.transport.closed_signal();
+        async move {
+            // An error means the balancer is gone: the client is no more either.
+            let _ = rx.wait_for(|closed| *closed).await;
+        }
+    }
+
     /// Whether [`Client::close`] was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.transport.channel().is_err()

@@ -499,11 +499,18 @@ async fn closing_the_client_reports_closed() {
     let baseline = metrics.num_alive_tasks();
     let c = client(&etcd).await;
     let kept = c.lease().grant(30).keep_alive().await.unwrap();
+    let closing = std::time::Instant::now();
     c.close().await;
     let reason = tokio::time::timeout(Duration::from_secs(3), kept.lost())
         .await
         .unwrap();
     assert_eq!(reason, LeaseLost::Closed);
+    // The keeper is told at once (it does not poll for the close).
+    assert!(
+        closing.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        closing.elapsed()
+    );
     let e = c.lease().grant(5).keep_alive().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Closed, "{e:?}");
     // The task ended although a handle and the client are still alive.

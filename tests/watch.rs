@@ -607,6 +607,7 @@ async fn close_ends_watchers_and_the_worker() {
     let c = client(&etcd).await;
     let clone = c.clone();
     let mut w = c.watch("x").await.unwrap();
+    let closing = std::time::Instant::now();
     c.close().await;
     let e = tokio::time::timeout(STEP, w.next())
         .await
@@ -614,6 +615,12 @@ async fn close_ends_watchers_and_the_worker() {
         .unwrap()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Closed);
+    // The worker is told at once (it does not poll for the close).
+    assert!(
+        closing.elapsed() < std::time::Duration::from_millis(500),
+        "{:?}",
+        closing.elapsed()
+    );
     assert!(w.next().await.is_none());
     assert_eq!(
         clone.watch("y").await.unwrap_err().kind(),

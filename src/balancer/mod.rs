@@ -193,6 +193,8 @@ pub(crate) fn jitter(d: Duration) -> Duration {
 pub(crate) struct Balancer {
     state: RwLock<State>,
     settings: ConnectSettings,
+    /// Becomes true on [`close`](Self::close): background workers wait on it.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Balancer {
@@ -210,6 +212,7 @@ impl Balancer {
                 closed: false,
             }),
             settings: ConnectSettings::new(cfg, exec),
+            closed: tokio::sync::watch::Sender::new(false),
         };
         let slots = endpoints
             .into_iter()
@@ -390,7 +393,8 @@ impl Balancer {
         self.pick().map(|p| p.channel())
     }
 
-    /// Drop every connection; later calls fail with `Closed`.
+    /// Drop every connection; later calls fail with `Closed`, and workers waiting on
+    /// [`closed_signal`](Self::closed_signal) are told at once.
     pub(crate) fn close(&self) {
         let slots = {
             let mut st = self.write();
@@ -398,6 +402,12 @@ impl Balancer {
             std::mem::take(&mut st.slots)
         };
         drop(slots);
+        self.closed.send_replace(true);
+    }
+
+    /// A receiver that sees `true` once the client is closed.
+    pub(crate) fn closed_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
     }
 
     /// The endpoint requests currently go to.

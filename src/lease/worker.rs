@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio::time::{Instant, Sleep};
 
 use super::{LeaseLost, LeaseStatus, require_leader, revoke_pb};
 use crate::balancer::WeakPick;
@@ -37,8 +37,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::grpc::MessageStream;
 use crate::proto::etcdserverpb as pb;
 
-/// How often the worker checks whether the client was closed.
-const CLOSE_CHECK: Duration = Duration::from_secs(1);
 /// First reconnect back-off; doubled per consecutive failure up to `MAX_BACKOFF`.
 const BASE_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest reconnect back-off. Short, because leases have deadlines.
@@ -264,7 +262,8 @@ struct Worker {
     orphans: HashMap<i64, u32>,
     revoke_queue: VecDeque<i64>,
     revokes: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    close_check: Interval,
+    /// Resolves when the client is closed (taken once it has).
+    close_signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The origin of the refresh grid.
     origin: Instant,
     /// Scratch buffer for due timers.
@@ -303,8 +302,8 @@ impl Worker {
         stats: Arc<Stats>,
     ) -> Self {
         let now = Instant::now();
-        let mut close_check = tokio::time::interval_at(now + CLOSE_CHECK, CLOSE_CHECK);
-        close_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let close_signal =
+            Some(Box::pin(shared.closed()) as Pin<Box<dyn Future<Output = ()> + Send>>);
         Worker {
             shared,
             stats,
@@ -324,7 +323,7 @@ impl Worker {
             orphans: HashMap::new(),
             revoke_queue: VecDeque::new(),
             revokes: Vec::new(),
-            close_check,
+            close_signal,
             origin: now,
             due: Vec::new(),
         }
@@ -338,13 +337,12 @@ impl Worker {
             progress |= self.poll_conn(cx, &mut budget);
             progress |= self.poll_timers(cx);
             progress |= self.poll_revokes(cx);
-            if self.close_check.poll_tick(cx).is_ready() {
-                // Counted as progress so that the next pass polls the interval again (and
-                // registers for its next tick).
+            if let Some(signal) = self.close_signal.as_mut()
+                && signal.as_mut().poll(cx).is_ready()
+            {
+                self.close_signal = None;
                 progress = true;
-                if self.shared.is_closed() {
-                    self.close_all();
-                }
+                self.close_all();
             }
             if self.leases.is_empty() && !matches!(self.conn, Conn::Idle) {
                 // Nothing to keep: end the stream (and any back-off).

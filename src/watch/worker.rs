@@ -40,8 +40,6 @@ const GENERATION_MASK: u64 = (1 << 22) - 1;
 /// First and largest reconnect back-off (each is jittered down to half).
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// How often an idle worker checks whether the client was closed.
-const CLOSE_CHECK: Duration = Duration::from_secs(1);
 /// Responses handled in a row before the worker wakes the consumers it queued batches for
 /// and lets other tasks (the consumers) run: on a single-threaded runtime a busy stream would
 /// otherwise fill the buffers of consumers that keep pace, and pause them for nothing.
@@ -346,8 +344,8 @@ impl Worker {
 
     /// Runs until every handle (the client and all watchers) is gone, or the client is closed.
     pub(crate) async fn run(mut self) {
-        let mut tick = tokio::time::interval(CLOSE_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let closed = self.shared.closed();
+        tokio::pin!(closed);
         let mut in_a_row = 0u32;
         'run: loop {
             tokio::select! {
@@ -380,11 +378,9 @@ impl Worker {
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    if self.shared.is_closed() {
-                        self.shutdown();
-                        break;
-                    }
+                () = &mut closed => {
+                    self.shutdown();
+                    break;
                 }
                 // Last (the select is biased): nothing else is ready, the worker is about to
                 // wait. Wake the consumers of the batches queued meanwhile.
