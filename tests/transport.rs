@@ -15,12 +15,7 @@ use etcdv3::testkit::FaultProxy;
 #[tokio::test]
 async fn one_connection_for_everything_and_it_closes_with_the_client() {
     let etcd = common::etcd().await;
-    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, c) = through_proxy(&etcd).await;
     c.kv().put("t/a", "1").await.unwrap();
     // A watch stream (our own streaming path), a raw unary call and a raw bidirectional
     // stream (tonic's generated clients on our channel) all share the connection.
@@ -66,6 +61,17 @@ async fn one_connection_for_everything_and_it_closes_with_the_client() {
     .await;
 }
 
+/// A fault proxy in front of `etcd`'s member 0, and a client connected through it.
+async fn through_proxy(etcd: &etcdv3::testkit::EtcdCluster) -> (FaultProxy, Client) {
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    (proxy, c)
+}
+
 /// An mpsc receiver as a `Stream` (what the raw streaming clients take).
 fn tokio_stream_of<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
@@ -76,12 +82,7 @@ fn tokio_stream_of<T: Send + 'static>(
 #[tokio::test]
 async fn a_member_restarted_while_idle_is_reconnected_to_without_an_error() {
     let etcd = common::etcd().await;
-    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, c) = through_proxy(&etcd).await;
     c.kv().put("k", "1").await.unwrap();
     etcd.kill(0).unwrap();
     common::wait_until(
