@@ -79,6 +79,7 @@ mod concurrency;
 mod election;
 mod error;
 mod grpc;
+mod http2;
 mod kv;
 mod lease;
 mod lock;
