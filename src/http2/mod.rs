@@ -9,8 +9,11 @@
 //!
 //! Pieces, each tested on its own before the connection is built on them:
 //! - [`hpack`]: header compression (RFC 7541).
+//! - [`frame`]: frames (RFC 9113 §4, §6): reading whole frames out of the receive buffer
+//!   without copying payloads, checking each type's layout, writing the client's frames.
 
 // Nothing uses these modules yet (they are being built and tested first).
 #![allow(dead_code)]
 
+pub(crate) mod frame;
 pub(crate) mod hpack;
