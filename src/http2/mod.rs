@@ -12,6 +12,7 @@
 //! - [`frame`]: frames (RFC 9113 §4, §6): reading whole frames out of the receive buffer
 //!   without copying payloads, checking each type's layout, writing the client's frames.
 
+//!
 //! Still to build (the plan), in `conn.rs`, behind the same `transport::Channel` API so that
 //! nothing above the transport changes:
 //! - **Shared state** under one mutex: the HPACK encoder (header blocks must go out in the
