@@ -44,5 +44,6 @@
 // Nothing uses these modules yet (they are being built and tested first).
 #![allow(dead_code)]
 
+pub(crate) mod conn;
 pub(crate) mod frame;
 pub(crate) mod hpack;
