@@ -758,3 +758,84 @@ mod tests {
             .unwrap();
     }
 }
+
+#[cfg(test)]
+mod floor {
+    use super::*;
+    use crate::proto::etcdserverpb as pb;
+    use bytes::{Buf, BufMut};
+    use prost::Message;
+
+    /// `PUTS` puts at concurrency 1 over our connection, for instruction counts under
+    /// callgrind (two runs with different `PUTS`): `cargo test --lib own_conn_put_floor --
+    /// --ignored` (current-thread runtime, 50 warm-up puts).
+    #[test]
+    #[ignore]
+    fn own_conn_put_floor() {
+        let puts: usize = std::env::var("PUTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let etcd = crate::testkit::EtcdCluster::builder()
+                .start_async()
+                .await
+                .unwrap();
+            let addr = etcd.client_addr(0);
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let (conn, driver) = handshake(tcp);
+            tokio::spawn(driver);
+            let authority = addr.to_string();
+            let mut headers = HeaderMap::new();
+            headers.insert("te", HeaderValue::from_static("trailers"));
+            headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-timeout", HeaderValue::from_static("5000m"));
+            for i in 0..(50 + puts) {
+                let put = pb::PutRequest {
+                    key: Bytes::from(format!("floor/{:010}", i % 100)),
+                    value: Bytes::from_static(b"0123456789abcdef0123456789abcdef"),
+                    ..Default::default()
+                };
+                let mut body = BytesMut::with_capacity(5 + put.encoded_len());
+                body.put_u8(0);
+                body.put_u32(put.encoded_len() as u32);
+                put.encode_raw(&mut body);
+                let mut s = conn
+                    .send_request(
+                        "http",
+                        &authority,
+                        "/etcdserverpb.KV/Put",
+                        &headers,
+                        body.freeze(),
+                        true,
+                    )
+                    .unwrap();
+                let (status, _) = std::future::poll_fn(|cx| s.poll_head(cx)).await.unwrap();
+                assert_eq!(status, 200);
+                let mut data = Bytes::new();
+                while let Some(d) = std::future::poll_fn(|cx| s.poll_data(cx)).await {
+                    data = d.unwrap();
+                }
+                let t = std::future::poll_fn(|cx| s.poll_trailers(cx))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(t.get("grpc-status").unwrap(), "0");
+                data.advance(5);
+                assert!(
+                    pb::PutResponse::decode(data)
+                        .unwrap()
+                        .header
+                        .unwrap()
+                        .revision
+                        > 0
+                );
+            }
+        });
+    }
+}
