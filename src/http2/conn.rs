@@ -65,12 +65,32 @@ impl Stream {
     }
 }
 
+/// A hasher for stream ids (unique odd integers): one multiply instead of SipHash.
+#[derive(Default)]
+struct StreamIdHasher(u64);
+
+impl std::hash::Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type StreamMap = HashMap<u32, Stream, std::hash::BuildHasherDefault<StreamIdHasher>>;
+
 #[derive(Debug)]
 struct State {
     encoder: hpack::Encoder,
     decoder: hpack::Decoder,
     out: BytesMut,
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap,
     next_id: u32,
     peer_max_frame: u32,
     peer_initial_window: i64,
@@ -140,7 +160,7 @@ where
             encoder: hpack::Encoder::default(),
             decoder: hpack::Decoder::new(4096),
             out,
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             next_id: 1,
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
             peer_initial_window: DEFAULT_WINDOW,

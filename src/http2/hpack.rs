@@ -478,9 +478,18 @@ impl Encoder {
     /// table has the field, else a literal (name by index when a table has the name) added to
     /// the dynamic table.
     pub(crate) fn field(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+        // Exact matches in the dynamic table first: a client's repeated headers live there
+        // after its first request. Lengths are compared before bytes.
+        for (i, (n, v)) in self.table.entries.iter().enumerate() {
+            if n.len() == name.len() && v.len() == value.len() && &n[..] == name && &v[..] == value
+            {
+                encode_int(out, 0x80, 7, 62 + i);
+                return;
+            }
+        }
         let mut name_index = 0;
         for (i, (n, v)) in STATIC.iter().enumerate() {
-            if n.as_bytes() == name {
+            if n.len() == name.len() && n.as_bytes() == name {
                 if v.as_bytes() == value {
                     encode_int(out, 0x80, 7, i + 1);
                     return;
@@ -490,16 +499,13 @@ impl Encoder {
                 }
             }
         }
-        for (i, (n, v)) in self.table.entries.iter().enumerate() {
-            if &n[..] == name {
-                if &v[..] == value {
-                    encode_int(out, 0x80, 7, 62 + i);
-                    return;
-                }
-                if name_index == 0 {
-                    name_index = 62 + i;
-                }
-            }
+        if name_index == 0 {
+            name_index = self
+                .table
+                .entries
+                .iter()
+                .position(|(n, _)| &n[..] == name)
+                .map_or(0, |i| 62 + i);
         }
         encode_int(out, 0x40, 6, name_index);
         if name_index == 0 {
