@@ -1,15 +1,25 @@
-//! The HTTP/2 client connection (first version, on the `own-http2` branch): shared state
-//! under one lock, callers encoding their frames straight into the write buffer, one driver
-//! future (a reader loop and a writer loop joined) owning the socket.
+//! The HTTP/2 client connection: shared state under one lock, callers encoding their frames
+//! straight into the write buffer, one driver future (a reader loop and a writer loop)
+//! owning the socket.
 //!
-//! Not done yet (see the module plan in `mod.rs`): keep-alive pings, the peer's
-//! HEADER_TABLE_SIZE below 4096, MAX_CONCURRENT_STREAMS, stream id exhaustion, wiring into
-//! `transport::Channel`.
+//! - [`handshake`] gives a [`Conn`] (send requests; clone freely; the connection says
+//!   GOAWAY and closes once the last clone and the last stream are gone), a [`Control`]
+//!   (keep-alive pings, open-stream count, failing the connection; it does not keep the
+//!   connection open) and the driver future to spawn.
+//! - [`Conn::send_request`] opens a stream and gives its [`ResponseStream`]; a streaming
+//!   request body goes on through [`ResponseStream::sender`].
+//! - Flow control both ways: request data waits for the peer's windows (and a sender for
+//!   room in its queue); our receive windows are given back as data is handed out, and a
+//!   peer that sends beyond them is a flow-control error.
+//! - The peer's settings are honoured: INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE,
+//!   HEADER_TABLE_SIZE (our encoder's table stays within it) and MAX_CONCURRENT_STREAMS
+//!   (callers wait for room with [`Conn::wait_room`]). When stream ids run out the
+//!   connection refuses new streams, so the transport makes a new one.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -24,21 +34,31 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// The window every stream starts with until the peer's SETTINGS say otherwise (§6.9.2).
 const DEFAULT_WINDOW: i64 = 65_535;
+/// Request data queued per stream (waiting for the peer's windows) before a sender waits.
+const SEND_BUFFER: usize = 1024 * 1024;
+/// The largest client stream id (§5.1.1): after it, a new connection is needed.
+const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// How long the driver goes on writing (a GOAWAY, say) after the reading side ended.
+const LAST_WRITE: Duration = Duration::from_secs(1);
 
 /// How a stream (or the whole connection) failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StreamError {
-    /// The connection is gone (read error, EOF, our GOAWAY, a protocol error).
+    /// The connection is gone (read or write error, EOF, a protocol error, a keep-alive
+    /// timeout). The request may or may not have been processed.
     ConnectionLost(String),
     /// The peer reset the stream with this code.
     Reset(u32),
-    /// The peer went away without processing this stream (GOAWAY below its id), or refused
-    /// it: it was never processed and may be retried.
+    /// The request was never processed and may be retried: the peer refused the stream,
+    /// or went away (GOAWAY) below its id, or the connection was already closed when the
+    /// request came.
     NotProcessed,
+    /// The peer's MAX_CONCURRENT_STREAMS is reached: wait with [`Conn::wait_room`].
+    AtCapacity,
 }
 
-/// The answer of a stream as it arrives.
-#[derive(Debug, Default)]
+/// One stream: the answer as it arrives, and the request data still to send.
+#[derive(Debug)]
 struct Stream {
     /// `:status` and headers, once received.
     head: Option<(u16, HeaderMap)>,
@@ -47,21 +67,69 @@ struct Stream {
     /// END_STREAM received.
     recv_end: bool,
     error: Option<StreamError>,
+    /// The reader of the answer.
     waker: Option<Waker>,
+    /// The sender of a streaming request body (woken for room, and when the stream ends).
+    send_waker: Option<Waker>,
     /// What the peer lets us send on this stream.
     send_window: i64,
-    /// Request data waiting for window, and whether the last of it ends the stream.
+    /// What the peer may still send on this stream before we give window back.
+    recv_window: i64,
+    /// Request data waiting for window, its size, and whether the request ends after it.
     pending: VecDeque<Bytes>,
+    pending_bytes: usize,
     pending_end: bool,
-    /// Data handed out and not yet given back with a WINDOW_UPDATE.
+    /// END_STREAM written.
+    send_end: bool,
+    /// In the connection's list of streams waiting for window.
+    blocked: bool,
+    /// Data handed out (and padding) not yet given back with a WINDOW_UPDATE.
     unacked: u32,
 }
 
 impl Stream {
+    fn new(send_window: i64) -> Self {
+        Stream {
+            head: None,
+            data: VecDeque::new(),
+            trailers: None,
+            recv_end: false,
+            error: None,
+            waker: None,
+            send_waker: None,
+            send_window,
+            recv_window: i64::from(STREAM_WINDOW),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            pending_end: false,
+            send_end: false,
+            blocked: false,
+            unacked: 0,
+        }
+    }
+
+    /// Wake the reader (something arrived).
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    /// Wake the reader and the sender (the stream ended or failed).
+    fn wake_both(&mut self) {
+        self.wake();
+        if let Some(w) = self.send_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Fail the stream unless its answer is complete.
+    fn fail(&mut self, err: &StreamError) {
+        if self.error.is_none() && !(self.recv_end && (self.trailers.is_some() || self.head.is_some()))
+        {
+            self.error = Some(err.clone());
+        }
+        self.wake_both();
     }
 }
 
@@ -85,6 +153,14 @@ impl std::hash::Hasher for StreamIdHasher {
 
 type StreamMap = HashMap<u32, Stream, std::hash::BuildHasherDefault<StreamIdHasher>>;
 
+/// Keep-alive pings: the payload is a counter.
+#[derive(Debug, Default)]
+struct Pings {
+    sent: u64,
+    acked: u64,
+    waker: Option<Waker>,
+}
+
 #[derive(Debug)]
 struct State {
     encoder: hpack::Encoder,
@@ -94,23 +170,31 @@ struct State {
     next_id: u32,
     peer_max_frame: u32,
     peer_initial_window: i64,
+    peer_max_streams: usize,
     conn_send_window: i64,
+    conn_recv_window: i64,
     conn_unacked: u32,
+    /// Streams with request data waiting for window.
+    blocked: Vec<u32>,
     /// A header block being continued: stream, the block so far, END_STREAM.
     continuation: Option<(u32, BytesMut, bool)>,
-    /// New streams are refused (GOAWAY received, or the connection failed).
+    /// New streams are refused (GOAWAY received, ids used up, or the connection failed).
     closed: Option<StreamError>,
-    /// The last handle is gone: the writer says GOAWAY and closes.
+    /// The last handle is gone: the writer says GOAWAY and closes once no stream is left.
     shutdown: bool,
     goaway_sent: bool,
-    /// The reader ended (the connection is gone): the writer ends too.
-    reader_done: bool,
+    /// The connection is gone: the writer writes what is left and ends.
+    dead: bool,
+    pings: Pings,
     scratch: Vec<u8>,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// Wakes the writer: there is something to write, or it is time to close.
     writer: Notify,
+    /// Wakes requests waiting for room under the peer's MAX_CONCURRENT_STREAMS.
+    room: Notify,
 }
 
 impl Shared {
@@ -140,8 +224,8 @@ impl Drop for HandleGuard {
 }
 
 /// Start a connection over `io` (after TCP/TLS): the preface and our SETTINGS are queued
-/// at once. Returns the handle and the driver future to spawn.
-pub(crate) fn handshake<T>(io: T) -> (Conn, impl std::future::Future<Output = ()> + Send)
+/// at once. Returns the handle, the control and the driver future to spawn.
+pub(crate) fn handshake<T>(io: T) -> (Conn, Control, impl std::future::Future<Output = ()> + Send)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -164,26 +248,36 @@ where
             next_id: 1,
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
             peer_initial_window: DEFAULT_WINDOW,
+            peer_max_streams: usize::MAX,
             conn_send_window: DEFAULT_WINDOW,
+            conn_recv_window: i64::from(CONNECTION_WINDOW),
             conn_unacked: 0,
+            blocked: Vec::new(),
             continuation: None,
             closed: None,
             shutdown: false,
             goaway_sent: false,
-            reader_done: false,
+            dead: false,
+            pings: Pings::default(),
             scratch: Vec::new(),
         }),
         writer: Notify::new(),
+        room: Notify::new(),
     });
     shared.writer.notify_one();
     let conn = Conn {
         shared: shared.clone(),
         _handle: Arc::new(HandleGuard(shared.clone())),
     };
-    (conn, drive(shared, io))
+    let control = Control {
+        shared: shared.clone(),
+    };
+    (conn, control, drive(shared, io))
 }
 
-/// The driver: a reader loop and a writer loop on the two halves of `io`.
+/// The driver: a reader loop and a writer loop on the two halves of `io`. It ends when the
+/// connection fails or closes, or when the last handle and stream are gone (then it says
+/// GOAWAY and shuts the socket down).
 async fn drive<T>(shared: Arc<Shared>, io: T)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -215,11 +309,7 @@ where
             };
             if let Some(e) = failed {
                 frame::write_goaway(&mut st.out, 0, e.code, e.why.as_bytes());
-                let why = format!("protocol error: {}", e.why);
-                st.fail_all(StreamError::ConnectionLost(why.clone()));
-                drop(st);
-                shared.writer.notify_one();
-                break why;
+                break format!("protocol error: {}", e.why);
             }
             let wrote = st.out.len() > before;
             drop(st);
@@ -227,12 +317,7 @@ where
                 shared.writer.notify_one();
             }
         };
-        {
-            let mut st = shared.lock();
-            st.fail_all(StreamError::ConnectionLost(why));
-            st.reader_done = true;
-        }
-        shared.writer.notify_one();
+        shared.fail(StreamError::ConnectionLost(why));
     };
     let writer = async {
         loop {
@@ -240,23 +325,55 @@ where
             let (chunk, done) = {
                 let mut st = shared.lock();
                 let finishing = st.shutdown && st.streams.is_empty();
-                if finishing && !st.goaway_sent {
-                    let last = st.next_id.saturating_sub(2);
+                if finishing && !st.goaway_sent && !st.dead {
+                    let last = 0; // we accept no streams from the server
                     frame::write_goaway(&mut st.out, last, code::NO_ERROR, b"");
                     st.goaway_sent = true;
                 }
-                (st.out.split().freeze(), finishing || st.reader_done)
+                (st.out.split().freeze(), finishing || st.dead)
             };
-            if !chunk.is_empty() && wr.write_all(&chunk).await.is_err() {
-                break;
+            if !chunk.is_empty()
+                && let Err(e) = wr.write_all(&chunk).await
+            {
+                shared.fail(StreamError::ConnectionLost(format!("write: {e}")));
+                return;
             }
             if done {
                 let _ = wr.shutdown().await;
-                break;
+                return;
             }
         }
     };
-    tokio::join!(reader, writer);
+    tokio::pin!(reader, writer);
+    tokio::select! {
+        () = &mut reader => {
+            // Write what is left (a GOAWAY after a protocol error), briefly.
+            let _ = tokio::time::timeout(LAST_WRITE, writer).await;
+        }
+        () = &mut writer => {
+            shared.fail(StreamError::ConnectionLost("the connection was closed".into()));
+        }
+    }
+}
+
+impl Shared {
+    /// The connection is gone: fail its streams, refuse new ones, let the writer end.
+    fn fail(&self, err: StreamError) {
+        {
+            let mut st = self.lock();
+            st.fail_all(err);
+            st.dead = true;
+        }
+        self.writer.notify_one();
+        self.room.notify_waiters();
+    }
+}
+
+fn flow_control(why: &'static str) -> frame::ConnError {
+    frame::ConnError {
+        code: code::FLOW_CONTROL_ERROR,
+        why,
+    }
 }
 
 impl State {
@@ -265,10 +382,10 @@ impl State {
             self.closed = Some(err.clone());
         }
         for s in self.streams.values_mut() {
-            if s.error.is_none() && !(s.recv_end && s.trailers.is_some()) {
-                s.error = Some(err.clone());
-            }
-            s.wake();
+            s.fail(&err);
+        }
+        if let Some(w) = self.pings.waker.take() {
+            w.wake();
         }
     }
 
@@ -287,10 +404,7 @@ impl State {
                     match id {
                         setting::INITIAL_WINDOW_SIZE => {
                             if value > 0x7fff_ffff {
-                                return Err(frame::ConnError {
-                                    code: code::FLOW_CONTROL_ERROR,
-                                    why: "initial window too large",
-                                });
+                                return Err(flow_control("initial window too large"));
                             }
                             let delta = i64::from(value) - self.peer_initial_window;
                             self.peer_initial_window = i64::from(value);
@@ -307,15 +421,27 @@ impl State {
                             }
                             self.peer_max_frame = value;
                         }
+                        setting::HEADER_TABLE_SIZE => self.encoder.set_peer_limit(value),
+                        setting::MAX_CONCURRENT_STREAMS => {
+                            self.peer_max_streams = usize::try_from(value).unwrap_or(usize::MAX);
+                        }
                         _ => {}
                     }
                 }
                 frame::write_settings_ack(&mut self.out);
-                self.flush_pending();
+                self.flush_blocked();
             }
             Frame::Settings { ack: true, .. } | Frame::Ignored => {}
             Frame::Ping { ack: false, data } => frame::write_ping(&mut self.out, data, true),
-            Frame::Ping { ack: true, .. } => {}
+            Frame::Ping { ack: true, data } => {
+                let n = u64::from_be_bytes(data);
+                if n <= self.pings.sent && n > self.pings.acked {
+                    self.pings.acked = n;
+                    if let Some(w) = self.pings.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
             Frame::Headers {
                 stream,
                 end_stream,
@@ -344,21 +470,35 @@ impl State {
                 data,
                 flow_len,
             } => {
+                self.conn_recv_window -= i64::from(flow_len);
+                if self.conn_recv_window < 0 {
+                    return Err(flow_control("the server sent beyond the connection window"));
+                }
                 // Padding is never handed out: its window goes back at once.
                 let padding = flow_len - data.len() as u32;
                 match self.streams.get_mut(&stream) {
-                    Some(s) if s.error.is_none() => {
-                        s.unacked += padding;
-                        self.conn_unacked += padding;
-                        if !data.is_empty() {
-                            s.data.push_back(data);
+                    Some(s) if s.error.is_none() && !s.recv_end => {
+                        s.recv_window -= i64::from(flow_len);
+                        if s.recv_window < 0 {
+                            frame::write_rst_stream(&mut self.out, stream, code::FLOW_CONTROL_ERROR);
+                            s.error = Some(StreamError::Reset(code::FLOW_CONTROL_ERROR));
+                            s.wake_both();
+                            self.conn_unacked += flow_len;
+                        } else {
+                            s.unacked += padding;
+                            self.conn_unacked += padding;
+                            if !data.is_empty() {
+                                s.data.push_back(data);
+                            }
+                            if end_stream {
+                                s.recv_end = true;
+                                s.wake_both();
+                            } else {
+                                s.wake();
+                            }
                         }
-                        if end_stream {
-                            s.recv_end = true;
-                        }
-                        s.wake();
                     }
-                    // A stream we no longer track: its window goes back now.
+                    // A stream we no longer track, or failed: its window goes back now.
                     _ => self.conn_unacked += flow_len,
                 }
                 self.maybe_ack_connection();
@@ -366,25 +506,42 @@ impl State {
             Frame::WindowUpdate { stream, increment } => {
                 if stream == 0 {
                     self.conn_send_window += i64::from(increment);
+                    if self.conn_send_window > 0x7fff_ffff {
+                        return Err(flow_control("connection window above 2^31-1"));
+                    }
+                    self.flush_blocked();
                 } else if let Some(s) = self.streams.get_mut(&stream) {
-                    if increment == 0 {
-                        frame::write_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
-                        s.error = Some(StreamError::Reset(code::PROTOCOL_ERROR));
-                        s.wake();
+                    if increment == 0 || s.send_window + i64::from(increment) > 0x7fff_ffff {
+                        let c = if increment == 0 {
+                            code::PROTOCOL_ERROR
+                        } else {
+                            code::FLOW_CONTROL_ERROR
+                        };
+                        frame::write_rst_stream(&mut self.out, stream, c);
+                        s.error = Some(StreamError::Reset(c));
+                        s.wake_both();
                     } else {
                         s.send_window += i64::from(increment);
+                        if s.blocked {
+                            self.flush_stream(stream);
+                        }
                     }
                 }
-                self.flush_pending();
             }
             Frame::RstStream { stream, code } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
-                    s.error = Some(if code == code::REFUSED_STREAM {
-                        StreamError::NotProcessed
-                    } else {
-                        StreamError::Reset(code)
-                    });
-                    s.wake();
+                    // After a complete answer a reset only stops our sending (§8.1).
+                    if !s.recv_end && s.error.is_none() {
+                        s.error = Some(if code == code::REFUSED_STREAM {
+                            StreamError::NotProcessed
+                        } else {
+                            StreamError::Reset(code)
+                        });
+                    }
+                    s.send_end = true;
+                    s.pending.clear();
+                    s.pending_bytes = 0;
+                    s.wake_both();
                 }
             }
             Frame::GoAway {
@@ -393,7 +550,7 @@ impl State {
                 for (&id, s) in self.streams.iter_mut() {
                     if id > last_stream {
                         s.error = Some(StreamError::NotProcessed);
-                        s.wake();
+                        s.wake_both();
                     }
                 }
                 if self.closed.is_none() {
@@ -437,11 +594,16 @@ impl State {
         let Some(s) = self.streams.get_mut(&stream) else {
             return Ok(()); // decoded for the table's sake only
         };
+        if s.error.is_some() || s.recv_end {
+            return Ok(());
+        }
         if bad {
             frame::write_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
             s.error = Some(StreamError::Reset(code::PROTOCOL_ERROR));
         } else if s.head.is_none() {
             match status {
+                // Interim answers (1xx) are skipped.
+                Some(st) if (100..200).contains(&st) => {}
                 Some(st) => s.head = Some((st, map)),
                 None => {
                     frame::write_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
@@ -453,31 +615,77 @@ impl State {
         }
         if end_stream {
             s.recv_end = true;
+            s.wake_both();
+        } else {
+            s.wake();
         }
-        s.wake();
         Ok(())
     }
 
-    /// Send queued request data that the windows now allow.
-    fn flush_pending(&mut self) {
-        let max = self.peer_max_frame as usize;
-        for (&id, s) in self.streams.iter_mut() {
-            while let Some(chunk) = s.pending.front_mut() {
-                let allowed = s.send_window.min(self.conn_send_window).min(max as i64);
-                if allowed <= 0 && !chunk.is_empty() {
-                    break;
-                }
-                let n = chunk.len().min(allowed.max(0) as usize);
-                let part = chunk.split_to(n);
-                let last = chunk.is_empty();
-                if last {
-                    s.pending.pop_front();
-                }
-                let end = last && s.pending.is_empty() && s.pending_end;
-                frame::write_data_header(&mut self.out, id, part.len(), end);
-                self.out.extend_from_slice(&part);
-                s.send_window -= n as i64;
-                self.conn_send_window -= n as i64;
+    /// Queue request data on stream `id` and send what the windows allow.
+    fn queue_data(&mut self, id: u32, data: Bytes, end: bool) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.send_end || s.pending_end {
+            return;
+        }
+        if !data.is_empty() {
+            s.pending_bytes += data.len();
+            s.pending.push_back(data);
+        }
+        s.pending_end = end;
+        self.flush_stream(id);
+    }
+
+    /// Send what stream `id` has queued, as far as the windows allow; note it as blocked
+    /// when data is left.
+    fn flush_stream(&mut self, id: u32) {
+        let max = i64::from(self.peer_max_frame);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        while let Some(chunk) = s.pending.front_mut() {
+            let allowed = s.send_window.min(self.conn_send_window).min(max);
+            if allowed <= 0 {
+                break;
+            }
+            let n = chunk.len().min(allowed as usize);
+            let part = if n == chunk.len() {
+                s.pending.pop_front().unwrap_or_default()
+            } else {
+                chunk.split_to(n)
+            };
+            let end = s.pending.is_empty() && s.pending_end;
+            frame::write_data_header(&mut self.out, id, n, end);
+            self.out.extend_from_slice(&part);
+            s.send_window -= n as i64;
+            self.conn_send_window -= n as i64;
+            s.pending_bytes -= n;
+            s.send_end |= end;
+        }
+        if s.pending.is_empty() && s.pending_end && !s.send_end {
+            frame::write_data_header(&mut self.out, id, 0, true);
+            s.send_end = true;
+        }
+        if !s.pending.is_empty() && !s.blocked {
+            s.blocked = true;
+            self.blocked.push(id);
+        }
+        if s.pending_bytes < SEND_BUFFER
+            && let Some(w) = s.send_waker.take()
+        {
+            w.wake();
+        }
+    }
+
+    /// The windows grew: send what blocked streams have queued.
+    fn flush_blocked(&mut self) {
+        let ids = std::mem::take(&mut self.blocked);
+        for id in ids {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.blocked = false;
+                self.flush_stream(id);
             }
         }
     }
@@ -485,19 +693,37 @@ impl State {
     fn maybe_ack_connection(&mut self) {
         if self.conn_unacked >= CONNECTION_WINDOW / 2 {
             frame::write_window_update(&mut self.out, 0, self.conn_unacked);
+            self.conn_recv_window += i64::from(self.conn_unacked);
             self.conn_unacked = 0;
         }
     }
 }
 
 impl Conn {
-    /// Whether new requests would be refused (the connection failed or the server is going).
+    /// Whether new requests would be refused (the connection failed, the server is going,
+    /// or stream ids ran out).
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.lock().closed.is_some()
     }
 
-    /// Open a stream: `:method POST`, `scheme`, `authority`, `path`, then `headers`; then
-    /// `body` (the whole request body when `end`, else the first part).
+    /// Wait until the peer's MAX_CONCURRENT_STREAMS leaves room for a new stream (or the
+    /// connection closed).
+    pub(crate) async fn wait_room(&self) {
+        let notified = self.shared.room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = self.shared.lock();
+            if st.streams.len() < st.peer_max_streams || st.closed.is_some() {
+                return;
+            }
+        }
+        notified.await;
+    }
+
+    /// Open a stream: `:method POST`, `scheme`, `path`, `authority`, then `headers`; then
+    /// `body` (the whole request body when `end`, else its first part; more goes through
+    /// [`ResponseStream::sender`]).
     pub(crate) fn send_request(
         &self,
         scheme: &str,
@@ -508,17 +734,22 @@ impl Conn {
         end: bool,
     ) -> Result<ResponseStream, StreamError> {
         let mut st = self.shared.lock();
-        if let Some(e) = &st.closed {
-            return Err(match e {
-                StreamError::ConnectionLost(_) => StreamError::NotProcessed,
-                other => other.clone(),
-            });
+        if st.closed.is_some() {
+            return Err(StreamError::NotProcessed);
+        }
+        if st.streams.len() >= st.peer_max_streams {
+            return Err(StreamError::AtCapacity);
+        }
+        if st.next_id > MAX_STREAM_ID {
+            st.closed = Some(StreamError::ConnectionLost("stream ids used up".into()));
+            return Err(StreamError::NotProcessed);
         }
         let was_empty = st.out.is_empty();
         let id = st.next_id;
         st.next_id += 2;
         let mut block = std::mem::take(&mut st.scratch);
         block.clear();
+        st.encoder.begin_block(&mut block);
         st.encoder.field(b":method", b"POST", &mut block);
         st.encoder.field(b":scheme", scheme.as_bytes(), &mut block);
         st.encoder.field(b":path", path.as_bytes(), &mut block);
@@ -532,17 +763,12 @@ impl Conn {
         let headers_end = end && body.is_empty();
         frame::write_headers(&mut st.out, id, &block, headers_end, max);
         st.scratch = block;
-        let initial = st.peer_initial_window;
-        let mut s = Stream {
-            send_window: initial,
-            ..Stream::default()
-        };
-        if !headers_end {
-            s.pending.push_back(body);
-            s.pending_end = end;
-        }
+        let mut s = Stream::new(st.peer_initial_window);
+        s.send_end = headers_end;
         st.streams.insert(id, s);
-        st.flush_pending();
+        if !headers_end {
+            st.queue_data(id, body, end);
+        }
         drop(st);
         if was_empty {
             self.shared.writer.notify_one();
@@ -554,13 +780,72 @@ impl Conn {
     }
 }
 
-/// The answer of one request: its head, its data, its trailers.
+/// What the connection's owner needs besides sending requests: keep-alive pings, the
+/// number of open streams, failing the connection. It does not keep the connection open.
+pub(crate) struct Control {
+    shared: Arc<Shared>,
+}
+
+impl Control {
+    /// Streams open on the connection (requests not yet answered in full and dropped).
+    pub(crate) fn open_streams(&self) -> usize {
+        self.shared.lock().streams.len()
+    }
+
+    /// Send a PING and wait for its answer; an error when the connection failed meanwhile.
+    pub(crate) async fn ping(&self) -> Result<(), StreamError> {
+        let n = {
+            let mut st = self.shared.lock();
+            if let Some(e) = &st.closed
+                && st.dead
+            {
+                return Err(e.clone());
+            }
+            st.pings.sent += 1;
+            let n = st.pings.sent;
+            frame::write_ping(&mut st.out, n.to_be_bytes(), false);
+            n
+        };
+        self.shared.writer.notify_one();
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if st.pings.acked >= n {
+                return Poll::Ready(Ok(()));
+            }
+            if st.dead {
+                let e = st.closed.clone();
+                return Poll::Ready(Err(e.unwrap_or(StreamError::ConnectionLost(
+                    "the connection failed".into(),
+                ))));
+            }
+            st.pings.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Fail the connection (a keep-alive timeout): its streams fail, new ones are refused.
+    pub(crate) fn fail(&self, why: &str) {
+        self.shared.fail(StreamError::ConnectionLost(why.to_owned()));
+    }
+}
+
+/// The answer of one request: its head, its data, its trailers. Dropping it before the
+/// stream ended resets the stream (CANCEL).
 pub(crate) struct ResponseStream {
     shared: Arc<Shared>,
     id: u32,
 }
 
 impl ResponseStream {
+    /// The handle that sends the rest of a streaming request body.
+    pub(crate) fn sender(&self) -> SendHandle {
+        SendHandle {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
+    }
+
     /// The `:status` and headers.
     pub(crate) fn poll_head(
         &mut self,
@@ -570,17 +855,14 @@ impl ResponseStream {
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(Err(StreamError::ConnectionLost("stream gone".into())));
         };
-        if let Some((status, _)) = &s.head {
-            let status = *status;
-            let map = s
-                .head
-                .as_mut()
-                .map(|(_, m)| std::mem::take(m))
-                .unwrap_or_default();
-            return Poll::Ready(Ok((status, map)));
+        if let Some((status, map)) = &mut s.head {
+            return Poll::Ready(Ok((*status, std::mem::take(map))));
         }
         if let Some(e) = &s.error {
             return Poll::Ready(Err(e.clone()));
+        }
+        if s.recv_end {
+            return Poll::Ready(Err(StreamError::Reset(code::PROTOCOL_ERROR)));
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
@@ -599,15 +881,14 @@ impl ResponseStream {
         if let Some(d) = s.data.pop_front() {
             s.unacked += d.len() as u32;
             st.conn_unacked += d.len() as u32;
-            let mut wrote = false;
+            let was_empty = st.out.is_empty();
             if s.unacked >= STREAM_WINDOW / 2 && !s.recv_end {
                 frame::write_window_update(&mut st.out, self.id, s.unacked);
+                s.recv_window += i64::from(s.unacked);
                 s.unacked = 0;
-                wrote = true;
             }
-            let was_empty = st.out.is_empty();
             st.maybe_ack_connection();
-            wrote |= was_empty && !st.out.is_empty();
+            let wrote = was_empty && !st.out.is_empty();
             drop(guard);
             if wrote {
                 self.shared.writer.notify_one();
@@ -620,7 +901,9 @@ impl ResponseStream {
         if s.recv_end {
             return Poll::Ready(None);
         }
-        s.waker = Some(cx.waker().clone());
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
         Poll::Pending
     }
 
@@ -650,32 +933,95 @@ impl ResponseStream {
 impl Drop for ResponseStream {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
-        let Some(s) = st.streams.remove(&self.id) else {
+        let Some(mut s) = st.streams.remove(&self.id) else {
             return;
         };
         // Give back what was received and not handed out.
         let held: u32 = s.data.iter().map(|d| d.len() as u32).sum();
         st.conn_unacked += held;
-        let mut wrote = false;
-        if !(s.recv_end && s.pending.is_empty()) && s.error.is_none() && st.closed.is_none() {
-            frame::write_rst_stream(&mut st.out, self.id, code::CANCEL);
-            wrote = true;
-        }
         let was_empty = st.out.is_empty();
+        if !(s.recv_end && s.send_end) && s.error.is_none() && st.closed.is_none() {
+            frame::write_rst_stream(&mut st.out, self.id, code::CANCEL);
+        }
         st.maybe_ack_connection();
-        wrote |= was_empty && !st.out.is_empty();
+        let wrote = was_empty && !st.out.is_empty();
         let shutdown = st.shutdown && st.streams.is_empty();
+        let room = st.streams.len() + 1 == st.peer_max_streams;
         drop(st);
+        s.wake_both();
         if wrote || shutdown {
             self.shared.writer.notify_one();
+        }
+        if room {
+            self.shared.room.notify_waiters();
         }
     }
 }
 
-/// An io::Error for a failed stream (what a caller maps to its own error).
-impl From<StreamError> for io::Error {
-    fn from(e: StreamError) -> io::Error {
-        io::Error::other(format!("{e:?}"))
+/// Sends the rest of a streaming request body.
+pub(crate) struct SendHandle {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl SendHandle {
+    /// `Ready(true)` when more data may be queued, `Ready(false)` when the stream takes no
+    /// more (it ended, failed, was reset or dropped). Registers the waker either way, so a
+    /// sender waiting on something else still learns that the stream ended.
+    pub(crate) fn poll_capacity(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(false);
+        };
+        if s.error.is_some() || s.send_end || s.pending_end || s.recv_end {
+            return Poll::Ready(false);
+        }
+        if !s.send_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.send_waker = Some(cx.waker().clone());
+        }
+        if s.pending_bytes < SEND_BUFFER {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Queue `data` (and the end of the request when `end`).
+    pub(crate) fn send_data(&self, data: Bytes, end: bool) {
+        let mut st = self.shared.lock();
+        let was_empty = st.out.is_empty();
+        st.queue_data(self.id, data, end);
+        let wrote = was_empty && !st.out.is_empty();
+        drop(st);
+        if wrote {
+            self.shared.writer.notify_one();
+        }
+    }
+
+    /// Reset the stream with `code` (the request body failed); its answer fails too.
+    pub(crate) fn reset(&self, code: u32) {
+        let mut st = self.shared.lock();
+        let was_empty = st.out.is_empty();
+        let closed = st.closed.is_some();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return;
+        };
+        if s.error.is_some() || (s.recv_end && s.send_end) {
+            return;
+        }
+        s.error = Some(StreamError::Reset(code));
+        s.pending.clear();
+        s.pending_bytes = 0;
+        s.send_end = true;
+        s.wake_both();
+        if !closed {
+            frame::write_rst_stream(&mut st.out, self.id, code);
+        }
+        let wrote = was_empty && !st.out.is_empty();
+        drop(st);
+        if wrote {
+            self.shared.writer.notify_one();
+        }
     }
 }
 
@@ -696,7 +1042,7 @@ mod tests {
         let addr = etcd.client_addr(0);
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let (conn, driver) = handshake(tcp);
+        let (conn, _control, driver) = handshake(tcp);
         let task = tokio::spawn(driver);
         let authority = addr.to_string();
         let mut headers = HeaderMap::new();
@@ -808,7 +1154,7 @@ mod floor {
             let addr = etcd.client_addr(0);
             let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
             tcp.set_nodelay(true).unwrap();
-            let (conn, driver) = handshake(tcp);
+            let (conn, _control, driver) = handshake(tcp);
             tokio::spawn(driver);
             let authority = addr.to_string();
             let mut headers = HeaderMap::new();

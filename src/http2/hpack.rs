@@ -463,17 +463,45 @@ impl Decoder {
 #[derive(Debug)]
 pub(crate) struct Encoder {
     table: DynamicTable,
+    /// Table size updates to announce at the start of the next block: the smallest size
+    /// since the last block, then the current one (§4.2, §6.3).
+    pending_update: Option<(usize, usize)>,
 }
 
 impl Default for Encoder {
     fn default() -> Self {
         Encoder {
             table: DynamicTable::new(4096),
+            pending_update: None,
         }
     }
 }
 
 impl Encoder {
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE: our table is kept within it (and within the
+    /// default 4096, which is all we use), announced at the start of the next block.
+    pub(crate) fn set_peer_limit(&mut self, limit: u32) {
+        let size = (limit as usize).min(4096);
+        if size == self.table.max {
+            return;
+        }
+        self.table.set_max(size);
+        self.pending_update = Some(match self.pending_update {
+            Some((low, _)) => (low.min(size), size),
+            None => (size, size),
+        });
+    }
+
+    /// Start a header block: announces a changed table size first.
+    pub(crate) fn begin_block(&mut self, out: &mut Vec<u8>) {
+        if let Some((low, size)) = self.pending_update.take() {
+            if low != size {
+                encode_int(out, 0x20, 5, low);
+            }
+            encode_int(out, 0x20, 5, size);
+        }
+    }
+
     /// Append the representation of one field to `out`: an index when the static or dynamic
     /// table has the field, else a literal (name by index when a table has the name) added to
     /// the dynamic table.
@@ -711,6 +739,32 @@ mod tests {
         d.decode(&[0x20], |_, _| {}).unwrap();
         assert!(d.table.entries.is_empty());
         assert!(d.decode(&[0x80], |_, _| {}).is_err(), "index 0");
+    }
+
+    #[test]
+    fn the_encoder_announces_and_keeps_a_smaller_peer_limit() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::new(4096);
+        let mut block = Vec::new();
+        e.begin_block(&mut block);
+        e.field(b"x-long", &[b'a'; 100], &mut block);
+        assert_eq!(decode_all(&mut d, &block).unwrap().len(), 1);
+        // The peer lowers its table to 64 bytes, then to 0 and back to 50 before the next
+        // block: both the low point and the final size are announced.
+        e.set_peer_limit(64);
+        e.set_peer_limit(0);
+        e.set_peer_limit(50);
+        block.clear();
+        e.begin_block(&mut block);
+        // 0, then 50 (31 in the prefix, 19 after).
+        assert_eq!(block, [0x20, 0x3f, 19]);
+        e.field(b"x-long", &[b'a'; 100], &mut block);
+        e.field(b"k", b"v", &mut block);
+        e.field(b"k", b"v", &mut block);
+        let fields = decode_all(&mut d, &block).unwrap();
+        assert_eq!(fields.len(), 3);
+        assert_eq!(fields[2], ("k".into(), "v".into()));
+        assert!(e.table.size <= 50 && d.table.size <= 50);
     }
 
     #[test]
