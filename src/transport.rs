@@ -1,19 +1,18 @@
-//! The HTTP/2 transport: one connection per endpoint, straight on the `h2` crate.
+//! The HTTP/2 transport: one connection per endpoint, on our own HTTP/2 client
+//! ([`crate::http2`]).
 //!
-//! A [`Channel`] is a lazily connected, self-healing HTTP/2 connection to one endpoint. It
-//! replaces tonic's `Channel` (and with it hyper's client dispatch and tonic's buffer task):
+//! A [`Channel`] is a lazily connected, self-healing HTTP/2 connection to one endpoint:
 //!
-//! - **Unary calls** send their headers and their one body frame from the caller's task
-//!   ([`Channel::unary`]); nothing is spawned and nothing crosses to another task except what
-//!   h2's connection task writes.
-//! - **Streams** send their request body from a small pipe task that waits for flow-control
-//!   capacity and ends when the body ends, the server resets the stream, or the caller drops
-//!   the answer.
+//! - **Unary calls** encode their headers and their one body frame into the connection's
+//!   write buffer from the caller's task ([`Channel::unary`]); nothing is spawned per call.
+//! - **Streams** send the rest of their request body from a small pipe task that waits for
+//!   room in the stream's send queue and ends when the body ends, the server resets or ends
+//!   the stream, or the caller drops the answer.
 //! - It is a `tower::Service` for `http::Request<tonic::body::Body>`, so tonic's generated
 //!   clients (the raw API, the admin services) run on it unchanged.
 //!
 //! **Connecting.** The first request connects (TCP or a unix socket, or the user's connector;
-//! then TLS for `https://`; then the HTTP/2 handshake), within the connect timeout. Requests
+//! then TLS for `https://`; then the HTTP/2 preface), within the connect timeout. Requests
 //! that arrive meanwhile wait for the same attempt. A failed attempt fails every request that
 //! waited for it, as "never sent" (the balancer then tries another endpoint); the next request
 //! starts a new attempt. When an established connection is found closed, one new connection
@@ -27,41 +26,30 @@
 //! client does not ping idle connections by default either.
 //!
 //! **Ownership.** The connection task belongs to the channel: when the last clone of the
-//! channel and the last request or stream on it are gone, h2 closes the connection and the
-//! task ends.
+//! channel and the last request or stream on it are gone, the connection says GOAWAY and
+//! closes, and the task ends.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
-use h2::{Reason, RecvStream, SendStream};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body::{Body, Frame};
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::OnceCell;
 use tonic::{Code, Status};
 
 use crate::balancer::ParsedEndpoint;
 use crate::balancer::hooks::{DynConnector, Io};
 use crate::client::{Config, ExecutorAdapter};
 use crate::error::{Error, Result};
+use crate::http2::conn::{self as h2conn, ResponseStream, SendHandle, StreamError};
+use crate::http2::frame::code as reason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-/// HTTP/2 flow-control window of each stream (what hyper, and so tonic, use by default).
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// HTTP/2 flow-control window of the whole connection (hyper's default too).
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// Received bytes handed out before their flow-control capacity is given back at the latest
-/// (a small fraction of the stream window, so the sender never waits for it).
-const RELEASE_BATCH: usize = 64 * 1024;
-/// How much a connection buffers per stream before a sender waits (hyper's default).
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// How every connection of a client is made: timeouts, keep-alive, the user's connector, TLS.
 #[derive(Clone)]
@@ -138,8 +126,9 @@ struct Inner {
     endpoint: String,
     /// What the user's connector is called with.
     uri: http::Uri,
-    scheme: Scheme,
-    authority: Authority,
+    /// `:scheme` and `:authority` of every request.
+    scheme: &'static str,
+    authority: String,
     address: Address,
     #[cfg(feature = "tls")]
     tls: Option<(
@@ -153,16 +142,13 @@ struct Inner {
 
 /// One connection attempt and, once made, the connection.
 struct Conn {
-    made: OnceCell<std::result::Result<SendRequest<Bytes>, Arc<TransportError>>>,
-    /// Requests and streams open on this connection (keep-alive pings only while non-zero).
-    open: AtomicUsize,
+    made: OnceCell<std::result::Result<h2conn::Conn, Arc<TransportError>>>,
 }
 
 impl Conn {
     fn new() -> Arc<Conn> {
         Arc::new(Conn {
             made: OnceCell::new(),
-            open: AtomicUsize::new(0),
         })
     }
 }
@@ -178,8 +164,9 @@ impl fmt::Debug for Channel {
 /// Why a request failed in the transport (the source of its [`Status`]).
 #[derive(Debug)]
 pub(crate) struct TransportError {
-    /// True when the request never reached the server: the connection could not be made, or
-    /// it was gone before the request was written.
+    /// True when the request never reached the server: the connection could not be made,
+    /// it was closed before the request was written, or the server refused the stream or
+    /// went away without processing it.
     never_sent: bool,
     message: String,
     source: Option<BoxError>,
@@ -204,43 +191,59 @@ impl fmt::Display for TransportError {
 
 impl std::error::Error for TransportError {}
 
+fn status_of(code: Code, err: TransportError) -> Status {
+    let err = Arc::new(err);
+    let mut status = Status::new(code, err.to_string());
+    status.set_source(err);
+    status
+}
+
 fn unavailable(err: Arc<TransportError>) -> Status {
     let mut status = Status::new(Code::Unavailable, err.to_string());
     status.set_source(err);
     status
 }
 
-fn closed_before_sent(e: impl Into<BoxError>) -> Status {
-    unavailable(Arc::new(TransportError {
-        never_sent: true,
-        message: "the connection closed before the request was sent".into(),
-        source: Some(e.into()),
-    }))
-}
-
-/// The status of a request or stream that h2 failed, mapped as gRPC maps HTTP/2 errors. A
-/// stream the server refused, or left unprocessed when it went away, was never sent.
-pub(crate) fn status_from_h2(e: h2::Error) -> Status {
-    let refused = e.reason() == Some(Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote());
-    let code = if refused || e.is_io() || e.is_go_away() {
-        Code::Unavailable
-    } else {
-        match e.reason() {
-            Some(Reason::CANCEL) => Code::Cancelled,
-            Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
-            Some(Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
-            Some(_) => Code::Internal,
-            None => Code::Unavailable,
+/// The status of a failed request or stream, mapped as gRPC maps HTTP/2 errors. A stream the
+/// server refused, or left unprocessed when it went away, was never sent.
+pub(crate) fn status_from_stream(e: StreamError) -> Status {
+    let (code, never_sent, message) = match e {
+        StreamError::NotProcessed => (
+            Code::Unavailable,
+            true,
+            "the server did not process the request (the connection was closing or closed, \
+             or the server refused the stream)"
+                .to_owned(),
+        ),
+        StreamError::AtCapacity => (
+            Code::Unavailable,
+            true,
+            "the server's stream limit was reached".to_owned(),
+        ),
+        StreamError::ConnectionLost(why) => (Code::Unavailable, false, why),
+        StreamError::Reset(c) => {
+            let code = match c {
+                reason::REFUSED_STREAM => Code::Unavailable,
+                reason::CANCEL => Code::Cancelled,
+                reason::ENHANCE_YOUR_CALM | reason::FLOW_CONTROL_ERROR => Code::ResourceExhausted,
+                reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+                _ => Code::Internal,
+            };
+            (
+                code,
+                c == reason::REFUSED_STREAM,
+                format!("the stream was reset (HTTP/2 error code {c})"),
+            )
         }
     };
-    let err = Arc::new(TransportError {
-        never_sent: refused,
-        message: "connection error".into(),
-        source: Some(Box::new(e)),
-    });
-    let mut status = Status::new(code, err.to_string());
-    status.set_source(err);
-    status
+    status_of(
+        code,
+        TransportError {
+            never_sent,
+            message,
+            source: None,
+        },
+    )
 }
 
 impl Channel {
@@ -269,8 +272,12 @@ impl Channel {
                     uri,
                 )
             };
+        let https = scheme == Scheme::HTTPS;
+        if !https && scheme != Scheme::HTTP {
+            return Err(bad("the scheme must be http or https"));
+        }
         #[cfg(feature = "tls")]
-        let tls = if scheme == Scheme::HTTPS {
+        let tls = if https {
             let tls = settings.tls(endpoint)?;
             let host = authority
                 .host()
@@ -287,8 +294,8 @@ impl Channel {
             inner: Arc::new(Inner {
                 endpoint: endpoint.original.clone(),
                 uri,
-                scheme,
-                authority,
+                scheme: if https { "https" } else { "http" },
+                authority: authority.as_str().to_owned(),
                 address,
                 #[cfg(feature = "tls")]
                 tls,
@@ -311,55 +318,63 @@ impl Channel {
         }
     }
 
-    /// A ready handle to send one request on, and the connection it belongs to. Connects
-    /// when needed; an established connection found closed is replaced once, within the call.
-    async fn ready(&self) -> std::result::Result<(SendRequest<Bytes>, Arc<Conn>), Status> {
-        let mut reconnected = false;
-        loop {
-            let conn = self.current();
-            let made = match conn.made.get() {
-                Some(made) => made,
-                // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is a large future that
-                // would otherwise grow, and be copied with, every request's future.
-                None => {
-                    conn.made
-                        .get_or_init(|| Box::pin(self.inner.connect(&conn)))
-                        .await
-                }
-            };
-            let mut send = match made {
-                Ok(send) => send.clone(),
-                Err(e) => {
-                    self.inner.replace(&conn);
-                    return Err(unavailable(e.clone()));
-                }
-            };
-            match std::future::poll_fn(|cx| send.poll_ready(cx)).await {
-                Ok(()) => return Ok((send, conn)),
-                Err(e) => {
-                    self.inner.replace(&conn);
-                    if reconnected {
-                        return Err(closed_before_sent(e));
-                    }
-                    reconnected = true;
-                }
+    /// The connection to send on, and its slot. Connects when needed.
+    async fn ready(&self) -> std::result::Result<(h2conn::Conn, Arc<Conn>), Status> {
+        let slot = self.current();
+        let made = match slot.made.get() {
+            Some(made) => made,
+            // Boxed: connecting (TCP, TLS, the HTTP/2 preface) is a large future that would
+            // otherwise grow, and be copied with, every request's future.
+            None => {
+                slot.made
+                    .get_or_init(|| Box::pin(self.inner.connect(&slot)))
+                    .await
+            }
+        };
+        match made {
+            Ok(conn) => Ok((conn.clone(), slot)),
+            Err(e) => {
+                let e = e.clone();
+                self.inner.replace(&slot);
+                Err(unavailable(e))
             }
         }
     }
 
-    /// The request head h2 sends: POST to `path` on this endpoint, with `headers`.
-    fn head(&self, path: PathAndQuery, headers: http::HeaderMap) -> http::Request<()> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.inner.scheme.clone());
-        parts.authority = Some(self.inner.authority.clone());
-        parts.path_and_query = Some(path);
-        let mut head = http::Request::new(());
-        *head.method_mut() = http::Method::POST;
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *head.uri_mut() = uri;
+    /// Open a stream for `path` with `headers` and the first (or whole, when `end`) part of
+    /// the body. A connection found closed is replaced once, within the call; under the
+    /// server's stream limit the call waits for room.
+    async fn open(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        body: Bytes,
+        end: bool,
+    ) -> std::result::Result<ResponseStream, Status> {
+        let mut reconnected = false;
+        loop {
+            let (conn, slot) = self.ready().await?;
+            let inner = &self.inner;
+            match conn.send_request(
+                inner.scheme,
+                &inner.authority,
+                path,
+                headers,
+                body.clone(),
+                end,
+            ) {
+                Ok(stream) => return Ok(stream),
+                Err(StreamError::AtCapacity) => conn.wait_room().await,
+                Err(StreamError::NotProcessed) if !reconnected => {
+                    inner.replace(&slot);
+                    reconnected = true;
+                }
+                Err(e) => {
+                    inner.replace(&slot);
+                    return Err(status_from_stream(e));
+                }
+            }
         }
-        *head.headers_mut() = headers;
-        head
     }
 
     /// Send a request whose whole body is `body` (one gRPC message, already framed) from the
@@ -370,8 +385,8 @@ impl Channel {
         headers: http::HeaderMap,
         body: Bytes,
     ) -> std::result::Result<http::Response<RecvBody>, Status> {
-        self.send_whole(PathAndQuery::from_static(path), headers, body)
-            .await
+        let stream = self.open(path, &headers, body, true).await?;
+        response(stream).await
     }
 
     /// [`unary`](Self::unary) for any path.
@@ -381,17 +396,13 @@ impl Channel {
         headers: http::HeaderMap,
         body: Bytes,
     ) -> std::result::Result<http::Response<RecvBody>, Status> {
-        let (mut send, conn) = self.ready().await?;
-        let open = OpenGuard::new(conn);
-        let head = self.head(path, headers);
-        let (response, mut stream) = send.send_request(head, false).map_err(closed_before_sent)?;
-        stream.send_data(body, true).map_err(status_from_h2)?;
-        let response = response.await.map_err(status_from_h2)?;
-        Ok(response.map(|recv| RecvBody::new(recv, open, None)))
+        let stream = self.open(path.as_str(), &headers, body, true).await?;
+        response(stream).await
     }
 
     /// Send a request whose body is sent, as it comes, by a pipe task; wait for the answer's
-    /// head. The pipe ends with the body, a reset, or when the answer is dropped.
+    /// head. The pipe ends with the body, when the stream ends or fails, or when the answer
+    /// is dropped.
     pub(crate) async fn request<B>(
         &self,
         path: PathAndQuery,
@@ -402,46 +413,32 @@ impl Channel {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        let (mut send, conn) = self.ready().await?;
-        let open = OpenGuard::new(conn);
-        let head = self.head(path, headers);
         let end = body.is_end_stream();
-        let (response, stream) = send.send_request(head, end).map_err(closed_before_sent)?;
-        let stop = if end {
-            None
-        } else {
-            let (stop, stopped) = oneshot::channel();
-            self.inner.settings.exec.spawn(pipe(body, stream, stopped));
-            Some(stop)
-        };
-        let response = WaitHead {
-            response,
-            _stop: stop,
-        };
-        let (response, stop) = response.await?;
-        Ok(response.map(|recv| RecvBody::new(recv, open, stop)))
+        let stream = self
+            .open(path.as_str(), &headers, Bytes::new(), end)
+            .await?;
+        if !end {
+            self.inner.settings.exec.spawn(pipe(body, stream.sender()));
+        }
+        response(stream).await
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The answer's head; holds the pipe's stop signal so that dropping the wait (a deadline)
-    /// also stops the pipe.
-    struct WaitHead {
-        #[pin]
-        response: ResponseFuture,
-        _stop: Option<oneshot::Sender<()>>,
-    }
-}
-
-impl Future for WaitHead {
-    type Output =
-        std::result::Result<(http::Response<RecvStream>, Option<oneshot::Sender<()>>), Status>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.response.poll(cx)).map_err(status_from_h2)?;
-        Poll::Ready(Ok((response, this._stop.take())))
-    }
+/// Wait for the answer's head of `stream`; the answer's body reads the rest.
+async fn response(
+    mut stream: ResponseStream,
+) -> std::result::Result<http::Response<RecvBody>, Status> {
+    let (status, headers) = std::future::poll_fn(|cx| stream.poll_head(cx))
+        .await
+        .map_err(status_from_stream)?;
+    let mut response = http::Response::new(RecvBody {
+        stream,
+        state: BodyState::Data,
+    });
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = headers;
+    Ok(response)
 }
 
 impl Inner {
@@ -456,11 +453,11 @@ impl Inner {
         }
     }
 
-    /// Make the connection of `conn` and start its task.
+    /// Make the connection of `slot` and start its task.
     async fn connect(
         self: &Arc<Self>,
-        conn: &Arc<Conn>,
-    ) -> std::result::Result<SendRequest<Bytes>, Arc<TransportError>> {
+        slot: &Arc<Conn>,
+    ) -> std::result::Result<h2conn::Conn, Arc<TransportError>> {
         let failed = |message: String, source: Option<BoxError>| {
             Arc::new(TransportError {
                 never_sent: true,
@@ -469,8 +466,8 @@ impl Inner {
             })
         };
         let timeout = self.settings.connect_timeout;
-        let made = match tokio::time::timeout(timeout, self.handshake()).await {
-            Ok(Ok(made)) => made,
+        let io = match tokio::time::timeout(timeout, self.dial()).await {
+            Ok(Ok(io)) => io,
             Ok(Err(e)) => return Err(failed("connection failed".into(), Some(e))),
             Err(_) => {
                 return Err(failed(
@@ -479,23 +476,19 @@ impl Inner {
                 ));
             }
         };
-        let (send, mut connection) = made;
-        let ping = connection.ping_pong();
+        let (conn, control, driver) = h2conn::handshake(io);
         let task = ConnTask {
             inner: Arc::downgrade(self),
-            conn: Arc::downgrade(conn),
+            slot: Arc::downgrade(slot),
             interval: self.settings.keep_alive_interval,
             timeout: self.settings.keep_alive_timeout,
         };
-        self.settings.exec.spawn(task.run(connection, ping));
-        Ok(send)
+        self.settings.exec.spawn(task.run(driver, control));
+        Ok(conn)
     }
 
-    /// TCP (or unix socket, or the user's connector), then TLS, then the HTTP/2 preface.
-    async fn handshake(
-        &self,
-    ) -> std::result::Result<(SendRequest<Bytes>, h2::client::Connection<Box<dyn Io>>), BoxError>
-    {
+    /// TCP (or unix socket, or the user's connector), then TLS.
+    async fn dial(&self) -> std::result::Result<Box<dyn Io>, BoxError> {
         let io: Box<dyn Io> = match (&self.settings.connector, &self.address) {
             (Some(c), _) => c.connect(self.uri.clone()).await?,
             (None, Address::Tcp(addr)) => {
@@ -510,64 +503,43 @@ impl Inner {
             Some((tls, name)) => Box::new(tls.connect(name.clone(), io).await?),
             None => io,
         };
-        let made = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .enable_push(false)
-            .handshake(io)
-            .await?;
-        Ok(made)
+        Ok(io)
     }
 }
 
 /// The task that drives one connection and keeps it alive.
 struct ConnTask {
     inner: Weak<Inner>,
-    conn: Weak<Conn>,
+    slot: Weak<Conn>,
     interval: Duration,
     timeout: Duration,
 }
 
 impl ConnTask {
-    async fn run(
-        self,
-        connection: h2::client::Connection<Box<dyn Io>>,
-        ping: Option<h2::PingPong>,
-    ) {
+    async fn run(self, driver: impl Future<Output = ()>, control: h2conn::Control) {
         tokio::select! {
-            r = connection => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection closed");
-                }
-            }
-            () = self.keep_alive(ping) => {
+            () = driver => tracing::debug!("connection closed"),
+            () = self.keep_alive(&control) => {
                 tracing::debug!("keep-alive ping unanswered: connection dropped");
+                control.fail("keep-alive ping unanswered: connection dropped");
             }
         }
         // Gone (or going): the next request makes a new connection.
-        if let (Some(inner), Some(conn)) = (self.inner.upgrade(), self.conn.upgrade()) {
-            inner.replace(&conn);
+        if let (Some(inner), Some(slot)) = (self.inner.upgrade(), self.slot.upgrade()) {
+            inner.replace(&slot);
         }
     }
 
     /// Returns when a ping went unanswered for the keep-alive timeout.
-    async fn keep_alive(&self, ping: Option<h2::PingPong>) {
-        let Some(mut ping) = ping else {
-            return std::future::pending().await;
-        };
+    async fn keep_alive(&self, control: &h2conn::Control) {
         loop {
             tokio::time::sleep(self.interval).await;
-            let busy = self
-                .conn
-                .upgrade()
-                .is_some_and(|c| c.open.load(Ordering::Relaxed) > 0);
-            if !busy {
+            if control.open_streams() == 0 {
                 continue;
             }
-            match tokio::time::timeout(self.timeout, ping.ping(h2::Ping::opaque())).await {
-                Ok(Ok(_)) => {}
-                // The connection failed: its own future reports that.
+            match tokio::time::timeout(self.timeout, control.ping()).await {
+                Ok(Ok(())) => {}
+                // The connection failed: the driver reports that.
                 Ok(Err(_)) => return std::future::pending().await,
                 Err(_) => return,
             }
@@ -575,91 +547,51 @@ impl ConnTask {
     }
 }
 
-/// Counts a request or stream as open on its connection while it lives.
-struct OpenGuard {
-    conn: Arc<Conn>,
-}
-
-impl OpenGuard {
-    fn new(conn: Arc<Conn>) -> Self {
-        conn.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard { conn }
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.conn.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Sends a streaming request's body: waits for flow-control capacity before taking the next
-/// frame, and stops when the body ends or fails, the server resets the stream, or the answer
-/// is dropped (`stop`).
-async fn pipe<B>(mut body: B, mut send: SendStream<Bytes>, mut stop: oneshot::Receiver<()>)
+/// Sends a streaming request's body: waits for room in the stream's send queue before taking
+/// the next frame, and stops when the body ends or fails, or the stream takes no more (it
+/// was reset or answered, or the answer was dropped).
+async fn pipe<B>(mut body: B, send: SendHandle)
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    enum Next<D, E> {
-        Stop,
-        Frame(Option<std::result::Result<Frame<D>, E>>),
-    }
     loop {
-        send.reserve_capacity(1);
         let next = std::future::poll_fn(|cx| {
-            if Pin::new(&mut stop).poll(cx).is_ready() || send.poll_reset(cx).is_ready() {
-                return Poll::Ready(Next::Stop);
+            if !ready!(send.poll_capacity(cx)) {
+                return Poll::Ready(None);
             }
-            while send.capacity() == 0 {
-                match ready!(send.poll_capacity(cx)) {
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return Poll::Ready(Next::Stop),
-                }
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Next::Frame)
+            Pin::new(&mut body).poll_frame(cx).map(Some)
         })
         .await;
-        let sent = match next {
-            Next::Stop => return,
-            Next::Frame(None) => {
-                let _ = send.send_data(Bytes::new(), true);
+        match next {
+            None => return,
+            Some(None) => {
+                send.send_data(Bytes::new(), true);
                 return;
             }
-            Next::Frame(Some(Ok(frame))) => match frame.into_data() {
+            Some(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => send.send_data(data, false),
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => {
-                        let _ = send.send_trailers(trailers);
-                        return;
-                    }
-                    Err(_) => Ok(()),
-                },
+                // Request trailers: gRPC has none; end the request.
+                Err(_) => {
+                    send.send_data(Bytes::new(), true);
+                    return;
+                }
             },
-            Next::Frame(Some(Err(e))) => {
+            Some(Some(Err(e))) => {
                 let e: BoxError = e.into();
                 tracing::debug!(error = %e, "request body failed: stream reset");
-                send.send_reset(Reason::CANCEL);
+                send.reset(reason::CANCEL);
                 return;
             }
-        };
-        if sent.is_err() {
-            return;
         }
     }
 }
 
-/// The body of an answer: its DATA frames, then its trailers. The flow-control capacity of
-/// the frames handed out is given back in batches (every 64 KiB, and whenever
-/// no more data is waiting), not frame by frame: a watch stream gets thousands of small ones.
+/// The body of an answer: its DATA frames, then its trailers. Flow-control capacity is
+/// given back by the connection as the frames are handed out.
 pub struct RecvBody {
-    recv: RecvStream,
-    /// Bytes handed out but not yet given back to flow control (given back in batches).
-    unreleased: usize,
+    stream: ResponseStream,
     state: BodyState,
-    _open: OpenGuard,
-    /// Dropping it stops the request's pipe task.
-    _stop: Option<oneshot::Sender<()>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -667,26 +599,6 @@ enum BodyState {
     Data,
     Trailers,
     Done,
-}
-
-impl RecvBody {
-    fn new(recv: RecvStream, open: OpenGuard, stop: Option<oneshot::Sender<()>>) -> Self {
-        RecvBody {
-            recv,
-            unreleased: 0,
-            state: BodyState::Data,
-            _open: open,
-            _stop: stop,
-        }
-    }
-
-    /// Give the flow-control capacity of the data handed out so far back to the sender.
-    fn release(&mut self) {
-        if self.unreleased > 0 {
-            let _ = self.recv.flow_control().release_capacity(self.unreleased);
-            self.unreleased = 0;
-        }
-    }
 }
 
 impl fmt::Debug for RecvBody {
@@ -705,36 +617,22 @@ impl Body for RecvBody {
     ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         if this.state == BodyState::Data {
-            match this.recv.poll_data(cx) {
-                Poll::Pending => {
-                    // Caught up: give back what was handed out, so the sender can go on.
-                    this.release();
-                    return Poll::Pending;
-                }
-                Poll::Ready(Some(Ok(data))) => {
-                    this.unreleased += data.len();
-                    if this.unreleased >= RELEASE_BATCH {
-                        this.release();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Some(Err(e)) => {
                     this.state = BodyState::Done;
-                    return Poll::Ready(Some(Err(status_from_h2(e))));
+                    return Poll::Ready(Some(Err(status_from_stream(e))));
                 }
-                Poll::Ready(None) => {
-                    this.release();
-                    this.state = BodyState::Trailers;
-                }
+                None => this.state = BodyState::Trailers,
             }
         }
         if this.state == BodyState::Trailers {
-            let r = ready!(this.recv.poll_trailers(cx));
+            let r = ready!(this.stream.poll_trailers(cx));
             this.state = BodyState::Done;
             return Poll::Ready(match r {
                 Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
                 Ok(None) => None,
-                Err(e) => Some(Err(status_from_h2(e))),
+                Err(e) => Some(Err(status_from_stream(e))),
             });
         }
         Poll::Ready(None)

@@ -125,7 +125,8 @@ impl Stream {
 
     /// Fail the stream unless its answer is complete.
     fn fail(&mut self, err: &StreamError) {
-        if self.error.is_none() && !(self.recv_end && (self.trailers.is_some() || self.head.is_some()))
+        if self.error.is_none()
+            && !(self.recv_end && (self.trailers.is_some() || self.head.is_some()))
         {
             self.error = Some(err.clone());
         }
@@ -480,7 +481,11 @@ impl State {
                     Some(s) if s.error.is_none() && !s.recv_end => {
                         s.recv_window -= i64::from(flow_len);
                         if s.recv_window < 0 {
-                            frame::write_rst_stream(&mut self.out, stream, code::FLOW_CONTROL_ERROR);
+                            frame::write_rst_stream(
+                                &mut self.out,
+                                stream,
+                                code::FLOW_CONTROL_ERROR,
+                            );
                             s.error = Some(StreamError::Reset(code::FLOW_CONTROL_ERROR));
                             s.wake_both();
                             self.conn_unacked += flow_len;
@@ -700,12 +705,6 @@ impl State {
 }
 
 impl Conn {
-    /// Whether new requests would be refused (the connection failed, the server is going,
-    /// or stream ids ran out).
-    pub(crate) fn is_closed(&self) -> bool {
-        self.shared.lock().closed.is_some()
-    }
-
     /// Wait until the peer's MAX_CONCURRENT_STREAMS leaves room for a new stream (or the
     /// connection closed).
     pub(crate) async fn wait_room(&self) {
@@ -814,9 +813,9 @@ impl Control {
             }
             if st.dead {
                 let e = st.closed.clone();
-                return Poll::Ready(Err(e.unwrap_or(StreamError::ConnectionLost(
-                    "the connection failed".into(),
-                ))));
+                return Poll::Ready(Err(
+                    e.unwrap_or(StreamError::ConnectionLost("the connection failed".into()))
+                ));
             }
             st.pings.waker = Some(cx.waker().clone());
             Poll::Pending
@@ -826,7 +825,8 @@ impl Control {
 
     /// Fail the connection (a keep-alive timeout): its streams fail, new ones are refused.
     pub(crate) fn fail(&self, why: &str) {
-        self.shared.fail(StreamError::ConnectionLost(why.to_owned()));
+        self.shared
+            .fail(StreamError::ConnectionLost(why.to_owned()));
     }
 }
 
@@ -976,7 +976,11 @@ impl SendHandle {
         if s.error.is_some() || s.send_end || s.pending_end || s.recv_end {
             return Poll::Ready(false);
         }
-        if !s.send_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if !s
+            .send_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
             s.send_waker = Some(cx.waker().clone());
         }
         if s.pending_bytes < SEND_BUFFER {

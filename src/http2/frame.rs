@@ -37,6 +37,7 @@ pub(crate) mod flag {
 }
 
 /// Error codes (§7).
+#[allow(dead_code)] // the whole table (§7), not all of it used
 pub(crate) mod code {
     pub(crate) const NO_ERROR: u32 = 0x0;
     pub(crate) const PROTOCOL_ERROR: u32 = 0x1;
@@ -55,6 +56,7 @@ pub(crate) mod code {
 }
 
 /// SETTINGS parameters (§6.5.2).
+#[allow(dead_code)] // the whole table (§6.5.2), not all of it used
 pub(crate) mod setting {
     pub(crate) const HEADER_TABLE_SIZE: u16 = 0x1;
     pub(crate) const ENABLE_PUSH: u16 = 0x2;

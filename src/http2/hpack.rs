@@ -220,6 +220,7 @@ fn huffman_decode(bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
 }
 
 /// Huffman-code `s` (used by tests; the encoder sends plain strings).
+#[cfg(test)]
 fn huffman_encode(s: &[u8], out: &mut Vec<u8>) {
     let h = &HUFFMAN;
     let mut acc: u64 = 0;
