@@ -1129,6 +1129,217 @@ mod tests {
     }
 }
 
+/// Protocol edge cases against a real HTTP/2 server of another implementation (the `h2`
+/// crate's, in memory): the peer's limits, refused streams, GOAWAY, pings.
+#[cfg(test)]
+mod peer {
+    use super::*;
+    use std::time::Duration;
+
+    fn grpc_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        h
+    }
+
+    /// Status, data and trailers of an answer.
+    async fn answer(
+        mut s: ResponseStream,
+    ) -> Result<(u16, Vec<u8>, Option<HeaderMap>), StreamError> {
+        let (status, _) = std::future::poll_fn(|cx| s.poll_head(cx)).await?;
+        let mut data = Vec::new();
+        while let Some(d) = std::future::poll_fn(|cx| s.poll_data(cx)).await {
+            data.extend_from_slice(&d?);
+        }
+        let trailers = std::future::poll_fn(|cx| s.poll_trailers(cx)).await?;
+        Ok((status, data, trailers))
+    }
+
+    /// Times a request found no room under the peer's stream limit.
+    static WAITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Open a stream, waiting for room under the peer's stream limit.
+    async fn open(conn: &Conn, body: Bytes) -> Result<ResponseStream, StreamError> {
+        for _ in 0..1000 {
+            match conn.send_request(
+                "http",
+                "peer",
+                "/echo.Len",
+                &grpc_headers(),
+                body.clone(),
+                true,
+            ) {
+                Err(StreamError::AtCapacity) => {
+                    WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    conn.wait_room().await;
+                }
+                other => return other,
+            }
+        }
+        panic!("no room in 1000 tries");
+    }
+
+    type Server = h2::server::Connection<tokio::io::DuplexStream, Bytes>;
+
+    /// Serve requests: the answer's data is the request body's length (8 bytes, big
+    /// endian), then `grpc-status: 0`. `on_request(n)` may refuse the n-th request (reset
+    /// with REFUSED_STREAM, returns true) or start a graceful shutdown.
+    async fn serve(mut conn: Server, mut on_request: impl FnMut(usize, &mut Server) -> bool) {
+        let mut n = 0;
+        let mut tasks = Vec::new();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            n += 1;
+            if on_request(n, &mut conn) {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            tasks.push(tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut len = 0u64;
+                while let Some(d) = body.data().await {
+                    let d = d.unwrap();
+                    len += d.len() as u64;
+                    body.flow_control().release_capacity(d.len()).unwrap();
+                }
+                let mut send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                send.send_data(Bytes::copy_from_slice(&len.to_be_bytes()), false)
+                    .unwrap();
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", HeaderValue::from_static("0"));
+                send.send_trailers(t).unwrap();
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// The peer allows one stream at a time, a 10-byte stream window and an empty header
+    /// table: concurrent requests wait for room, bodies trickle through the window, and our
+    /// encoder announces and keeps the smaller table (else the peer fails to decode).
+    #[tokio::test]
+    async fn the_peers_stream_limit_window_and_table_size_are_honoured() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let conn = h2::server::Builder::new()
+                .max_concurrent_streams(1)
+                .initial_window_size(10)
+                .header_table_size(0)
+                .handshake(theirs)
+                .await
+                .unwrap();
+            serve(conn, |_, _| false).await;
+        });
+        let (conn, control, driver) = handshake(ours);
+        let driver = tokio::spawn(driver);
+        // The first answer comes after the peer's SETTINGS: its limits apply from here on.
+        let (status, data, trailers) = answer(open(&conn, Bytes::from_static(b"x")).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!((status, data), (200, 1u64.to_be_bytes().to_vec()));
+        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+        assert_eq!(conn.shared.lock().encoder.table_limit(), 0);
+        let calls = (0..4u64).map(|i| {
+            let conn = conn.clone();
+            async move {
+                let len = 1000 * (i + 1);
+                let s = open(&conn, Bytes::from(vec![7u8; len as usize]))
+                    .await
+                    .unwrap();
+                let (_, data, _) = answer(s).await.unwrap();
+                assert_eq!(data, len.to_be_bytes().to_vec());
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(calls))
+            .await
+            .expect("every call answered");
+        assert_eq!(control.open_streams(), 0);
+        // Four at once under a limit of one: three found no room at first.
+        assert!(WAITS.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+        tokio::time::timeout(Duration::from_secs(5), control.ping())
+            .await
+            .expect("the ping is answered")
+            .unwrap();
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("the driver ends when the last handle is gone")
+            .unwrap();
+        server.await.unwrap();
+    }
+
+    /// A refused stream and the streams after the peer's GOAWAY are not processed (safe to
+    /// retry elsewhere); failing the connection fails its open streams.
+    #[tokio::test]
+    async fn refused_streams_and_goaway_are_not_processed() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let conn = h2::server::handshake(theirs).await.unwrap();
+            serve(conn, |n, conn| {
+                if n == 2 {
+                    conn.graceful_shutdown();
+                }
+                n == 1
+            })
+            .await;
+        });
+        let (conn, control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let first = answer(open(&conn, Bytes::from_static(b"a")).await.unwrap()).await;
+        assert_eq!(first.unwrap_err(), StreamError::NotProcessed);
+        // The second is answered; the server goes away meanwhile.
+        let (_, data, _) = answer(open(&conn, Bytes::from_static(b"bb")).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(data, 2u64.to_be_bytes().to_vec());
+        // Once its GOAWAY is in, new requests are refused at once, as never processed.
+        let mut refused = false;
+        for _ in 0..200 {
+            match open(&conn, Bytes::from_static(b"c")).await {
+                Err(e) => {
+                    assert_eq!(e, StreamError::NotProcessed);
+                    refused = true;
+                    break;
+                }
+                Ok(s) => {
+                    // Sent before the GOAWAY arrived: answered, or not processed.
+                    if let Err(e) = answer(s).await {
+                        assert_eq!(e, StreamError::NotProcessed);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused, "requests after GOAWAY are refused");
+        server.await.unwrap();
+        // A stream open when the connection is failed (a keep-alive timeout) fails with it.
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(theirs).await.unwrap();
+            // Accept and never answer.
+            let _held = conn.accept().await;
+            std::future::pending::<()>().await;
+        });
+        let (conn, control2, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let s = open(&conn, Bytes::from_static(b"d")).await.unwrap();
+        drop(control);
+        control2.fail("keep-alive ping unanswered");
+        match answer(s).await {
+            Err(StreamError::ConnectionLost(why)) => assert!(why.contains("keep-alive"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            conn.send_request("http", "peer", "/x", &grpc_headers(), Bytes::new(), true)
+                .err(),
+            Some(StreamError::NotProcessed)
+        );
+    }
+}
+
 #[cfg(test)]
 mod floor {
     use super::*;

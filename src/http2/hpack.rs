@@ -493,6 +493,12 @@ impl Encoder {
         });
     }
 
+    /// The size our dynamic table is kept within.
+    #[cfg(test)]
+    pub(crate) fn table_limit(&self) -> usize {
+        self.table.max
+    }
+
     /// Start a header block: announces a changed table size first.
     pub(crate) fn begin_block(&mut self, out: &mut Vec<u8>) {
         if let Some((low, size)) = self.pending_update.take() {
