@@ -614,7 +614,7 @@ fn kind_from_code(code: tonic::Code, msg: &str) -> ErrorKind {
         Code::ResourceExhausted => ErrorKind::TooManyRequests,
         Code::InvalidArgument => ErrorKind::InvalidArgument,
         Code::Internal if msg.contains("decode") => ErrorKind::Protocol,
-        // Transport-level failures surface as Unknown with an h2/hyper error as source.
+        // Transport failures reported as Unknown (by other transports under raw clients).
         Code::Unknown if msg.contains("transport error") || msg.contains("connection") => {
             ErrorKind::Unavailable
         }

@@ -6,8 +6,8 @@
 //! in round-robin order that is not backing off is pinned instead. A failed endpoint becomes a
 //! candidate again when its back-off expires; when every endpoint is backing off, the one whose
 //! back-off ends first is probed. HTTP/2 keep-alive pings (while requests or streams are open)
-//! detect a dead or paused member. The connections themselves are [`Channel`]s, our own
-//! transport on `h2` (see `crate::transport`).
+//! detect a dead or paused member. The connections themselves are [`Channel`]s: our own
+//! transport, on our own HTTP/2 client (see `crate::transport` and `crate::http2`).
 //!
 //! Retrying is decided per request by a [`RetryPolicy`] (see [`retry`]); this module only says
 //! where a request goes.

@@ -377,6 +377,26 @@ fn flow_control(why: &'static str) -> frame::ConnError {
     }
 }
 
+/// A response header's name: the ones every gRPC answer carries without parsing or
+/// allocating, others parsed.
+fn header_name(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
+        b"content-type" => http::header::CONTENT_TYPE,
+        b"grpc-status" => HeaderName::from_static("grpc-status"),
+        b"grpc-message" => HeaderName::from_static("grpc-message"),
+        _ => return HeaderName::from_bytes(name).ok(),
+    })
+}
+
+/// A response header's value: the common ones without allocating, others copied.
+fn header_value(value: &[u8]) -> Option<HeaderValue> {
+    Some(match value {
+        b"0" => HeaderValue::from_static("0"),
+        b"application/grpc" => HeaderValue::from_static("application/grpc"),
+        _ => return HeaderValue::from_bytes(value).ok(),
+    })
+}
+
 impl State {
     fn fail_all(&mut self, err: StreamError) {
         if self.closed.is_none() {
@@ -584,9 +604,7 @@ impl State {
                     status = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
                 } else if name.first() == Some(&b':') {
                     bad = true;
-                } else if let (Ok(n), Ok(v)) =
-                    (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-                {
+                } else if let (Some(n), Some(v)) = (header_name(name), header_value(value)) {
                     map.append(n, v);
                 } else {
                     bad = true;
