@@ -323,6 +323,12 @@ where
     let writer = async {
         loop {
             shared.writer.notified().await;
+            // With other requests open, let the tasks that are ready to run add theirs first:
+            // one write for all of them (a write costs as much as many requests). A lone
+            // request goes out at once.
+            if shared.lock().streams.len() > 1 {
+                tokio::task::yield_now().await;
+            }
             let (chunk, done) = {
                 let mut st = shared.lock();
                 let finishing = st.shutdown && st.streams.is_empty();
