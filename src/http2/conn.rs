@@ -38,6 +38,8 @@ const DEFAULT_WINDOW: i64 = 65_535;
 const SEND_BUFFER: usize = 1024 * 1024;
 /// The largest client stream id (§5.1.1): after it, a new connection is needed.
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// The largest header block we take (HEADERS and its CONTINUATIONs).
+const MAX_HEADER_BLOCK: usize = 1024 * 1024;
 /// How long the driver goes on writing (a GOAWAY, say) after the reading side ended.
 const LAST_WRITE: Duration = Duration::from_secs(1);
 
@@ -123,6 +125,13 @@ impl Stream {
         }
     }
 
+    /// Nothing more is sent on this stream (it failed or was reset): queued data is dropped.
+    fn stop_sending(&mut self) {
+        self.send_end = true;
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+
     /// Fail the stream unless its answer is complete.
     fn fail(&mut self, err: &StreamError) {
         if self.error.is_none()
@@ -188,6 +197,8 @@ struct State {
     dead: bool,
     pings: Pings,
     scratch: Vec<u8>,
+    /// A request waits for room under the peer's MAX_CONCURRENT_STREAMS.
+    room_wanted: bool,
 }
 
 struct Shared {
@@ -261,6 +272,7 @@ where
             dead: false,
             pings: Pings::default(),
             scratch: Vec::new(),
+            room_wanted: false,
         }),
         writer: Notify::new(),
         room: Notify::new(),
@@ -273,7 +285,15 @@ where
     let control = Control {
         shared: shared.clone(),
     };
-    (conn, control, drive(shared, io))
+    // However the driver ends (a panic, or dropped by its owner, even before it first ran),
+    // its streams fail and new requests are refused: nothing waits on a connection that
+    // nobody drives.
+    let guard = FailOnDrop(shared.clone());
+    let driver = async move {
+        let _guard = guard;
+        drive(shared, io).await;
+    };
+    (conn, control, driver)
 }
 
 /// The driver: a reader loop and a writer loop on the two halves of `io`. It ends when the
@@ -313,9 +333,14 @@ where
                 break format!("protocol error: {}", e.why);
             }
             let wrote = st.out.len() > before;
+            // SETTINGS may have raised the stream limit, GOAWAY closed the connection.
+            let room = st.take_room();
             drop(st);
             if wrote {
                 shared.writer.notify_one();
+            }
+            if room {
+                shared.room.notify_waiters();
             }
         };
         shared.fail(StreamError::ConnectionLost(why));
@@ -360,6 +385,16 @@ where
         () = &mut writer => {
             shared.fail(StreamError::ConnectionLost("the connection was closed".into()));
         }
+    }
+}
+
+/// Fails the connection when dropped (see `drive`).
+struct FailOnDrop(Arc<Shared>);
+
+impl Drop for FailOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .fail(StreamError::ConnectionLost("the connection ended".into()));
     }
 }
 
@@ -484,9 +519,19 @@ impl State {
             Frame::Continuation {
                 end_headers, block, ..
             } => {
-                if let Some((_, acc, _)) = &mut self.continuation {
-                    acc.extend_from_slice(&block);
+                let Some((_, acc, _)) = &mut self.continuation else {
+                    return Err(frame::ConnError {
+                        code: code::PROTOCOL_ERROR,
+                        why: "a CONTINUATION without a header block",
+                    });
+                };
+                if acc.len() + block.len() > MAX_HEADER_BLOCK {
+                    return Err(frame::ConnError {
+                        code: code::ENHANCE_YOUR_CALM,
+                        why: "a header block too large",
+                    });
                 }
+                acc.extend_from_slice(&block);
                 if end_headers && let Some((stream, acc, end)) = self.continuation.take() {
                     self.on_header_block(stream, &acc, end)?;
                 }
@@ -513,11 +558,18 @@ impl State {
                                 code::FLOW_CONTROL_ERROR,
                             );
                             s.error = Some(StreamError::Reset(code::FLOW_CONTROL_ERROR));
+                            s.stop_sending();
                             s.wake_both();
                             self.conn_unacked += flow_len;
                         } else {
                             s.unacked += padding;
                             self.conn_unacked += padding;
+                            if s.unacked >= STREAM_WINDOW / 2 && !end_stream {
+                                // Padding alone can fill the window: give it back here.
+                                frame::write_window_update(&mut self.out, stream, s.unacked);
+                                s.recv_window += i64::from(s.unacked);
+                                s.unacked = 0;
+                            }
                             if !data.is_empty() {
                                 s.data.push_back(data);
                             }
@@ -550,6 +602,7 @@ impl State {
                         };
                         frame::write_rst_stream(&mut self.out, stream, c);
                         s.error = Some(StreamError::Reset(c));
+                        s.stop_sending();
                         s.wake_both();
                     } else {
                         s.send_window += i64::from(increment);
@@ -581,6 +634,7 @@ impl State {
                 for (&id, s) in self.streams.iter_mut() {
                     if id > last_stream {
                         s.error = Some(StreamError::NotProcessed);
+                        s.stop_sending();
                         s.wake_both();
                     }
                 }
@@ -629,6 +683,7 @@ impl State {
         if bad {
             frame::write_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
             s.error = Some(StreamError::Reset(code::PROTOCOL_ERROR));
+            s.stop_sending();
         } else if s.head.is_none() {
             match status {
                 // Interim answers (1xx) are skipped.
@@ -637,6 +692,7 @@ impl State {
                 None => {
                     frame::write_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
                     s.error = Some(StreamError::Reset(code::PROTOCOL_ERROR));
+                    s.stop_sending();
                 }
             }
         } else {
@@ -719,6 +775,17 @@ impl State {
         }
     }
 
+    /// Whether requests waiting for room should be woken now (room was made, or the
+    /// connection closed); clears the wish.
+    fn take_room(&mut self) -> bool {
+        let room = self.room_wanted
+            && (self.streams.len() < self.peer_max_streams || self.closed.is_some());
+        if room {
+            self.room_wanted = false;
+        }
+        room
+    }
+
     fn maybe_ack_connection(&mut self) {
         if self.conn_unacked >= CONNECTION_WINDOW / 2 {
             frame::write_window_update(&mut self.out, 0, self.conn_unacked);
@@ -736,10 +803,11 @@ impl Conn {
         tokio::pin!(notified);
         notified.as_mut().enable();
         {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
             if st.streams.len() < st.peer_max_streams || st.closed.is_some() {
                 return;
             }
+            st.room_wanted = true;
         }
         notified.await;
     }
@@ -964,13 +1032,13 @@ impl Drop for ResponseStream {
         let held: u32 = s.data.iter().map(|d| d.len() as u32).sum();
         st.conn_unacked += held;
         let was_empty = st.out.is_empty();
-        if !(s.recv_end && s.send_end) && s.error.is_none() && st.closed.is_none() {
+        if !(s.recv_end && s.send_end) && s.error.is_none() && !st.dead {
             frame::write_rst_stream(&mut st.out, self.id, code::CANCEL);
         }
         st.maybe_ack_connection();
         let wrote = was_empty && !st.out.is_empty();
         let shutdown = st.shutdown && st.streams.is_empty();
-        let room = st.streams.len() + 1 == st.peer_max_streams;
+        let room = st.take_room();
         drop(st);
         s.wake_both();
         if wrote || shutdown {
@@ -1030,7 +1098,7 @@ impl SendHandle {
     pub(crate) fn reset(&self, code: u32) {
         let mut st = self.shared.lock();
         let was_empty = st.out.is_empty();
-        let closed = st.closed.is_some();
+        let dead = st.dead;
         let Some(s) = st.streams.get_mut(&self.id) else {
             return;
         };
@@ -1042,7 +1110,7 @@ impl SendHandle {
         s.pending_bytes = 0;
         s.send_end = true;
         s.wake_both();
-        if !closed {
+        if !dead {
             frame::write_rst_stream(&mut st.out, self.id, code);
         }
         let wrote = was_empty && !st.out.is_empty();
@@ -1293,6 +1361,66 @@ mod peer {
             .expect("the driver ends when the last handle is gone")
             .unwrap();
         server.await.unwrap();
+    }
+
+    /// A peer breaking the protocol (here a CONTINUATION with no header block before it)
+    /// fails the connection with a GOAWAY, and its open streams with it; so does a driver
+    /// that is dropped (or panics) instead of ending.
+    #[tokio::test]
+    async fn protocol_errors_and_a_dropped_driver_fail_the_streams() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let (conn, _control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        // The server: its SETTINGS, then a CONTINUATION on stream 1 out of the blue.
+        let mut out = BytesMut::new();
+        frame::write_settings(&mut out, &[]);
+        out.extend_from_slice(&[0, 0, 1, frame::kind::CONTINUATION, frame::flag::END_HEADERS]);
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&[0x88]);
+        theirs.write_all(&out).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), answer(s)).await {
+            Ok(Err(StreamError::ConnectionLost(why))) => {
+                assert!(why.contains("CONTINUATION"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Our GOAWAY (type 7) with PROTOCOL_ERROR is among what we wrote.
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), theirs.read_to_end(&mut seen)).await;
+        // Walk our frames (after the preface) to the GOAWAY and its error code.
+        let mut pos = frame::PREFACE.len();
+        let mut goaway_code = None;
+        while pos + 9 <= seen.len() {
+            let len = usize::from(seen[pos]) << 16
+                | usize::from(seen[pos + 1]) << 8
+                | usize::from(seen[pos + 2]);
+            if seen[pos + 3] == frame::kind::GOAWAY && pos + 9 + 8 <= seen.len() {
+                let c = &seen[pos + 9 + 4..pos + 9 + 8];
+                goaway_code = Some(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            pos += 9 + len;
+        }
+        assert_eq!(goaway_code, Some(code::PROTOCOL_ERROR), "{seen:?}");
+        assert_eq!(
+            open(&conn, Bytes::new()).await.err(),
+            Some(StreamError::NotProcessed)
+        );
+
+        // A driver dropped without ending.
+        let (ours, _theirs) = tokio::io::duplex(64 * 1024);
+        let (conn, _control, driver) = handshake(ours);
+        let s = open(&conn, Bytes::from_static(b"y")).await.unwrap();
+        drop(driver);
+        let r = tokio::time::timeout(Duration::from_secs(5), answer(s))
+            .await
+            .expect("the stream fails with its driver");
+        assert!(matches!(r, Err(StreamError::ConnectionLost(_))), "{r:?}");
+        assert_eq!(
+            open(&conn, Bytes::new()).await.err(),
+            Some(StreamError::NotProcessed)
+        );
     }
 
     /// A refused stream and the streams after the peer's GOAWAY are not processed (safe to

@@ -50,6 +50,10 @@ fn decode_int(buf: &[u8], pos: &mut usize, n: u8) -> Result<usize> {
             return Ok(value);
         }
         shift += 7;
+        if shift > 28 {
+            // Continuation bytes that add nothing (0x80): refused before the shift grows.
+            return Err(HpackError("integer too long"));
+        }
     }
 }
 
@@ -604,6 +608,19 @@ mod tests {
                 "{sym}"
             );
         }
+    }
+
+    #[test]
+    fn overlong_integers_are_refused_without_overflow() {
+        // A prefix full of ones, then continuation bytes that add nothing: refused, never a
+        // shift past the width of the value.
+        let mut block = vec![0xff];
+        block.extend(std::iter::repeat_n(0x80, 20));
+        block.push(0);
+        let mut pos = 0;
+        assert!(decode_int(&block, &mut pos, 7).is_err());
+        let mut d = Decoder::new(4096);
+        assert!(d.decode(&block, |_, _| {}).is_err());
     }
 
     #[test]
