@@ -43,7 +43,10 @@ pub struct RetryContext<'a> {
 /// Decides whether, and after which delay, a failed request is tried again.
 ///
 /// Install one with [`ClientBuilder::retry_policy`](crate::ClientBuilder::retry_policy). The
-/// client never retries past a request's deadline, whatever the policy says.
+/// client never retries past a request's deadline, whatever the policy says: a retry happens
+/// only when, after its delay, a tenth of the time left (at least 20 ms) remains for the
+/// attempt. Otherwise the request fails with its last error (for example `Unavailable`,
+/// listing what each endpoint did) rather than running into its deadline.
 pub trait RetryPolicy: Send + Sync + fmt::Debug + 'static {
     /// `Some(delay)`: try again after `delay` (on whichever endpoint the balancer picks then);
     /// `None`: give up and return the error.
@@ -163,12 +166,7 @@ impl<T: Clone, R> tower::retry::Policy<Attempt<T>, R, Error> for RetryState {
             remaining,
         };
         let decision = self.policy.retry(&ctx);
-        let delay = match (decision, remaining) {
-            (Some(d), Some(left)) if d < left => Some(d),
-            (_, Some(_)) => None,
-            (d, None) => d,
-        };
-        match delay {
+        match within_deadline(decision, remaining) {
             Some(d) => Some(Box::pin(tokio::time::sleep(d))),
             None => {
                 // Giving up. When more than one endpoint failed at the connection level, say
@@ -191,9 +189,41 @@ impl<T: Clone, R> tower::retry::Policy<Attempt<T>, R, Error> for RetryState {
     }
 }
 
+/// The policy's delay, when the retry it asks for fits the deadline: after the delay, a tenth
+/// of the time left (at least 20 ms) must remain for the attempt.
+fn within_deadline(decision: Option<Duration>, remaining: Option<Duration>) -> Option<Duration> {
+    match (decision, remaining) {
+        (Some(d), Some(left)) if d + (left / 10).max(Duration::from_millis(20)) < left => Some(d),
+        (_, Some(_)) => None,
+        (d, None) => d,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_leaves_room_for_its_attempt_before_the_deadline() {
+        let ms = Duration::from_millis;
+        // Plenty of time: the policy's delay.
+        assert_eq!(
+            within_deadline(Some(ms(100)), Some(ms(2000))),
+            Some(ms(100))
+        );
+        // The delay would end within the last tenth: give up now, with the real error.
+        assert_eq!(within_deadline(Some(ms(1850)), Some(ms(2000))), None);
+        assert_eq!(
+            within_deadline(Some(ms(1790)), Some(ms(2000))),
+            Some(ms(1790))
+        );
+        // At least 20 ms for the attempt, however short the deadline.
+        assert_eq!(within_deadline(Some(ms(85)), Some(ms(100))), None);
+        assert_eq!(within_deadline(Some(ms(75)), Some(ms(100))), Some(ms(75)));
+        // No deadline: the policy alone decides; no retry asked: none.
+        assert_eq!(within_deadline(Some(ms(5)), None), Some(ms(5)));
+        assert_eq!(within_deadline(None, Some(ms(2000))), None);
+    }
 
     fn ctx<'a>(idempotent: bool, error: &'a Error, attempts: u32) -> RetryContext<'a> {
         RetryContext {
