@@ -1128,9 +1128,15 @@ mod tests {
     use bytes::{Buf, BufMut};
     use prost::Message;
 
-    /// A unary gRPC Put and Range over our connection to a real etcd.
-    #[tokio::test]
-    async fn unary_calls_against_a_real_etcd() {
+    /// A single-member etcd and our connection to it (driver spawned), with its authority
+    /// and gRPC's request headers.
+    pub(super) async fn connect_to_etcd() -> (
+        crate::testkit::EtcdCluster,
+        Conn,
+        tokio::task::JoinHandle<()>,
+        String,
+        HeaderMap,
+    ) {
         let etcd = crate::testkit::EtcdCluster::builder()
             .start_async()
             .await
@@ -1140,10 +1146,16 @@ mod tests {
         tcp.set_nodelay(true).unwrap();
         let (conn, _control, driver) = handshake(tcp);
         let task = tokio::spawn(driver);
-        let authority = addr.to_string();
         let mut headers = HeaderMap::new();
         headers.insert("te", HeaderValue::from_static("trailers"));
         headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+        (etcd, conn, task, addr.to_string(), headers)
+    }
+
+    /// A unary gRPC Put and Range over our connection to a real etcd.
+    #[tokio::test]
+    async fn unary_calls_against_a_real_etcd() {
+        let (_etcd, conn, task, authority, headers) = connect_to_etcd().await;
         let call = |path: &'static str, msg: Vec<u8>| {
             let mut body = BytesMut::new();
             body.put_u8(0);
@@ -1514,19 +1526,8 @@ mod floor {
             .build()
             .unwrap();
         rt.block_on(async {
-            let etcd = crate::testkit::EtcdCluster::builder()
-                .start_async()
-                .await
-                .unwrap();
-            let addr = etcd.client_addr(0);
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let (conn, _control, driver) = handshake(tcp);
-            tokio::spawn(driver);
-            let authority = addr.to_string();
-            let mut headers = HeaderMap::new();
-            headers.insert("te", HeaderValue::from_static("trailers"));
-            headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+            let (_etcd, conn, _task, authority, mut headers) =
+                super::tests::connect_to_etcd().await;
             headers.insert("grpc-timeout", HeaderValue::from_static("5000m"));
             for i in 0..(50 + puts) {
                 let put = pb::PutRequest {
