@@ -149,4 +149,6 @@ pub use srv::SrvDiscovery;
 pub use tls::TlsOptions;
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
-pub use watch::{DEFAULT_WATCH_BUFFER, Event, EventKind, Watch, WatchBatch, WatchStats, Watcher};
+pub use watch::{
+    DEFAULT_WATCH_BUFFER, Event, EventKind, EventsIntoIter, Watch, WatchBatch, WatchStats, Watcher,
+};

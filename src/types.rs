@@ -48,6 +48,11 @@ impl KeyValue {
         KeyValue { inner }
     }
 
+    /// The protobuf message, for decoding straight into the pair.
+    pub(crate) fn pb_mut(&mut self) -> &mut mvccpb::KeyValue {
+        &mut self.inner
+    }
+
     /// The same pair with the first `len` bytes of its key removed (a namespace prefix).
     pub(crate) fn strip_key_prefix(mut self, len: usize) -> Self {
         let len = len.min(self.inner.key.len());

@@ -10,19 +10,59 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::Status;
 
+use super::{Event, EventKind, Events};
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb;
+use crate::types::KeyValue;
+
+/// A WatchResponse as the multiplexer uses it: prost's message, with the events already in
+/// their final form (one event inline, so most responses allocate nothing).
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Response {
+    pub(super) header: pb::ResponseHeader,
+    pub(super) watch_id: i64,
+    pub(super) created: bool,
+    pub(super) canceled: bool,
+    pub(super) compact_revision: i64,
+    pub(super) cancel_reason: String,
+    pub(super) fragment: bool,
+    pub(super) events: Events,
+}
+
+impl Response {
+    fn from_pb(r: pb::WatchResponse) -> Self {
+        Response {
+            header: r.header.unwrap_or_default(),
+            watch_id: r.watch_id,
+            created: r.created,
+            canceled: r.canceled,
+            compact_revision: r.compact_revision,
+            cancel_reason: r.cancel_reason,
+            fragment: r.fragment,
+            events: Events::from_pb(r.events),
+        }
+    }
+}
 
 /// The path of the Watch RPC.
 pub(super) const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 
-/// Decode one WatchResponse (the gRPC prefix already removed): the fast path below, or prost
-/// for anything it does not handle (or a malformed message, so errors are prost's).
-pub(super) fn decode(bytes: Bytes) -> Result<pb::WatchResponse, Status> {
-    if let Some(r) = decode_response(&bytes) {
-        return Ok(r);
+/// Decode one WatchResponse (the gRPC prefix already removed) into `into`: the fast path
+/// below, or prost for anything it does not handle (or a malformed message, so errors are
+/// prost's). `into` is a fresh or reused response: with its event inline it is a few hundred
+/// bytes, and moving it through the stream's layers by value cost more than decoding it.
+pub(super) fn decode_into(bytes: Bytes, into: &mut Response) -> Result<(), Status> {
+    if decode_response(&bytes, into).is_some() {
+        return Ok(());
     }
-    pb::WatchResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+    let m = pb::WatchResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
+    *into = Response::from_pb(m);
+    Ok(())
+}
+
+/// The watch stream's messages, undecoded: the multiplexer decodes each in place.
+pub(super) fn raw(bytes: Bytes) -> Result<Bytes, Status> {
+    Ok(bytes)
 }
 
 // ---- the fast path ----
@@ -226,41 +266,41 @@ impl<'a> Reader<'a> {
 
 // The casts below are protobuf's: int64 and enum values are varints reinterpreted.
 #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
-fn decode_response(buf: &Bytes) -> Option<pb::WatchResponse> {
+fn decode_response(buf: &Bytes, m: &mut Response) -> Option<()> {
     let mut r = Reader::new(buf);
-    let mut m = pb::WatchResponse::default();
+    m.header = pb::ResponseHeader::default();
+    m.watch_id = 0;
+    m.created = false;
+    m.canceled = false;
+    m.compact_revision = 0;
+    m.cancel_reason.clear();
+    m.fragment = false;
+    if !m.events.is_empty() {
+        m.events = Events::default();
+    }
     while r.more() {
         let (field, wt) = r.key()?;
         match field {
-            1 => merge_header(
-                m.header.get_or_insert_with(Default::default),
-                r.message(wt)?,
-            )?,
+            1 => merge_header(&mut m.header, r.message(wt)?)?,
             2 => m.watch_id = r.int(wt)? as i64,
             3 => m.created = r.int(wt)? != 0,
             4 => m.canceled = r.int(wt)? != 0,
             5 => m.compact_revision = r.int(wt)? as i64,
             6 => {
                 let (start, end) = r.message(wt).map(|s| (s.pos, s.end))?;
-                m.cancel_reason = std::str::from_utf8(r.data.get(start..end)?)
-                    .ok()?
-                    .to_owned();
+                m.cancel_reason.clear();
+                m.cancel_reason
+                    .push_str(std::str::from_utf8(r.data.get(start..end)?).ok()?);
             }
             7 => m.fragment = r.int(wt)? != 0,
             11 => {
-                let mut e = mvccpb::Event::default();
-                merge_event(&mut e, r.message(wt)?)?;
-                if m.events.capacity() == 0 {
-                    // Most responses carry one event; a first push would make room for four
-                    // (an event is 200 bytes, and the batch keeps this allocation).
-                    m.events.reserve_exact(1);
-                }
-                m.events.push(e);
+                let sub = r.message(wt)?;
+                merge_event(m.events.push_empty()?, sub)?;
             }
             _ => r.skip(wt)?,
         }
     }
-    Some(m)
+    Some(())
 }
 
 #[allow(clippy::cast_possible_wrap)]
@@ -279,14 +319,22 @@ fn merge_header(h: &mut pb::ResponseHeader, mut r: Reader<'_>) -> Option<()> {
 }
 
 #[allow(clippy::cast_possible_truncation)]
-fn merge_event(e: &mut mvccpb::Event, mut r: Reader<'_>) -> Option<()> {
+fn merge_event(e: &mut Event, mut r: Reader<'_>) -> Option<()> {
     while r.more() {
         let (field, wt) = r.key()?;
         match field {
-            1 => e.r#type = r.int(wt)? as i32,
-            2 => merge_kv(e.kv.get_or_insert_with(Default::default), r.message(wt)?)?,
+            1 => {
+                e.kind = if r.int(wt)? as i32 == mvccpb::event::EventType::Delete as i32 {
+                    EventKind::Delete
+                } else {
+                    EventKind::Put
+                }
+            }
+            2 => merge_kv(e.kv.pb_mut(), r.message(wt)?)?,
             3 => merge_kv(
-                e.prev_kv.get_or_insert_with(Default::default),
+                e.prev_kv
+                    .get_or_insert_with(|| KeyValue::from_pb(mvccpb::KeyValue::default()))
+                    .pb_mut(),
                 r.message(wt)?,
             )?,
             _ => r.skip(wt)?,
@@ -322,7 +370,7 @@ mod tests {
     /// Frame `msgs` as gRPC messages, cut the bytes into frames of `piece` bytes (so that
     /// messages straddle frames), end with an OK status, and decode them back through
     /// `MessageStream`.
-    async fn round_trip_in(msgs: &[pb::WatchResponse], piece: usize) -> Vec<pb::WatchResponse> {
+    async fn round_trip_in(msgs: &[pb::WatchResponse], piece: usize) -> Vec<Response> {
         let mut body = BytesMut::new();
         for m in msgs {
             let enc = m.encode_to_vec();
@@ -335,15 +383,17 @@ mod tests {
         while !body.is_empty() {
             frames.push(body.split_to(piece.min(body.len())));
         }
-        let mut stream = crate::grpc::MessageStream::for_test(frames, decode);
+        let mut stream = crate::grpc::MessageStream::for_test(frames, raw);
         let mut out = Vec::new();
-        while let Some(m) = stream.message().await.unwrap() {
-            out.push(m);
+        let mut m = Response::default();
+        while let Some(b) = stream.message().await.unwrap() {
+            decode_into(b, &mut m).unwrap();
+            out.push(std::mem::take(&mut m));
         }
         out
     }
 
-    async fn round_trip(msgs: Vec<pb::WatchResponse>) -> Vec<pb::WatchResponse> {
+    async fn round_trip(msgs: Vec<pb::WatchResponse>) -> Vec<Response> {
         let whole = round_trip_in(&msgs, usize::MAX).await;
         for piece in [1, 7, 64] {
             assert_eq!(
@@ -470,8 +520,23 @@ mod tests {
         }
     }
 
-    fn prost_decode(b: &[u8]) -> Option<pb::WatchResponse> {
-        pb::WatchResponse::decode(Bytes::copy_from_slice(b)).ok()
+    /// The fast path alone, into a response that held an earlier message (so that leftovers
+    /// would show).
+    fn fast(b: &Bytes) -> Option<Response> {
+        let mut m = Response {
+            watch_id: 99,
+            created: true,
+            cancel_reason: "left over".into(),
+            events: Events::from_vec(vec![Event::from_pb(mvccpb::Event::default()); 2]),
+            ..Default::default()
+        };
+        decode_response(b, &mut m).map(|()| m)
+    }
+
+    fn prost_decode(b: &[u8]) -> Option<Response> {
+        pb::WatchResponse::decode(Bytes::copy_from_slice(b))
+            .ok()
+            .map(Response::from_pb)
     }
 
     #[test]
@@ -480,7 +545,7 @@ mod tests {
         for _ in 0..3000 {
             let m = rng.response();
             let enc = Bytes::from(m.encode_to_vec());
-            assert_eq!(decode_response(&enc).as_ref(), Some(&m));
+            assert_eq!(fast(&enc), Some(Response::from_pb(m)));
         }
     }
 
@@ -501,8 +566,9 @@ mod tests {
             enc.extend_from_slice(&body);
         }
         let enc = Bytes::from(enc);
+        let m = Response::from_pb(m);
         assert_eq!(prost_decode(&enc).as_ref(), Some(&m));
-        assert_eq!(decode_response(&enc), Some(m));
+        assert_eq!(fast(&enc), Some(m));
     }
 
     /// Damaged messages: whatever the fast path accepts, prost decodes the same way.
@@ -527,7 +593,7 @@ mod tests {
                 }
             }
             let enc = Bytes::from(enc);
-            if let Some(fast) = decode_response(&enc) {
+            if let Some(fast) = fast(&enc) {
                 accepted += 1;
                 assert_eq!(prost_decode(&enc), Some(fast), "{enc:?}");
             }
@@ -579,6 +645,7 @@ mod tests {
             },
             pb::WatchResponse::default(),
         ];
-        assert_eq!(round_trip(msgs.clone()).await, msgs);
+        let want: Vec<Response> = msgs.iter().cloned().map(Response::from_pb).collect();
+        assert_eq!(round_trip(msgs).await, want);
     }
 }

@@ -26,6 +26,7 @@ mod worker;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
+use std::mem;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -108,19 +109,113 @@ enum BatchKind {
     Progress,
 }
 
+/// The events of one response. Most responses carry one event, kept inline: a batch costs no
+/// allocation of its own (in a burst of responses to many watchers, the allocator's slow path
+/// was a tenth of a response's cost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Events {
+    One(Event),
+    Many(Vec<Event>),
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events::Many(Vec::new())
+    }
+}
+
+impl Events {
+    /// From decoded protobuf events (the conversion reuses the vector's allocation, an
+    /// [`Event`] having an `mvccpb::Event`'s size and alignment).
+    pub(crate) fn from_pb(events: Vec<mvccpb::Event>) -> Self {
+        Events::from_vec(events.into_iter().map(Event::from_pb).collect())
+    }
+
+    pub(crate) fn from_vec(mut events: Vec<Event>) -> Self {
+        if events.len() == 1
+            && let Some(e) = events.pop()
+        {
+            return Events::One(e);
+        }
+        Events::Many(events)
+    }
+
+    /// Append an empty put event and return it, for decoding in place (`None` never happens).
+    pub(crate) fn push_empty(&mut self) -> Option<&mut Event> {
+        let e = Event {
+            kind: EventKind::Put,
+            kv: KeyValue::from_pb(mvccpb::KeyValue::default()),
+            prev_kv: None,
+        };
+        match self {
+            Events::Many(v) if v.is_empty() => *self = Events::One(e),
+            _ => self.push(e),
+        }
+        match self {
+            Events::One(e) => Some(e),
+            Events::Many(v) => v.last_mut(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, e: Event) {
+        match self {
+            Events::Many(v) if !v.is_empty() => v.push(e),
+            Events::Many(_) => *self = Events::One(e),
+            Events::One(_) => {
+                if let Events::One(first) = mem::replace(self, Events::Many(Vec::with_capacity(4)))
+                    && let Events::Many(v) = self
+                {
+                    v.push(first);
+                    v.push(e);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[Event] {
+        match self {
+            Events::One(e) => std::slice::from_ref(e),
+            Events::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Event] {
+        match self {
+            Events::One(e) => std::slice::from_mut(e),
+            Events::Many(v) => v,
+        }
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<Event> {
+        match self {
+            Events::One(e) => vec![e],
+            Events::Many(v) => v,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, Events::Many(v) if v.is_empty())
+    }
+
+    /// Keep the events `keep` accepts.
+    pub(crate) fn retain(&mut self, keep: impl FnMut(&Event) -> bool) {
+        let mut v = mem::take(self).into_vec();
+        v.retain(keep);
+        *self = Events::from_vec(v);
+    }
+}
+
 /// What one server response brought a watcher: the events of one or more whole revisions (a
 /// transaction's events are never split), or a notification (watcher created, progress).
 #[derive(Debug, Clone)]
 pub struct WatchBatch {
     header: ResponseHeader,
-    events: Vec<Event>,
+    events: Events,
     kind: BatchKind,
 }
 
 impl WatchBatch {
-    fn events_from(header: ResponseHeader, events: Vec<mvccpb::Event>) -> Self {
-        // Same size and alignment: the conversion reuses the decoded vector's allocation.
-        let events = events.into_iter().map(Event::from_pb).collect();
+    fn events_from(header: ResponseHeader, events: Events) -> Self {
         WatchBatch {
             header,
             events,
@@ -131,14 +226,14 @@ impl WatchBatch {
     fn notification(header: ResponseHeader, kind: BatchKind) -> Self {
         WatchBatch {
             header,
-            events: Vec::new(),
+            events: Events::default(),
             kind,
         }
     }
 
     /// The same batch with the first `len` bytes of every event's keys removed (a namespace).
     pub(crate) fn strip_key_prefix(mut self, len: usize) -> Self {
-        for e in &mut self.events {
+        for e in self.events.as_mut_slice() {
             e.kv = e.kv.clone().strip_key_prefix(len);
             e.prev_kv = e.prev_kv.take().map(|kv| kv.strip_key_prefix(len));
         }
@@ -158,17 +253,18 @@ impl WatchBatch {
 
     /// The events, oldest first.
     pub fn events(&self) -> &[Event] {
-        &self.events
+        self.events.as_slice()
     }
 
-    /// Take the events out.
+    /// Take the events out. (A batch of one event keeps it inline, so this allocates the
+    /// vector; iterating over the batch by value does not.)
     pub fn into_events(self) -> Vec<Event> {
-        self.events
+        self.events.into_vec()
     }
 
     /// Number of events.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.events.as_slice().len()
     }
 
     /// True for a notification without events.
@@ -190,11 +286,45 @@ impl WatchBatch {
     }
 }
 
+/// The events of a [`WatchBatch`] taken by value, oldest first.
+#[derive(Debug)]
+pub struct EventsIntoIter(EventsIter);
+
+#[derive(Debug)]
+enum EventsIter {
+    One(Option<Event>),
+    Many(std::vec::IntoIter<Event>),
+}
+
+impl Iterator for EventsIntoIter {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        match &mut self.0 {
+            EventsIter::One(e) => e.take(),
+            EventsIter::Many(it) => it.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            EventsIter::One(e) => usize::from(e.is_some()),
+            EventsIter::Many(it) => it.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for EventsIntoIter {}
+
 impl IntoIterator for WatchBatch {
     type Item = Event;
-    type IntoIter = std::vec::IntoIter<Event>;
+    type IntoIter = EventsIntoIter;
     fn into_iter(self) -> Self::IntoIter {
-        self.events.into_iter()
+        EventsIntoIter(match self.events {
+            Events::One(e) => EventsIter::One(Some(e)),
+            Events::Many(v) => EventsIter::Many(v.into_iter()),
+        })
     }
 }
 
@@ -202,7 +332,7 @@ impl<'a> IntoIterator for &'a WatchBatch {
     type Item = &'a Event;
     type IntoIter = std::slice::Iter<'a, Event>;
     fn into_iter(self) -> Self::IntoIter {
-        self.events.iter()
+        self.events().iter()
     }
 }
 
@@ -507,6 +637,7 @@ impl Watcher {
 
     /// The next batch, or `None` once the watcher has ended. Same as
     /// `futures::StreamExt::next`.
+    #[inline]
     pub async fn next(&mut self) -> Option<Result<WatchBatch>> {
         std::future::poll_fn(|cx| self.poll_batch(cx)).await
     }
@@ -537,16 +668,15 @@ impl Watcher {
         self.cmds.send(Cmd::Progress(self.id)).map_err(|_| closed())
     }
 
+    #[inline]
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<WatchBatch>>> {
-        let (item, resume) = match self.queue.poll_pop(cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => return Poll::Pending,
-        };
+        let mut resume = false;
+        let item = self.queue.poll_pop(cx, &mut resume);
         if resume {
             // The buffer has room again: the multiplexer re-creates the paused watcher.
             let _ = self.cmds.send(Cmd::Resume(self.id));
         }
-        Poll::Ready(item)
+        item
     }
 }
 
@@ -678,7 +808,7 @@ mod tests {
             4
         ];
         let ptr = evs.as_ptr() as usize;
-        let b = WatchBatch::events_from(ResponseHeader::default(), evs);
+        let b = WatchBatch::events_from(ResponseHeader::default(), Events::from_pb(evs));
         assert_eq!(b.events().as_ptr() as usize, ptr);
         assert_eq!(b.events()[0].kind, EventKind::Delete);
         assert_eq!(b.events()[3].revision(), 7);

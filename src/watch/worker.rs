@@ -20,15 +20,14 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tonic::metadata::AsciiMetadataValue;
 
-use super::codec::{self, WATCH_PATH};
+use super::codec::{self, Response, WATCH_PATH};
 use super::queue::{PushError, WatcherQueue};
-use super::{BatchKind, BoxFuture, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
+use super::{BatchKind, BoxFuture, Event, Events, Flags, MAX_WATCHER_ID, Stats, WatchBatch};
 use crate::balancer::WeakPick;
 use crate::client::{Shared, is_endpoint_failure};
 use crate::error::{Error, ErrorKind};
 use crate::grpc::MessageStream;
 use crate::proto::etcdserverpb as pb;
-use crate::proto::mvccpb;
 use crate::types::ResponseHeader;
 use std::sync::atomic::Ordering;
 
@@ -101,7 +100,7 @@ struct Slot {
     /// Fragments of a revision being reassembled (boxed: 8 bytes per watcher instead of 24,
     /// for a buffer that is almost always absent).
     #[allow(clippy::box_collection)]
-    frag: Option<Box<Vec<mvccpb::Event>>>,
+    frag: Option<Box<Vec<Event>>>,
 }
 
 impl Slot {
@@ -179,8 +178,7 @@ impl Hasher for IdHasher {
 
 type Slots = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
 type ReqTx = mpsc::UnboundedSender<pb::WatchRequest>;
-type OpenResult =
-    std::result::Result<(MessageStream<pb::WatchResponse>, Option<u64>), (Error, Option<u64>)>;
+type OpenResult = std::result::Result<(MessageStream<Bytes>, Option<u64>), (Error, Option<u64>)>;
 
 /// The request half of the gRPC stream.
 struct ReqStream(mpsc::UnboundedReceiver<pb::WatchRequest>);
@@ -206,7 +204,7 @@ enum Conn {
     },
     Open {
         tx: ReqTx,
-        stream: MessageStream<pb::WatchResponse>,
+        stream: MessageStream<Bytes>,
         /// The auth token generation the stream was opened with.
         token_gen: Option<u64>,
     },
@@ -224,7 +222,7 @@ impl Conn {
 enum ConnEvent {
     BackoffDone,
     Opened(OpenResult),
-    Message(std::result::Result<Option<pb::WatchResponse>, tonic::Status>),
+    Message(std::result::Result<Option<Bytes>, tonic::Status>),
 }
 
 async fn conn_event(conn: &mut Conn) -> ConnEvent {
@@ -257,7 +255,7 @@ async fn open_stream(
             .insert("hasleader", AsciiMetadataValue::from_static("true"));
     }
     // The messages are read straight off the response body and decoded by the watch decoder.
-    match crate::grpc::streaming(channel, WATCH_PATH, request, codec::decode).await {
+    match crate::grpc::streaming(channel, WATCH_PATH, request, codec::raw).await {
         Ok(stream) => Ok((stream, token_gen)),
         Err(status) => Err((Error::from_status(status), token_gen)),
     }
@@ -656,9 +654,17 @@ impl Worker {
                 true
             }
             ConnEvent::Opened(Err((err, token_gen))) => self.stream_failed(err, token_gen),
-            ConnEvent::Message(Ok(Some(resp))) => {
+            ConnEvent::Message(Ok(Some(bytes))) => {
                 self.failures = 0;
-                self.on_response(resp)
+                // Decoded in place and handled by reference (see `codec::decode_into`).
+                let mut resp = Response::default();
+                match codec::decode_into(bytes, &mut resp) {
+                    Ok(()) => self.on_response(&mut resp),
+                    Err(status) => {
+                        let token_gen = self.token_gen();
+                        self.stream_failed(Error::from_status(status), token_gen)
+                    }
+                }
             }
             ConnEvent::Message(Ok(None)) => {
                 let token_gen = self.token_gen();
@@ -697,10 +703,10 @@ impl Worker {
     }
 
     /// Handle one server message; false when the worker must end.
-    fn on_response(&mut self, r: pb::WatchResponse) -> bool {
-        let header = ResponseHeader::from_pb(r.header);
+    fn on_response(&mut self, r: &mut Response) -> bool {
+        let header = ResponseHeader::from_pb(Some(r.header));
         if r.created {
-            return self.on_created(&r, header);
+            return self.on_created(r, header);
         }
         if r.watch_id == INVALID_WATCH_ID {
             if !r.canceled && r.events.is_empty() {
@@ -719,16 +725,14 @@ impl Worker {
             // A watcher that was cancelled or paused meanwhile.
             return true;
         };
-        let mut events = r.events;
+        let mut events = mem::take(&mut r.events);
         if r.fragment || slot.frag.is_some() {
             let buf = slot.frag.get_or_insert_with(Box::default);
-            buf.append(&mut events);
+            buf.extend(events.into_vec());
             if r.fragment {
                 return true;
             }
-            if let Some(all) = slot.frag.take() {
-                events = *all;
-            }
+            events = Events::from_vec(slot.frag.take().map(|all| *all).unwrap_or_default());
         }
         if events.is_empty() {
             // A periodic progress notification. It comes through the same server-side channel
@@ -744,13 +748,17 @@ impl Worker {
         // Guard against servers that repeat events or go back in time (etcd 15274, 15271,
         // 20221): nothing below the next revision is delivered.
         let next = slot.next_rev;
-        if revision_of(&events[0]) < next {
-            events.retain(|e| revision_of(e) >= next);
+        if events
+            .as_slice()
+            .first()
+            .is_some_and(|e| e.revision() < next)
+        {
+            events.retain(|e| e.revision() >= next);
             if events.is_empty() {
                 return true;
             }
         }
-        let last = events.last().map_or(next, revision_of);
+        let last = events.as_slice().last().map_or(next, Event::revision);
         match slot.queue.push(WatchBatch::events_from(header, events)) {
             Ok(waker) => {
                 slot.next_rev = last + 1;
@@ -761,7 +769,7 @@ impl Worker {
         true
     }
 
-    fn on_created(&mut self, r: &pb::WatchResponse, header: ResponseHeader) -> bool {
+    fn on_created(&mut self, r: &Response, header: ResponseHeader) -> bool {
         let head = self.inflight.pop_front();
         if self.inflight.is_empty() && self.inflight.capacity() > 4096 {
             // Give back the room a burst of creations took.
@@ -881,10 +889,6 @@ impl Worker {
         }
         // A pending create is cancelled when its answer finds no watcher.
     }
-}
-
-fn revision_of(e: &mvccpb::Event) -> i64 {
-    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
 fn cancel_error(compact_revision: i64, reason: &str) -> Error {
