@@ -1,10 +1,8 @@
 //! The bounded hand-off between the multiplexer and one watcher's consumer.
 //!
 //! A tokio channel per watcher would cost more than half a kilobyte each (cache-padded
-//! halves and an eagerly allocated block of 32 slots); this is a mutex around one inline slot
-//! and a `VecDeque` for any further batches, plus the consumer's waker. A consumer that keeps
-//! pace takes each batch before the next arrives, so the deque allocates nothing, and a batch
-//! goes from the multiplexer to the consumer through one cache-warm place.
+//! halves and an eagerly allocated block of 32 slots); this is a mutex around a `VecDeque`
+//! that allocates room for one batch at the first batch, plus the consumer's waker.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -13,8 +11,8 @@ use std::task::{Context, Poll, Waker};
 use super::WatchBatch;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Capacity of the overflow deque kept after it drained; a larger one is released.
-const KEEP_CAPACITY: usize = 4;
+/// Capacity kept after the buffer drained; a larger one is released (room for one is kept).
+const KEEP_CAPACITY: usize = 1;
 
 pub(crate) struct WatcherQueue {
     state: Mutex<State>,
@@ -172,42 +170,35 @@ impl WatcherQueue {
     }
 }
 
-/// A FIFO of items: the oldest inline, the others in a deque.
+/// A FIFO of items. Its room is made for one item at the first push and kept: a consumer that
+/// keeps pace takes each batch before the next arrives, so the room is reused from batch to
+/// batch without allocating, and a watcher that never got a batch costs nothing here. (A
+/// plain `VecDeque` would make room for four batches, about a kilobyte, at the first push.)
 #[derive(Default)]
-struct Items {
-    /// The oldest item; `None` only when `rest` is empty too.
-    head: Option<Result<WatchBatch>>,
-    rest: VecDeque<Result<WatchBatch>>,
-}
+struct Items(VecDeque<Result<WatchBatch>>);
 
 impl Items {
     fn len(&self) -> usize {
-        usize::from(self.head.is_some()) + self.rest.len()
+        self.0.len()
     }
 
     fn push_back(&mut self, item: Result<WatchBatch>) {
-        if self.head.is_none() {
-            self.head = Some(item);
-        } else {
-            self.rest.push_back(item);
+        if self.0.capacity() == 0 {
+            self.0.reserve_exact(1);
         }
+        self.0.push_back(item);
     }
 
     #[inline]
     fn pop_front(&mut self) -> Option<Result<WatchBatch>> {
-        // Written so that an item is copied once: a batch with its event inline is a few
-        // hundred bytes.
-        if self.rest.is_empty() {
-            return self.head.take();
-        }
-        let next = self.rest.pop_front();
-        std::mem::replace(&mut self.head, next)
+        self.0.pop_front()
     }
 
-    /// Release a drained deque's room when it grew large.
+    /// Give back the room a backlog took, keeping room for one item.
     fn trim(&mut self) {
-        if self.rest.is_empty() && self.rest.capacity() > KEEP_CAPACITY {
-            self.rest = VecDeque::new();
+        if self.0.is_empty() && self.0.capacity() > KEEP_CAPACITY {
+            self.0 = VecDeque::new();
+            self.0.reserve_exact(1);
         }
     }
 }
@@ -256,8 +247,8 @@ mod tests {
         assert!(matches!(pop(&q, &mut cx), Poll::Ready((None, false))));
     }
 
-    /// Items come out in order whether they sat inline or in the deque, and a drained deque
-    /// that grew gives its room back.
+    /// Items come out in order, and a drained buffer that grew gives its room back but for
+    /// one item.
     #[test]
     fn order_across_the_inline_slot_and_the_deque() {
         let q = WatcherQueue::new(64);
@@ -285,7 +276,7 @@ mod tests {
                 next += 1;
             }
             assert!(pop(&q, &mut cx).is_pending());
-            assert!(q.lock().items.rest.capacity() <= KEEP_CAPACITY);
+            assert_eq!(q.lock().items.0.capacity(), 1);
         }
     }
 
