@@ -88,6 +88,66 @@ fn pack7(word: u64) -> u64 {
     (w & 0x0000_0000_0fff_ffff) | ((w & 0x0fff_ffff_0000_0000) >> 4)
 }
 
+/// A varint of more than one byte at the start of `rest` (ids, revisions, lengths above 127):
+/// its value and length. Two bytes are read as such; longer ones, with 8 bytes at hand, as one
+/// word: the first byte without the continuation bit ends the varint, and the 7-bit groups are
+/// packed with three shift-and-mask steps instead of a loop per byte (cluster and member ids
+/// take all 10 bytes, revisions 2-4).
+#[inline]
+fn long_varint(rest: &[u8]) -> Option<(u64, usize)> {
+    // Two bytes (lengths up to 16 KiB, revisions up to 16k) are the most common case and
+    // cheapest byte by byte.
+    if let [b0, b1, ..] = rest
+        && *b1 < 0x80
+    {
+        return Some((u64::from(b0 & 0x7f) | (u64::from(*b1) << 7), 2));
+    }
+    let Some(&first8) = rest.first_chunk::<8>() else {
+        return short_tail_varint(rest);
+    };
+    let word = u64::from_le_bytes(first8);
+    let stops = !word & 0x8080_8080_8080_8080;
+    if stops != 0 {
+        // Ends within these 8 bytes: its length is the first stop byte's index + 1.
+        let len = (stops.trailing_zeros() / 8 + 1) as usize;
+        let kept = if len == 8 {
+            word
+        } else {
+            word & ((1u64 << (len * 8)) - 1)
+        };
+        return Some((pack7(kept), len));
+    }
+    // 9 or 10 bytes: the first 8 carry 56 bits, the 10th only the top bit.
+    let low = pack7(word);
+    let b8 = *rest.get(8)?;
+    if b8 < 0x80 {
+        return Some((low | (u64::from(b8) << 56), 9));
+    }
+    let b9 = *rest.get(9)?;
+    if b9 > 1 {
+        return None; // more than 64 bits
+    }
+    Some((
+        low | (u64::from(b8 & 0x7f) << 56) | (u64::from(b9) << 63),
+        10,
+    ))
+}
+
+/// [`long_varint`] near the end of the buffer: byte by byte.
+fn short_tail_varint(rest: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in rest.iter().take(10).enumerate() {
+        if i == 9 && b > 1 {
+            return None; // more than 64 bits
+        }
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// A cursor over `data[pos..end]`; `data` is `buf`'s contents.
 struct Reader<'a> {
     buf: &'a Bytes,
@@ -124,67 +184,12 @@ impl<'a> Reader<'a> {
         self.long_varint()
     }
 
-    /// A varint of more than one byte (ids, revisions, lengths above 127). Two bytes are read
-    /// as such; longer ones, with 8 bytes at hand, as one word: the first byte without the continuation bit ends the
-    /// varint, and the 7-bit groups are packed with three shift-and-mask steps instead of a
-    /// loop per byte (cluster and member ids take all 10 bytes, revisions 2-4).
+    /// A varint of more than one byte (see [`long_varint`]).
     #[inline(never)]
     fn long_varint(&mut self) -> Option<u64> {
-        let rest = self.data.get(self.pos..self.end)?;
-        // Two bytes (lengths up to 16 KiB, revisions up to 16k) are the most common case and
-        // cheapest byte by byte.
-        if let [b0, b1, ..] = rest
-            && *b1 < 0x80
-        {
-            self.pos += 2;
-            return Some(u64::from(b0 & 0x7f) | (u64::from(*b1) << 7));
-        }
-        let Some(&first8) = rest.first_chunk::<8>() else {
-            return self.short_tail_varint();
-        };
-        let word = u64::from_le_bytes(first8);
-        let stops = !word & 0x8080_8080_8080_8080;
-        if stops != 0 {
-            // Ends within these 8 bytes: its length is the first stop byte's index + 1.
-            let len = (stops.trailing_zeros() / 8 + 1) as usize;
-            let kept = if len == 8 {
-                word
-            } else {
-                word & ((1u64 << (len * 8)) - 1)
-            };
-            self.pos += len;
-            return Some(pack7(kept));
-        }
-        // 9 or 10 bytes: the first 8 carry 56 bits, the 10th only the top bit.
-        let low = pack7(word);
-        let b8 = *rest.get(8)?;
-        if b8 < 0x80 {
-            self.pos += 9;
-            return Some(low | (u64::from(b8) << 56));
-        }
-        let b9 = *rest.get(9)?;
-        if b9 > 1 {
-            return None; // more than 64 bits
-        }
-        self.pos += 10;
-        Some(low | (u64::from(b8 & 0x7f) << 56) | (u64::from(b9) << 63))
-    }
-
-    /// [`long_varint`](Self::long_varint) near the end of the buffer: byte by byte.
-    fn short_tail_varint(&mut self) -> Option<u64> {
-        let rest = self.data.get(self.pos..self.end)?;
-        let mut value = 0u64;
-        for (i, &b) in rest.iter().take(10).enumerate() {
-            if i == 9 && b > 1 {
-                return None; // more than 64 bits
-            }
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b < 0x80 {
-                self.pos += i + 1;
-                return Some(value);
-            }
-        }
-        None
+        let (v, len) = long_varint(self.data.get(self.pos..self.end)?)?;
+        self.pos += len;
+        Some(v)
     }
 
     /// The next key: (field number, wire type).
@@ -355,16 +360,9 @@ impl<'a> Cursor<'a> {
 
     #[inline(never)]
     fn long_varint(&mut self) -> Option<u64> {
-        let mut r = Reader {
-            buf: self.buf,
-            data: self.buf.as_ref(),
-            pos: self.off,
-            end: self.off + self.rest.len(),
-        };
-        let v = r.long_varint()?;
-        let used = r.pos - self.off;
-        self.rest = self.rest.get(used..)?;
-        self.off = r.pos;
+        let (v, len) = long_varint(self.rest)?;
+        self.rest = self.rest.get(len..)?;
+        self.off += len;
         Some(v)
     }
 
