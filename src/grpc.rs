@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crate::transport::Channel;
+use crate::transport::{Channel, RecvBody};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_core::Stream;
 use http::uri::PathAndQuery;
@@ -235,7 +235,7 @@ where
     let done = response.headers().contains_key(&GRPC_STATUS);
     let http_status = response.status();
     Ok(MessageStream {
-        body: tonic::body::Body::new(response.into_body()),
+        body: AnswerBody::Recv(response.into_body()),
         decode,
         chunk: Bytes::new(),
         gathered: BytesMut::new(),
@@ -249,9 +249,28 @@ pub(crate) fn decode<T: prost::Message + Default>(bytes: Bytes) -> Result<T, Sta
     T::decode(bytes).map_err(|e| Status::internal(e.to_string()))
 }
 
+/// The body of an answer: the transport's, read directly (boxing it in `tonic::body::Body`
+/// added a dynamic call and an error mapping per DATA frame).
+enum AnswerBody {
+    Recv(RecvBody),
+    #[cfg(test)]
+    Test(TestBody),
+}
+
+impl AnswerBody {
+    #[inline]
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        match self {
+            AnswerBody::Recv(b) => Pin::new(b).poll_frame(cx),
+            #[cfg(test)]
+            AnswerBody::Test(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+}
+
 /// The messages of a gRPC answer, read straight off the response body: see the module docs.
 pub(crate) struct MessageStream<T> {
-    body: tonic::body::Body,
+    body: AnswerBody,
     decode: fn(Bytes) -> Result<T, Status>,
     /// The undecoded rest of the last DATA frame (messages are sliced out of it).
     chunk: Bytes,
@@ -281,7 +300,7 @@ impl<T> MessageStream<T> {
             if self.done {
                 return Poll::Ready(Ok(None));
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            match ready!(self.body.poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.push(data),
                     Err(frame) => {
@@ -339,7 +358,13 @@ impl<T> MessageStream<T> {
             if self.chunk.len() < PREFIX + len {
                 return Ok(None);
             }
-            let mut msg = self.chunk.split_to(PREFIX + len);
+            // Servers send a message per DATA frame: then the message is the whole chunk, and
+            // taking it saves a split (a reference count up, and down again with the rest).
+            let mut msg = if self.chunk.len() == PREFIX + len {
+                std::mem::take(&mut self.chunk)
+            } else {
+                self.chunk.split_to(PREFIX + len)
+            };
             msg.advance(PREFIX);
             return Ok(Some(msg));
         }
@@ -378,7 +403,7 @@ impl<T> MessageStream<T> {
         }
         items.reverse();
         MessageStream {
-            body: tonic::body::Body::new(TestBody(items)),
+            body: AnswerBody::Test(TestBody(items)),
             decode,
             chunk: Bytes::new(),
             gathered: BytesMut::new(),
