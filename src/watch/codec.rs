@@ -51,8 +51,12 @@ pub(super) const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 /// below, or prost for anything it does not handle (or a malformed message, so errors are
 /// prost's). `into` is a fresh or reused response: with its event inline it is a few hundred
 /// bytes, and moving it through the stream's layers by value cost more than decoding it.
-pub(super) fn decode_into(bytes: Bytes, into: &mut Response) -> Result<(), Status> {
-    if decode_response(&bytes, into).is_some() {
+pub(super) fn decode_into(
+    bytes: Bytes,
+    into: &mut Response,
+    memo: &mut HeaderMemo,
+) -> Result<(), Status> {
+    if decode_response(&bytes, into, memo).is_some() {
         return Ok(());
     }
     let m = pb::WatchResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
@@ -271,9 +275,9 @@ impl<'a> Reader<'a> {
 
 // The casts below are protobuf's: int64 and enum values are varints reinterpreted.
 #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
-fn decode_response(buf: &Bytes, m: &mut Response) -> Option<()> {
+fn decode_response(buf: &Bytes, m: &mut Response, memo: &mut HeaderMemo) -> Option<()> {
     reset(m);
-    if decode_in_order(buf, m).is_some() {
+    if decode_in_order(buf, m, memo).is_some() {
         return Some(());
     }
     reset(m);
@@ -325,11 +329,10 @@ fn reset(m: &mut Response) {
 // order or repeated, an unknown field, a wrong wire type, a non-UTF-8 reason) makes it give up,
 // and the loop above decodes the message instead.
 
-/// A cursor over a message's remaining bytes; `off` is their offset in `buf`.
+/// A cursor over a message's remaining bytes (a part of `buf`).
 struct Cursor<'a> {
     buf: &'a Bytes,
     rest: &'a [u8],
-    off: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -340,7 +343,6 @@ impl<'a> Cursor<'a> {
             && *k == key
         {
             self.rest = tail;
-            self.off += 1;
             return true;
         }
         false
@@ -352,7 +354,6 @@ impl<'a> Cursor<'a> {
             && *b < 0x80
         {
             self.rest = tail;
-            self.off += 1;
             return Some(u64::from(*b));
         }
         self.long_varint()
@@ -362,7 +363,6 @@ impl<'a> Cursor<'a> {
     fn long_varint(&mut self) -> Option<u64> {
         let (v, len) = long_varint(self.rest)?;
         self.rest = self.rest.get(len..)?;
-        self.off += len;
         Some(v)
     }
 
@@ -374,21 +374,18 @@ impl<'a> Cursor<'a> {
             return None;
         }
         let (payload, tail) = self.rest.split_at(len);
-        let sub = Cursor {
+        self.rest = tail;
+        Some(Cursor {
             buf: self.buf,
             rest: payload,
-            off: self.off,
-        };
-        self.rest = tail;
-        self.off += len;
-        Some(sub)
+        })
     }
 
     /// The next length-delimited payload, as a slice of the received bytes.
     #[inline(always)]
     fn bytes(&mut self) -> Option<Bytes> {
         let sub = self.sub()?;
-        Some(self.buf.slice(sub.off..sub.off + sub.rest.len()))
+        Some(self.buf.slice_ref(sub.rest))
     }
 
     fn done(&self) -> Option<()> {
@@ -396,17 +393,58 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The last response header decoded, with its bytes. The responses of a burst carry the same
+/// header (the cluster and member ids take ten bytes each), so most are copied instead of
+/// decoded.
+pub(super) struct HeaderMemo {
+    raw: [u8; 48],
+    len: usize,
+    header: pb::ResponseHeader,
+}
+
+impl Default for HeaderMemo {
+    fn default() -> Self {
+        HeaderMemo {
+            raw: [0; 48],
+            len: 0,
+            header: pb::ResponseHeader::default(),
+        }
+    }
+}
+
+impl HeaderMemo {
+    #[inline]
+    fn get(&self, raw: &[u8]) -> Option<pb::ResponseHeader> {
+        (self.len != 0 && self.raw.get(..self.len) == Some(raw)).then_some(self.header)
+    }
+
+    #[inline]
+    fn put(&mut self, raw: &[u8], header: pb::ResponseHeader) {
+        if let Some(slot) = self.raw.get_mut(..raw.len())
+            && !raw.is_empty()
+        {
+            slot.copy_from_slice(raw);
+            self.len = raw.len();
+            self.header = header;
+        }
+    }
+}
+
 /// Decode `buf` into a cleared `m` when its fields come in order; `None` otherwise (`m` is
 /// then left half-written).
 #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
-fn decode_in_order(buf: &Bytes, m: &mut Response) -> Option<()> {
+fn decode_in_order(buf: &Bytes, m: &mut Response, memo: &mut HeaderMemo) -> Option<()> {
     let mut c = Cursor {
         buf,
         rest: buf.as_ref(),
-        off: 0,
     };
     if c.eat(1 << 3 | 2) {
         let mut h = c.sub()?;
+        if let Some(header) = memo.get(h.rest) {
+            m.header = header;
+            h.rest = &[];
+        }
+        let raw = h.rest;
         if h.eat(1 << 3) {
             m.header.cluster_id = h.varint()?;
         }
@@ -420,6 +458,7 @@ fn decode_in_order(buf: &Bytes, m: &mut Response) -> Option<()> {
             m.header.raft_term = h.varint()?;
         }
         h.done()?;
+        memo.put(raw, m.header);
     }
     if c.eat(2 << 3) {
         m.watch_id = c.varint()? as i64;
@@ -572,8 +611,9 @@ mod tests {
         let mut stream = crate::grpc::MessageStream::for_test(frames, raw);
         let mut out = Vec::new();
         let mut m = Response::default();
+        let mut memo = HeaderMemo::default();
         while let Some(b) = stream.message().await.unwrap() {
-            decode_into(b, &mut m).unwrap();
+            decode_into(b, &mut m, &mut memo).unwrap();
             out.push(std::mem::take(&mut m));
         }
         out
@@ -716,7 +756,7 @@ mod tests {
             events: Events::from_vec(vec![Event::from_pb(mvccpb::Event::default()); 2]),
             ..Default::default()
         };
-        decode_response(b, &mut m).map(|()| m)
+        decode_response(b, &mut m, &mut HeaderMemo::default()).map(|()| m)
     }
 
     fn prost_decode(b: &[u8]) -> Option<Response> {
@@ -728,14 +768,25 @@ mod tests {
     #[test]
     fn fast_path_equals_prost() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut memo = HeaderMemo::default();
         for _ in 0..3000 {
             let m = rng.response();
             let enc = Bytes::from(m.encode_to_vec());
             let want = Response::from_pb(m);
             // The straight path alone takes every message prost writes (fields in order).
             let mut straight = Response::default();
-            assert_eq!(decode_in_order(&enc, &mut straight), Some(()));
+            assert_eq!(
+                decode_in_order(&enc, &mut straight, &mut HeaderMemo::default()),
+                Some(())
+            );
             assert_eq!(straight, want);
+            // And again with the header remembered from this message and the one before.
+            let mut again = Response::default();
+            assert_eq!(decode_in_order(&enc, &mut again, &mut memo), Some(()));
+            assert_eq!(again, want);
+            let mut twice = Response::default();
+            assert_eq!(decode_in_order(&enc, &mut twice, &mut memo), Some(()));
+            assert_eq!(twice, want);
             assert_eq!(fast(&enc), Some(want));
         }
     }

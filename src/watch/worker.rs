@@ -311,6 +311,7 @@ pub(crate) struct Worker {
     /// later) costs far less than one wake-up per response, which on a multi-threaded runtime
     /// unparks an idle worker thread again and again (a system call each time).
     wakes: Vec<Waker>,
+    header_memo: codec::HeaderMemo,
 }
 
 impl Worker {
@@ -337,6 +338,7 @@ impl Worker {
             fresh_token_until: None,
             stats,
             wakes: Vec::new(),
+            header_memo: codec::HeaderMemo::default(),
         }
     }
 
@@ -658,7 +660,7 @@ impl Worker {
                 self.failures = 0;
                 // Decoded in place and handled by reference (see `codec::decode_into`).
                 let mut resp = Response::default();
-                match codec::decode_into(bytes, &mut resp) {
+                match codec::decode_into(bytes, &mut resp, &mut self.header_memo) {
                     Ok(()) => self.on_response(&mut resp),
                     Err(status) => {
                         let token_gen = self.token_gen();
