@@ -814,6 +814,55 @@ mod tests {
         assert_eq!(b.events()[3].revision(), 7);
     }
 
+    fn put_event(key: &'static [u8], rev: i64) -> Event {
+        Event::from_pb(mvccpb::Event {
+            r#type: 0,
+            kv: Some(mvccpb::KeyValue {
+                key: Bytes::from_static(key),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        })
+    }
+
+    /// One event is kept inline and many in a vector; the batch reads the same either way.
+    #[test]
+    fn one_event_inline_many_in_a_vector() {
+        let mut ev = Events::default();
+        assert!(ev.is_empty() && ev.as_slice().is_empty());
+        ev.push(put_event(b"ns/a", 5));
+        assert!(matches!(ev, Events::One(_)));
+        let one = WatchBatch::events_from(ResponseHeader::default(), ev.clone());
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.events()[0].revision(), 5);
+        // Stripping a namespace works on the inline event too.
+        let stripped = one.clone().strip_key_prefix(3);
+        assert_eq!(stripped.events()[0].kv.key().as_ref(), b"a");
+        assert_eq!(one.clone().into_events().len(), 1);
+        let it = one.into_iter();
+        assert_eq!(it.len(), 1);
+        assert_eq!(it.map(|e| e.revision()).collect::<Vec<_>>(), vec![5]);
+
+        ev.push(put_event(b"ns/b", 6));
+        ev.push(put_event(b"ns/c", 7));
+        assert!(matches!(&ev, Events::Many(v) if v.len() == 3));
+        let many = WatchBatch::events_from(ResponseHeader::default(), ev.clone());
+        let revs: Vec<i64> = many.into_iter().map(|e| e.revision()).collect();
+        assert_eq!(revs, vec![5, 6, 7]);
+
+        // Filtering down to one event makes it inline again; to none, empty.
+        ev.retain(|e| e.revision() >= 7);
+        assert!(matches!(&ev, Events::One(e) if e.revision() == 7));
+        ev.retain(|_| false);
+        assert!(ev.is_empty());
+        assert_eq!(Events::from_vec(vec![put_event(b"x", 1)]), {
+            let mut e = Events::default();
+            e.push(put_event(b"x", 1));
+            e
+        });
+    }
+
     #[test]
     fn flags() {
         let mut f = Flags::default();
