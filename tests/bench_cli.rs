@@ -105,6 +105,22 @@ fn watch_and_lease_workloads_run() {
             1000.0,
         ),
         (
+            // Three tasks, each reading its share of the 50 watchers merged.
+            vec![
+                "watch",
+                "--watch-per-stream",
+                "50",
+                "--put-total",
+                "20",
+                "--put-rate",
+                "0",
+                "--consumers",
+                "3",
+            ],
+            "events_delivered",
+            1000.0,
+        ),
+        (
             vec![
                 "watch-latency",
                 "--watch-per-stream",

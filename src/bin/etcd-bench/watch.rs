@@ -26,6 +26,12 @@ pub(crate) struct WatchArgs {
     /// Puts per second (0: as fast as one writer goes).
     #[arg(long, default_value_t = 100)]
     put_rate: u64,
+    /// `watch` only: tasks reading the watchers. 0 (the default, as etcd's Go benchmark does
+    /// with goroutines): a task per watcher. N: N tasks, each reading its share of the
+    /// watchers as one merged stream, which leaves out the runtime's cost of waking a task
+    /// per response.
+    #[arg(long, default_value_t = 0)]
+    consumers: usize,
 }
 
 /// The endpoints the clients of this run use.
@@ -74,6 +80,35 @@ async fn create_watchers(
     Ok((clients, watchers, lat))
 }
 
+/// Read `want` events from `batches` (one watcher, or several merged), adding the events and
+/// batches read to the shared totals.
+async fn consume<S>(mut batches: S, want: u64, events: Arc<AtomicU64>, responses: Arc<AtomicU64>)
+where
+    S: futures_util::Stream<Item = etcdv3::Result<etcdv3::WatchBatch>> + Unpin,
+{
+    use futures_util::StreamExt;
+    // Counted locally and added to the shared totals now and then: two shared counters bumped
+    // per batch by 1,000 tasks on every worker thread bounce their cache line between cores,
+    // a cost of the bench and not of the client.
+    let (mut got, mut batches_read, mut flushed) = (0u64, 0u64, (0u64, 0u64));
+    while got < want {
+        match batches.next().await {
+            Some(Ok(batch)) => {
+                got += batch.len() as u64;
+                batches_read += 1;
+                if batches_read % 64 == 0 {
+                    events.fetch_add(got - flushed.0, Ordering::Relaxed);
+                    responses.fetch_add(batches_read - flushed.1, Ordering::Relaxed);
+                    flushed = (got, batches_read);
+                }
+            }
+            _ => break,
+        }
+    }
+    events.fetch_add(got - flushed.0, Ordering::Relaxed);
+    responses.fetch_add(batches_read - flushed.1, Ordering::Relaxed);
+}
+
 /// Run this very program as a separate process doing the puts, so that the watch side's
 /// CPU figures are the watch side's alone.
 fn spawn_putter(b: &Bench, total: u64, rate: u64) -> Result<std::process::Child, String> {
@@ -119,33 +154,36 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
     let events = Arc::new(AtomicU64::new(0));
     let responses = Arc::new(AtomicU64::new(0));
     let meter = Meter::start();
-    let mut consumers = Vec::with_capacity(watchers.len());
-    for (k, mut w) in watchers {
-        let want = (0..a.put_total).filter(|i| i % space == k).count() as u64;
-        let (events, responses) = (events.clone(), responses.clone());
-        consumers.push(tokio::spawn(async move {
-            // Counted locally and added to the shared totals now and then: two shared
-            // counters bumped per batch by 1,000 tasks on every worker thread bounce their
-            // cache line between cores, a cost of the bench and not of the client.
-            let (mut got, mut batches, mut flushed) = (0u64, 0u64, (0u64, 0u64));
-            while got < want {
-                match w.next().await {
-                    Some(Ok(batch)) => {
-                        got += batch.len() as u64;
-                        batches += 1;
-                        if batches % 64 == 0 {
-                            events.fetch_add(got - flushed.0, Ordering::Relaxed);
-                            responses.fetch_add(batches - flushed.1, Ordering::Relaxed);
-                            flushed = (got, batches);
-                        }
-                    }
-                    _ => break,
-                }
-            }
-            events.fetch_add(got - flushed.0, Ordering::Relaxed);
-            responses.fetch_add(batches - flushed.1, Ordering::Relaxed);
-        }));
-    }
+    // Each watcher with the number of events it is to receive.
+    let wanted: Vec<(u64, Watcher)> = watchers
+        .into_iter()
+        .map(|(k, w)| {
+            let want = (0..a.put_total).filter(|i| i % space == k).count() as u64;
+            (want, w)
+        })
+        .collect();
+    let consumers = if a.consumers == 0 {
+        wanted
+            .into_iter()
+            .map(|(want, w)| tokio::spawn(consume(w, want, events.clone(), responses.clone())))
+            .collect::<Vec<_>>()
+    } else {
+        let mut groups: Vec<(u64, Vec<Watcher>)> =
+            (0..a.consumers).map(|_| (0, Vec::new())).collect();
+        for (i, (want, w)) in wanted.into_iter().enumerate() {
+            let g = &mut groups[i % a.consumers];
+            g.0 += want;
+            g.1.push(w);
+        }
+        groups
+            .into_iter()
+            .filter(|(_, ws)| !ws.is_empty())
+            .map(|(want, ws)| {
+                let merged = futures_util::stream::select_all(ws);
+                tokio::spawn(consume(merged, want, events.clone(), responses.clone()))
+            })
+            .collect()
+    };
     let mut putter = spawn_putter(b, a.put_total, a.put_rate)?;
     let limit = b
         .common
@@ -179,6 +217,15 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
         (
             "Watchers".into(),
             (a.streams * a.watch_per_stream) as f64,
+            "".into(),
+        ),
+        (
+            "Consumer tasks".into(),
+            if a.consumers == 0 {
+                (a.streams * a.watch_per_stream) as f64
+            } else {
+                a.consumers.min(a.streams * a.watch_per_stream) as f64
+            },
             "".into(),
         ),
         (
