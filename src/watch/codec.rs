@@ -496,7 +496,7 @@ fn decode_in_order(buf: &Bytes, m: &mut Response, memo: &mut HeaderMemo) -> Opti
         if e.eat(3 << 3 | 2) {
             let prev = ev
                 .prev_kv
-                .insert(KeyValue::from_pb(mvccpb::KeyValue::default()));
+                .insert(Box::new(KeyValue::from_pb(mvccpb::KeyValue::default())));
             kv_in_order(prev.pb_mut(), e.sub()?)?;
         }
         e.done()?;
@@ -558,7 +558,7 @@ fn merge_event(e: &mut Event, mut r: Reader<'_>) -> Option<()> {
             2 => merge_kv(e.kv.pb_mut(), r.message(wt)?)?,
             3 => merge_kv(
                 e.prev_kv
-                    .get_or_insert_with(|| KeyValue::from_pb(mvccpb::KeyValue::default()))
+                    .get_or_insert_with(|| Box::new(KeyValue::from_pb(mvccpb::KeyValue::default())))
                     .pb_mut(),
                 r.message(wt)?,
             )?,
