@@ -22,6 +22,7 @@
 
 mod codec;
 mod queue;
+mod slots;
 mod worker;
 
 use std::fmt;
@@ -674,13 +675,11 @@ impl Watcher {
 
     #[inline]
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<WatchBatch>>> {
-        let mut resume = false;
-        let item = self.queue.poll_pop(cx, &mut resume);
-        if resume {
+        let (cmds, id) = (&self.cmds, self.id);
+        self.queue.poll_pop(cx, || {
             // The buffer has room again: the multiplexer re-creates the paused watcher.
-            let _ = self.cmds.send(Cmd::Resume(self.id));
-        }
-        item
+            let _ = cmds.send(Cmd::Resume(id));
+        })
     }
 }
 

@@ -5,11 +5,13 @@
 //! that allocates room for one batch at the first batch, plus the consumer's waker.
 
 use std::collections::VecDeque;
+use std::mem;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use super::WatchBatch;
+use super::{Events, WatchBatch};
 use crate::error::{Error, ErrorKind, Result};
+use crate::types::ResponseHeader;
 
 /// Capacity kept after the buffer drained; a larger one is released (room for one is kept).
 const KEEP_CAPACITY: usize = 1;
@@ -70,6 +72,27 @@ impl WatcherQueue {
             return Err(PushError::Full);
         }
         s.items.push_back(Ok(batch));
+        Ok(s.waker.take())
+    }
+
+    /// [`push`](Self::push) for a batch of events: the batch is built in the buffer, and
+    /// `events` taken only when it is queued.
+    #[inline]
+    pub(crate) fn push_events(
+        &self,
+        header: ResponseHeader,
+        events: &mut Events,
+    ) -> std::result::Result<Option<Waker>, PushError> {
+        let mut s = self.lock();
+        if s.done {
+            return Ok(None);
+        }
+        if s.items.len() >= s.cap as usize {
+            s.paused = true;
+            return Err(PushError::Full);
+        }
+        s.items
+            .push_back(Ok(WatchBatch::events_from(header, mem::take(events))));
         Ok(s.waker.take())
     }
 
@@ -137,25 +160,27 @@ impl WatcherQueue {
         Poll::Pending
     }
 
-    /// The next item (`None` at the end); sets `resume` when the consumer must now send
-    /// `Resume`. (The item is returned as the consumer's poll returns it, so that it is not
-    /// copied on the way.)
+    /// The next item (`None` at the end); calls `resume` when the consumer must now send
+    /// `Resume`. (The item is returned as the consumer's poll returns it, straight from the
+    /// buffer, so that it is not copied on the way: a batch is 152 bytes.)
     #[inline]
     pub(crate) fn poll_pop(
         &self,
         cx: &mut Context<'_>,
-        resume: &mut bool,
+        resume: impl FnOnce(),
     ) -> Poll<Option<Result<WatchBatch>>> {
         let mut s = self.lock();
         let len = s.items.len();
         if len > 0 {
             if s.paused && len - 1 <= (s.cap / 2) as usize {
                 s.paused = false;
-                *resume = true;
+                resume();
             }
-            let item = s.items.pop_front();
-            s.items.trim();
-            return Poll::Ready(item);
+            if len == 1 && s.items.0.capacity() > KEEP_CAPACITY {
+                // The last item of a backlog: give back the room it took.
+                return Poll::Ready(s.items.take_last());
+            }
+            return Poll::Ready(s.items.pop_front());
         }
         if s.done {
             return Poll::Ready(None);
@@ -194,12 +219,14 @@ impl Items {
         self.0.pop_front()
     }
 
-    /// Give back the room a backlog took, keeping room for one item.
-    fn trim(&mut self) {
+    /// The only item, giving back the room a backlog took but for one item.
+    fn take_last(&mut self) -> Option<Result<WatchBatch>> {
+        let item = self.0.pop_front();
         if self.0.is_empty() && self.0.capacity() > KEEP_CAPACITY {
             self.0 = VecDeque::new();
             self.0.reserve_exact(1);
         }
+        item
     }
 }
 
@@ -297,7 +324,7 @@ mod tests {
     /// `poll_pop` with the resume flag in the result.
     fn pop(q: &WatcherQueue, cx: &mut Context<'_>) -> Poll<(Option<Result<WatchBatch>>, bool)> {
         let mut resume = false;
-        q.poll_pop(cx, &mut resume).map(|item| (item, resume))
+        q.poll_pop(cx, || resume = true).map(|item| (item, resume))
     }
 
     fn futures_noop_waker() -> Waker {

@@ -7,8 +7,7 @@
 //! watcher) can never be taken for a newer incarnation's. etcd answers creates in order,
 //! which the in-flight queue uses for the one answer without an id (a refused create).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,8 +83,12 @@ enum SlotState {
     Paused,
 }
 
-/// One watcher, as the worker knows it. Kept small: there may be 100,000 of them.
+/// One watcher, as the worker knows it. Kept small (there may be 100,000 of them), and in
+/// one cache line: a response reads it first, at a burst from memory.
+#[repr(align(64))]
 struct Slot {
+    /// The watcher's stable id.
+    id: u64,
     queue: Arc<WatcherQueue>,
     /// The key followed by the range end.
     spec: Box<[u8]>,
@@ -149,36 +152,18 @@ fn progress_request() -> pb::WatchRequest {
     }
 }
 
-/// The wire id of creation number `n` of watcher `id`.
-fn wire_id(id: u64, n: u64) -> i64 {
-    ((id & MAX_WATCHER_ID) | ((n & GENERATION_MASK) << 40)) as i64
+/// The wire id of creation number `n` of the watcher at `index` in the table: never 0
+/// (which asks etcd to choose) nor negative.
+fn wire_id(index: u32, n: u64) -> i64 {
+    ((u64::from(index) + 1) | ((n & GENERATION_MASK) << 40)) as i64
 }
 
-/// The watcher a wire id belongs to.
-fn watcher_of(sid: i64) -> u64 {
-    (sid as u64) & MAX_WATCHER_ID
+/// The table index a wire id names (out of range when it names none).
+fn slot_index(sid: i64) -> u64 {
+    ((sid as u64) & MAX_WATCHER_ID).wrapping_sub(1)
 }
 
-/// A multiplicative hash for sequential integer ids (the default SipHash is needlessly slow
-/// on the per-response path).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type Slots = HashMap<u64, Slot, BuildHasherDefault<IdHasher>>;
+type Slots = super::slots::Slots<Slot>;
 type ReqTx = mpsc::UnboundedSender<pb::WatchRequest>;
 type OpenResult = std::result::Result<(MessageStream<Bytes>, Option<u64>), (Error, Option<u64>)>;
 
@@ -457,6 +442,7 @@ impl Worker {
                 spec.extend_from_slice(&c.key);
                 spec.extend_from_slice(&c.range_end);
                 let slot = Slot {
+                    id: c.id,
                     queue: c.queue,
                     spec: spec.into_boxed_slice(),
                     key_len: u32::try_from(c.key.len()).unwrap_or(u32::MAX),
@@ -472,7 +458,7 @@ impl Worker {
                 self.want_create(c.id);
             }
             Cmd::Cancel { id, mut ack } => {
-                if let Some(slot) = self.slots.remove(&id) {
+                if let Some(slot) = self.slots.remove(id) {
                     slot.queue.finish(None);
                     if slot.progress_wanted {
                         self.progress_waiters.retain(|w| *w != id);
@@ -498,7 +484,7 @@ impl Worker {
                 }
             }
             Cmd::Progress(id) => {
-                let Some(slot) = self.slots.get_mut(&id) else {
+                let Some(slot) = self.slots.get_mut(id) else {
                     return;
                 };
                 if !slot.progress_wanted {
@@ -514,7 +500,7 @@ impl Worker {
                 }
             }
             Cmd::Resume(id) => {
-                if let Some(slot) = self.slots.get_mut(&id)
+                if let Some(slot) = self.slots.get_mut(id)
                     && slot.state == SlotState::Paused
                 {
                     slot.state = SlotState::Unsent;
@@ -535,11 +521,14 @@ impl Worker {
 
     fn send_create(&mut self, id: u64) {
         let Some(tx) = self.conn.tx() else { return };
-        let Some(slot) = self.slots.get_mut(&id) else {
+        let Some(index) = self.slots.index_of(id) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
         self.creations = self.creations.wrapping_add(1);
-        let sid = wire_id(id, self.creations);
+        let sid = wire_id(index, self.creations);
         slot.sid = sid;
         slot.state = SlotState::Creating;
         slot.frag = None;
@@ -589,7 +578,7 @@ impl Worker {
             .slots
             .iter()
             .filter(|(_, s)| s.state == SlotState::Unsent)
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in unsent {
             self.send_create(id);
@@ -651,7 +640,7 @@ impl Worker {
         }
         self.reset_stream();
         if is_terminal(&err) {
-            for (_, slot) in self.slots.drain() {
+            for slot in self.slots.drain() {
                 slot.queue.finish(Some(copy_error(&err)));
             }
             self.progress_waiters.clear();
@@ -709,7 +698,7 @@ impl Worker {
     /// The client was closed: end every watcher.
     fn shutdown(&mut self) {
         self.reset_stream();
-        for (_, slot) in self.slots.drain() {
+        for slot in self.slots.drain() {
             slot.queue
                 .finish(Some(Error::new(ErrorKind::Closed, "the client was closed")));
         }
@@ -728,21 +717,26 @@ impl Worker {
         let mut msgs = mem::take(&mut self.gathered);
         let mut resps = mem::take(&mut self.decoded);
         let mut failed = None;
+        // The responses are decoded in place (see `codec::decode_into`), into the ones of
+        // the previous runs (a response is 192 bytes: made afresh, it would be copied in).
+        let mut n = 0;
         for bytes in msgs.drain(..) {
-            // Decoded in place (see `codec::decode_into`).
-            resps.push(Response::default());
-            let Some(resp) = resps.last_mut() else { break };
+            if resps.len() == n {
+                resps.push(Response::default());
+            }
+            let Some(resp) = resps.get_mut(n) else { break };
             if let Err(status) = codec::decode_into(bytes, resp, &mut self.header_memo) {
-                resps.pop();
                 failed = Some(status);
                 break;
             }
+            n += 1;
         }
         msgs.clear();
+        let run = resps.get_mut(..n).unwrap_or_default();
         let mut seen = 0usize;
-        for r in &resps {
+        for r in run.iter() {
             if r.watch_id > 0
-                && let Some(slot) = self.slots.get(&watcher_of(r.watch_id))
+                && let Some(slot) = self.slots.at(slot_index(r.watch_id))
             {
                 seen = seen.wrapping_add(Arc::strong_count(&slot.queue));
             }
@@ -750,7 +744,7 @@ impl Worker {
         std::hint::black_box(seen);
         let mut ok = true;
         let resets = self.resets;
-        for r in &mut resps {
+        for r in run.iter_mut() {
             if !self.on_response(r) {
                 ok = false;
                 break;
@@ -761,7 +755,13 @@ impl Worker {
                 break;
             }
         }
-        resps.clear();
+        // Kept for the next run; events not handed out (a run cut short) must not keep
+        // received buffers alive meanwhile.
+        for r in &mut resps {
+            if !r.events.is_empty() {
+                r.events = Events::default();
+            }
+        }
         self.decoded = resps;
         self.gathered = msgs;
         if ok && let Some(status) = failed {
@@ -775,9 +775,8 @@ impl Worker {
         if sid <= 0 {
             return None;
         }
-        let id = watcher_of(sid);
-        match self.slots.get_mut(&id) {
-            Some(slot) if slot.sid == sid => Some((id, slot)),
+        match self.slots.at_mut(slot_index(sid)) {
+            Some(slot) if slot.sid == sid => Some((slot.id, slot)),
             _ => None,
         }
     }
@@ -839,7 +838,7 @@ impl Worker {
             }
         }
         let last = events.as_slice().last().map_or(next, Event::revision);
-        match slot.queue.push(WatchBatch::events_from(header, events)) {
+        match slot.queue.push_events(header, &mut events) {
             Ok(waker) => {
                 slot.next_rev = last + 1;
                 self.wakes.extend(waker);
@@ -928,7 +927,7 @@ impl Worker {
             let token_gen = self.token_gen();
             return self.stream_failed(err, token_gen);
         }
-        if let Some(slot) = self.slots.remove(&id) {
+        if let Some(slot) = self.slots.remove(id) {
             if slot.progress_wanted {
                 self.progress_waiters.retain(|w| *w != id);
             }
@@ -945,7 +944,7 @@ impl Worker {
         // Never moves a resume point: on etcd < 3.4.25 / 3.5.8 this answer can overtake
         // events still in flight (etcd 15220).
         for id in mem::take(&mut self.progress_waiters) {
-            if let Some(slot) = self.slots.get_mut(&id) {
+            if let Some(slot) = self.slots.get_mut(id) {
                 slot.progress_wanted = false;
                 slot.queue
                     .push_notification(WatchBatch::notification(header, BatchKind::Progress));
@@ -955,7 +954,7 @@ impl Worker {
 
     /// Watcher `id`'s buffer is full: cancel it on the server until its consumer catches up.
     fn pause(&mut self, id: u64) {
-        let Some(slot) = self.slots.get_mut(&id) else {
+        let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
         let sid = slot.sid;
@@ -999,11 +998,18 @@ mod tests {
         let b = wire_id(5, 2);
         assert_ne!(a, b);
         assert!(a > 0 && b > 0);
-        assert_eq!(watcher_of(a), 5);
-        assert_eq!(watcher_of(b), 5);
-        let big = wire_id(MAX_WATCHER_ID, GENERATION_MASK);
+        assert_eq!(slot_index(a), 5);
+        assert_eq!(slot_index(b), 5);
+        // Index 0 with a generation that wrapped to 0 is still not 0 ("etcd, choose").
+        let zero = wire_id(0, GENERATION_MASK + 1);
+        assert!(zero > 0);
+        assert_eq!(slot_index(zero), 0);
+        let big = wire_id(u32::MAX, GENERATION_MASK);
         assert!(big > 0);
-        assert_eq!(watcher_of(big), MAX_WATCHER_ID);
+        assert_eq!(slot_index(big), u64::from(u32::MAX));
+        // Ids no table index gives are out of range, not index 0 or a panic.
+        assert_eq!(slot_index(0), u64::MAX);
+        assert_eq!(slot_index(-1), MAX_WATCHER_ID - 1);
     }
 
     #[test]
