@@ -1,5 +1,5 @@
 //! A criterion [`Measurement`]: the CPU time (user + system) of the calling thread, from
-//! `getrusage(RUSAGE_THREAD)` (Linux reports it in microseconds).
+//! `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`.
 //!
 //! The watch benches run the whole client (its connection, the multiplexer and the consumer)
 //! on the bench thread, on a current-thread tokio runtime, and the in-process server on
@@ -12,23 +12,20 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{Criterion, Throughput};
-use nix::sys::resource::{UsageWho, getrusage};
-use nix::sys::time::TimeVal;
+use nix::time::{ClockId, clock_gettime};
 
-/// The CPU time this thread has used so far.
+/// The CPU time this thread has used so far (`CLOCK_THREAD_CPUTIME_ID`: exact to the
+/// nanosecond, where `getrusage(RUSAGE_THREAD)` may lag by up to a scheduler tick, which
+/// matters for short measured stretches between unmeasured work).
 ///
 /// # Panics
 ///
-/// When `getrusage` fails (it cannot for `RUSAGE_THREAD` on Linux).
+/// When the clock cannot be read (it always can on Linux).
 pub(crate) fn thread_cpu() -> Duration {
-    let usage = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage(RUSAGE_THREAD)");
-    duration(usage.user_time()) + duration(usage.system_time())
-}
-
-fn duration(tv: TimeVal) -> Duration {
-    let secs = u64::try_from(tv.tv_sec()).unwrap_or(0);
-    let micros = u64::try_from(tv.tv_usec()).unwrap_or(0);
-    Duration::from_secs(secs) + Duration::from_micros(micros)
+    let t = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("CLOCK_THREAD_CPUTIME_ID");
+    let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+    let nanos = u32::try_from(t.tv_nsec()).unwrap_or(0);
+    Duration::new(secs, nanos)
 }
 
 /// This thread's CPU time, as a criterion measurement (values in nanoseconds).

@@ -16,6 +16,9 @@
 //! The client runs on the calling (bench) thread, on a current-thread runtime that is driven
 //! only inside [`WatchBench::start`], [`WatchBench::consume`] and [`WatchBench::finish`].
 
+// Each bench uses one of the two fixtures (`WatchBench`, `BurstBench`).
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error;
@@ -40,7 +43,8 @@ type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static
 
 /// Bytes of every event's value.
 const VALUE_LEN: usize = 64;
-/// The low 40 bits of a wire watch id name the client's watcher (see `src/watch/worker.rs`).
+/// The low 40 bits of a wire watch id name the client's watcher, the same across its
+/// re-creations (see `src/watch/worker.rs`).
 const WATCHER_MASK: u64 = (1 << 40) - 1;
 /// Longest wait for the watchers to be created and verified.
 const SETUP_LIMIT: Duration = Duration::from_secs(120);
@@ -145,10 +149,31 @@ impl Frames {
 }
 
 /// The Watch service of one benchmark: `watchers` watchers, `events` events per response.
-#[derive(Clone, Copy)]
+/// Endless round-robin streaming, or bursts on demand (`bursts`).
+#[derive(Clone)]
 struct WatchService {
     watchers: usize,
     events: usize,
+    bursts: Option<Bursts>,
+}
+
+/// Burst mode: each `()` received asks for one burst, one response to every watcher (in a
+/// fixed shuffled order, as etcd's watcher sets are unordered), like a put of a key that N
+/// watchers watch. Taken by the first stream.
+type Bursts = std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<()>>>>;
+
+/// A fixed shuffle of `0..n` (Fisher-Yates with a small LCG: the same order every run).
+fn shuffled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..n).rev() {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let j = ((x >> 33) as usize) % (i + 1);
+        order.swap(i, j);
+    }
+    order
 }
 
 impl tonic::server::NamedService for WatchService {
@@ -167,9 +192,15 @@ impl tower::Service<tonic::Request<Streaming<pb::WatchRequest>>> for WatchServic
     }
 
     fn call(&mut self, req: tonic::Request<Streaming<pb::WatchRequest>>) -> Self::Future {
-        let WatchService { watchers, events } = *self;
+        let WatchService {
+            watchers,
+            events,
+            bursts,
+        } = self.clone();
         Box::pin(async move {
             let mut inbound = req.into_inner();
+            let mut bursts = bursts.and_then(|b| b.lock().ok()?.take());
+            let burst_mode = bursts.is_some();
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(64);
             tokio::spawn(async move {
                 // (wire id, key) of every watcher, in creation order; the index by client id.
@@ -177,6 +208,7 @@ impl tower::Service<tonic::Request<Streaming<pb::WatchRequest>>> for WatchServic
                 let mut index: HashMap<u64, usize> = HashMap::new();
                 let mut frames = Frames::new(events);
                 let mut turn = 0usize;
+                let order = shuffled(watchers);
                 loop {
                     let streaming = slots.len() >= watchers;
                     tokio::select! {
@@ -207,7 +239,18 @@ impl tower::Service<tonic::Request<Streaming<pb::WatchRequest>>> for WatchServic
                                 }
                             }
                         }
-                        permit = tx.reserve(), if streaming => {
+                        go = async { bursts.as_mut()?.recv().await }, if streaming && burst_mode => {
+                            if go.is_none() {
+                                return;
+                            }
+                            for &i in &order {
+                                let (sid, key) = &slots[i];
+                                if tx.send(Ok(frames.next(*sid, key))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        permit = tx.reserve(), if streaming && !burst_mode => {
                             let Ok(permit) = permit else { return };
                             let (sid, key) = &slots[turn];
                             permit.send(Ok(frames.next(*sid, key)));
@@ -234,7 +277,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for WatchService {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let handler = *self;
+        let handler = self.clone();
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec);
             Ok(grpc.streaming(handler, req).await)
@@ -342,7 +385,11 @@ impl WatchBench {
     /// stream) and checks the first responses: every watcher gets a batch of `events` events
     /// of its own key, with revisions increasing by one, before anything is measured.
     pub(crate) fn start(watchers: usize, events: usize) -> Result<WatchBench, BoxError> {
-        let server = Server::start(WatchService { watchers, events })?;
+        let server = Server::start(WatchService {
+            watchers,
+            events,
+            bursts: None,
+        })?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -452,6 +499,170 @@ impl WatchBench {
                 cpu * 1e6 / responses as f64,
                 events as f64 / cpu.max(1e-9),
                 events as f64 / wall.max(1e-9),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Server, client and watchers of the burst benchmark: a task per watcher, bursts of one
+/// response to every watcher, and the processor's caches flushed before each burst.
+pub(crate) struct BurstBench {
+    rt: tokio::runtime::Runtime,
+    server: Server,
+    client: Client,
+    go: tokio::sync::mpsc::UnboundedSender<()>,
+    watchers: usize,
+    /// Responses read by the tasks, all together; the count a burst waits for; a task failed.
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    target: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<tokio::sync::Notify>,
+    /// Memory walked before each burst, to evict the client's state from the caches (as the
+    /// server does between two puts).
+    thrash: Vec<u8>,
+    bursts: u64,
+    cpu: Duration,
+}
+
+impl BurstBench {
+    /// Starts the server, connects the client, creates `watchers` watchers, checks a first
+    /// burst (each watcher gets its own key), and gives each watcher a task that reads it.
+    pub(crate) fn start(watchers: usize, thrash_bytes: usize) -> Result<BurstBench, BoxError> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let (go, go_rx) = tokio::sync::mpsc::unbounded_channel();
+        let server = Server::start(WatchService {
+            watchers,
+            events: 1,
+            bursts: Some(Arc::new(std::sync::Mutex::new(Some(go_rx)))),
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let read = Arc::new(AtomicU64::new(0));
+        let target = Arc::new(AtomicU64::new(u64::MAX));
+        let failed = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let endpoint = format!("http://{}", server.addr);
+        let first = go.clone();
+        let (r, t, f, d) = (read.clone(), target.clone(), failed.clone(), done.clone());
+        let client = rt.block_on(async move {
+            let setup = async {
+                let client = Client::connect([endpoint]).await?;
+                let creates = (0..watchers).map(|i| client.watch(key(i)).into_future());
+                let created = futures::future::try_join_all(creates).await?;
+                let mut all = SelectAll::new();
+                for (index, watcher) in created.into_iter().enumerate() {
+                    all.push(Tagged { index, watcher });
+                }
+                first.send(()).map_err(|_| "the server is gone")?;
+                verify(&mut all, watchers, 1).await?;
+                for mut w in all {
+                    let (read, target, failed, done) = (r.clone(), t.clone(), f.clone(), d.clone());
+                    tokio::spawn(async move {
+                        while let Some(batch) = w.watcher.next().await {
+                            if batch.map_or(true, |b| b.len() != 1) {
+                                break;
+                            }
+                            if read.fetch_add(1, Ordering::Relaxed) + 1
+                                == target.load(Ordering::Relaxed)
+                            {
+                                done.notify_one();
+                            }
+                        }
+                        failed.store(true, Ordering::Relaxed);
+                        done.notify_one();
+                    });
+                }
+                Ok::<_, BoxError>(client)
+            };
+            tokio::time::timeout(SETUP_LIMIT, setup)
+                .await
+                .map_err(|_| "creating and verifying the watchers took too long")?
+        })?;
+        Ok(BurstBench {
+            rt,
+            server,
+            client,
+            go,
+            watchers,
+            read,
+            target,
+            failed,
+            done,
+            thrash: vec![0u8; thrash_bytes],
+            bursts: 0,
+            cpu: Duration::ZERO,
+        })
+    }
+
+    /// Runs whole bursts for `responses` responses (at least one burst) and returns this
+    /// thread's CPU time per response, times `responses` (criterion's `iter_custom`). The
+    /// cache flush before each burst is not measured.
+    ///
+    /// # Panics
+    ///
+    /// When a watcher fails, or a burst does not arrive within a generous time limit.
+    pub(crate) fn measure(&mut self, responses: u64) -> Duration {
+        use std::sync::atomic::Ordering;
+        let n = self.watchers as u64;
+        let bursts = responses.div_ceil(n).max(1);
+        let mut cpu = Duration::ZERO;
+        for _ in 0..bursts {
+            for i in (0..self.thrash.len()).step_by(64) {
+                self.thrash[i] = self.thrash[i].wrapping_add(1);
+            }
+            std::hint::black_box(&self.thrash);
+            let want = self.read.load(Ordering::Relaxed) + n;
+            self.target.store(want, Ordering::Relaxed);
+            let start = thread_cpu();
+            assert!(self.go.send(()).is_ok(), "the server is gone");
+            let (read, failed, done) = (&self.read, &self.failed, &self.done);
+            let arrived = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    while read.load(Ordering::Relaxed) < want && !failed.load(Ordering::Relaxed) {
+                        done.notified().await;
+                    }
+                })
+                .await
+            });
+            cpu += thread_cpu().saturating_sub(start);
+            assert!(
+                arrived.is_ok(),
+                "a burst of {n} responses took over a minute"
+            );
+            assert!(
+                !self.failed.load(Ordering::Relaxed),
+                "a watcher failed or ended"
+            );
+        }
+        self.bursts += bursts;
+        self.cpu += cpu;
+        cpu.mul_f64(responses as f64 / (bursts * n) as f64)
+    }
+
+    /// Closes the client, stops the server, prints the client CPU per response in all.
+    pub(crate) fn finish(self, name: &str) -> Result<(), BoxError> {
+        let BurstBench {
+            rt,
+            mut server,
+            client,
+            go,
+            watchers,
+            bursts,
+            cpu,
+            ..
+        } = self;
+        drop(go);
+        rt.block_on(client.close());
+        drop(rt);
+        server.stop()?;
+        let responses = bursts * watchers as u64;
+        if bursts >= 10 {
+            println!(
+                "{name}: {bursts} bursts, {responses} responses: {:.3} µs client CPU per response",
+                cpu.as_secs_f64() * 1e6 / responses as f64,
             );
         }
         Ok(())
