@@ -17,6 +17,7 @@
 //!   connection refuses new streams, so the transport makes a new one.
 
 use std::collections::{HashMap, VecDeque};
+use std::mem;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -865,6 +866,8 @@ impl Conn {
             self.shared.writer.notify_one();
         }
         Ok(ResponseStream {
+            taken: VecDeque::new(),
+            taken_bytes: 0,
             shared: self.shared.clone(),
             id,
         })
@@ -927,6 +930,11 @@ impl Control {
 pub(crate) struct ResponseStream {
     shared: Arc<Shared>,
     id: u32,
+    /// DATA taken from the stream in one visit, handed out from here without the lock.
+    taken: VecDeque<Bytes>,
+    /// The bytes taken so far that are not yet counted as read (their window goes back at
+    /// the next visit, when all of them have been handed out).
+    taken_bytes: u32,
 }
 
 impl ResponseStream {
@@ -961,42 +969,66 @@ impl ResponseStream {
     }
 
     /// The next DATA payload; `None` at the end of the data (then read the trailers).
+    ///
+    /// A visit to the connection's state takes every payload that has arrived (a burst of
+    /// watch responses is hundreds of frames), and hands them out one by one without the
+    /// lock. Their window goes back at the next visit, once all of them were handed out: the
+    /// peer is held back by what the reader has not read, as before.
+    #[inline]
     pub(crate) fn poll_data(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, StreamError>>> {
+        if let Some(d) = self.taken.pop_front() {
+            return Poll::Ready(Some(Ok(d)));
+        }
+        self.visit_data(cx)
+    }
+
+    fn visit_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamError>>> {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(None);
         };
-        if let Some(d) = s.data.pop_front() {
-            s.unacked += d.len() as u32;
-            st.conn_unacked += d.len() as u32;
-            let was_empty = st.out.is_empty();
+        let read = mem::take(&mut self.taken_bytes);
+        let was_empty = st.out.is_empty();
+        if read > 0 {
+            s.unacked += read;
+            st.conn_unacked += read;
             if s.unacked >= STREAM_WINDOW / 2 && !s.recv_end {
                 frame::write_window_update(&mut st.out, self.id, s.unacked);
                 s.recv_window += i64::from(s.unacked);
                 s.unacked = 0;
             }
-            st.maybe_ack_connection();
-            let wrote = was_empty && !st.out.is_empty();
-            drop(guard);
-            if wrote {
-                self.shared.writer.notify_one();
+        }
+        let poll = if let Some(d) = s.data.pop_front() {
+            let mut bytes = d.len() as u32;
+            for more in s.data.drain(..) {
+                bytes += more.len() as u32;
+                self.taken.push_back(more);
             }
-            return Poll::Ready(Some(Ok(d)));
+            self.taken_bytes = bytes;
+            Poll::Ready(Some(Ok(d)))
+        } else if let Some(e) = &s.error {
+            Poll::Ready(Some(Err(e.clone())))
+        } else if s.recv_end {
+            Poll::Ready(None)
+        } else {
+            if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        };
+        if read > 0 {
+            st.maybe_ack_connection();
         }
-        if let Some(e) = &s.error {
-            return Poll::Ready(Some(Err(e.clone())));
+        let wrote = was_empty && !st.out.is_empty();
+        drop(guard);
+        if wrote {
+            self.shared.writer.notify_one();
         }
-        if s.recv_end {
-            return Poll::Ready(None);
-        }
-        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            s.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        poll
     }
 
     /// The trailers (`None` when the stream ended without).
@@ -1028,8 +1060,8 @@ impl Drop for ResponseStream {
         let Some(mut s) = st.streams.remove(&self.id) else {
             return;
         };
-        // Give back what was received and not handed out.
-        let held: u32 = s.data.iter().map(|d| d.len() as u32).sum();
+        // Give back what was received and not read (or read, not yet counted).
+        let held: u32 = s.data.iter().map(|d| d.len() as u32).sum::<u32>() + self.taken_bytes;
         st.conn_unacked += held;
         let was_empty = st.out.is_empty();
         if !(s.recv_end && s.send_end) && s.error.is_none() && !st.dead {
@@ -1372,6 +1404,74 @@ mod peer {
             .await
             .expect("the driver ends when the last handle is gone")
             .unwrap();
+        server.await.unwrap();
+    }
+
+    /// An answer larger than our stream window, in many small DATA frames: the reader takes
+    /// what has arrived in one visit and hands it out frame by frame; the window goes back
+    /// as it reads, so the whole answer comes through, and what we hold never exceeds it.
+    #[tokio::test]
+    async fn a_long_answer_flows_through_the_window_as_it_is_read() {
+        const FRAME: usize = 16 * 1024;
+        const TOTAL: usize = 3 * STREAM_WINDOW as usize;
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new().handshake(theirs).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let sender = tokio::spawn(async move {
+                let mut send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                let chunk = Bytes::from(vec![1u8; FRAME]);
+                let mut sent = 0;
+                while sent < TOTAL {
+                    send.reserve_capacity(FRAME);
+                    let room = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let n = room.min(FRAME).min(TOTAL - sent);
+                    send.send_data(chunk.slice(..n), false).unwrap();
+                    sent += n;
+                }
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", HeaderValue::from_static("0"));
+                send.send_trailers(t).unwrap();
+            });
+            while conn.accept().await.is_some() {}
+            sender.await.unwrap();
+        });
+        let (conn, _control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let mut s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        let id = s.id;
+        let (status, _) = std::future::poll_fn(|cx| s.poll_head(cx)).await.unwrap();
+        assert_eq!(status, 200);
+        let mut read = 0usize;
+        let mut most_held = 0usize;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(d) = std::future::poll_fn(|cx| s.poll_data(cx)).await {
+                read += d.unwrap().len();
+                let queued: usize = conn
+                    .shared
+                    .lock()
+                    .streams
+                    .get(&id)
+                    .map_or(0, |st| st.data.iter().map(Bytes::len).sum());
+                let held = queued + s.taken.iter().map(Bytes::len).sum::<usize>();
+                most_held = most_held.max(held);
+            }
+        })
+        .await
+        .expect("the whole answer comes through");
+        assert_eq!(read, TOTAL);
+        assert!(most_held <= STREAM_WINDOW as usize, "held {most_held}");
+        let trailers = std::future::poll_fn(|cx| s.poll_trailers(cx))
+            .await
+            .unwrap();
+        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+        drop(s);
+        drop(conn);
         server.await.unwrap();
     }
 
