@@ -16,6 +16,11 @@ use crate::types::ResponseHeader;
 /// Capacity kept after the buffer drained; a larger one is released (room for one is kept).
 const KEEP_CAPACITY: usize = 1;
 
+///
+/// The lock and the state fill one cache line, aligned: a batch for the watcher touches
+/// that line (and the buffer's), which the multiplexer looks up in advance (`touch`), and
+/// the reference counts the `Arc` puts before it are on a line of their own.
+#[repr(align(64))]
 pub(crate) struct WatcherQueue {
     state: Mutex<State>,
 }
@@ -51,6 +56,14 @@ impl WatcherQueue {
                 paused: false,
             }),
         }
+    }
+
+    /// Read the queue's cache line without taking the lock (a plain load), so that a coming
+    /// [`push_events`](Self::push_events) finds it in the cache: the multiplexer does this for
+    /// a run of responses before handling any, and their cache misses overlap.
+    #[inline]
+    pub(crate) fn touch(&self) -> bool {
+        self.state.is_poisoned()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -245,6 +258,13 @@ mod tests {
 
     fn batch() -> WatchBatch {
         WatchBatch::notification(ResponseHeader::default(), BatchKind::Events)
+    }
+
+    /// The lock and the state are one cache line.
+    #[test]
+    fn a_queue_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<WatcherQueue>(), 64);
+        assert_eq!(std::mem::align_of::<WatcherQueue>(), 64);
     }
 
     #[test]
