@@ -21,9 +21,12 @@
 //! crate's developers: see `worker.rs` for how the multiplexer works).
 
 mod codec;
+mod group;
 mod queue;
 mod slots;
 mod worker;
+
+pub use group::{DEFAULT_GROUP_BUFFER, WatchGroup};
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
@@ -525,6 +528,13 @@ impl Watch {
     }
 
     async fn start(self) -> Result<Watcher> {
+        let cap = u32::try_from(self.buffer).unwrap_or(u32::MAX);
+        self.start_on(|_| Arc::new(WatcherQueue::new(cap))).await
+    }
+
+    /// Create the watcher with the queue `queue(id)` gives for its id (its own, or a group
+    /// member's).
+    async fn start_on(self, queue: impl FnOnce(u64) -> Arc<WatcherQueue>) -> Result<Watcher> {
         self.validate()?;
         let muxes = self.client.watch_muxes();
         let tx = muxes.sender(self.client.shared(), self.require_leader)?;
@@ -536,8 +546,7 @@ impl Watch {
                 "this client has created too many watchers",
             ));
         }
-        let cap = u32::try_from(self.buffer).unwrap_or(u32::MAX);
-        let queue = Arc::new(WatcherQueue::new(cap));
+        let queue = queue(id);
         let watcher = Watcher {
             id,
             queue: Arc::clone(&queue),
@@ -680,6 +689,13 @@ impl Watcher {
             // The buffer has room again: the multiplexer re-creates the paused watcher.
             let _ = cmds.send(Cmd::Resume(id));
         })
+    }
+}
+
+impl Watcher {
+    /// Ask the multiplexer to re-create this paused watcher (its buffer has room again).
+    fn send_resume(&self) {
+        let _ = self.cmds.send(Cmd::Resume(self.id));
     }
 }
 

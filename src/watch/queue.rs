@@ -1,12 +1,15 @@
-//! The bounded hand-off between the multiplexer and one watcher's consumer.
+//! The bounded hand-off between the multiplexer and one watcher's consumer, or the watchers
+//! of a [`WatchGroup`](super::WatchGroup) and the group's one consumer.
 //!
 //! A tokio channel per watcher would cost more than half a kilobyte each (cache-padded
 //! halves and an eagerly allocated block of 32 slots); this is a mutex around a `VecDeque`
-//! that allocates room for one batch at the first batch, plus the consumer's waker.
+//! that allocates room for one batch at the first batch, plus the consumer's waker. A group
+//! member keeps its own state here and passes its batches, tagged with its id, to the
+//! group's queue ([`GroupQueue`]).
 
 use std::collections::VecDeque;
 use std::mem;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use super::{Events, WatchBatch};
@@ -26,7 +29,8 @@ pub(crate) struct WatcherQueue {
 }
 
 struct State {
-    items: Items,
+    buf: Buf,
+    /// The consumer (a group member's: the task awaiting its creation).
     waker: Option<Waker>,
     cap: u32,
     /// The server confirmed the watcher.
@@ -36,6 +40,19 @@ struct State {
     /// The multiplexer paused the watcher because the buffer was full; the consumer sends
     /// `Resume` once it has drained half of it.
     paused: bool,
+}
+
+/// Where a watcher's items go.
+enum Buf {
+    /// Its own buffer, read by its own consumer.
+    Own(Items),
+    /// The buffer of its group; a refused creation's error waits here for the member's
+    /// creation future.
+    Member {
+        group: Arc<GroupQueue>,
+        id: u64,
+        refused: Option<Box<Error>>,
+    },
 }
 
 /// Why a batch was not queued.
@@ -48,9 +65,27 @@ impl WatcherQueue {
     pub(crate) fn new(cap: u32) -> Self {
         WatcherQueue {
             state: Mutex::new(State {
-                items: Items::default(),
+                buf: Buf::Own(Items::default()),
                 waker: None,
                 cap: cap.max(1),
+                created: false,
+                done: false,
+                paused: false,
+            }),
+        }
+    }
+
+    /// The queue of member `id` of a group: its batches go to `group`.
+    pub(crate) fn member(group: Arc<GroupQueue>, id: u64) -> Self {
+        WatcherQueue {
+            state: Mutex::new(State {
+                buf: Buf::Member {
+                    group,
+                    id,
+                    refused: None,
+                },
+                waker: None,
+                cap: 1,
                 created: false,
                 done: false,
                 paused: false,
@@ -80,12 +115,19 @@ impl WatcherQueue {
         if s.done {
             return Ok(None);
         }
-        if s.items.len() >= s.cap as usize {
-            s.paused = true;
-            return Err(PushError::Full);
+        let cap = s.cap as usize;
+        let s = &mut *s;
+        match &mut s.buf {
+            Buf::Own(items) => {
+                if items.len() >= cap {
+                    s.paused = true;
+                    return Err(PushError::Full);
+                }
+                items.push_back(Ok(batch));
+                Ok(s.waker.take())
+            }
+            Buf::Member { group, id, .. } => group.push(*id, Ok(batch)),
         }
-        s.items.push_back(Ok(batch));
-        Ok(s.waker.take())
     }
 
     /// [`push`](Self::push) for a batch of events: the batch is built in the buffer, and
@@ -100,13 +142,19 @@ impl WatcherQueue {
         if s.done {
             return Ok(None);
         }
-        if s.items.len() >= s.cap as usize {
-            s.paused = true;
-            return Err(PushError::Full);
+        let cap = s.cap as usize;
+        let s = &mut *s;
+        match &mut s.buf {
+            Buf::Own(items) => {
+                if items.len() >= cap {
+                    s.paused = true;
+                    return Err(PushError::Full);
+                }
+                items.push_back(Ok(WatchBatch::events_from(header, mem::take(events))));
+                Ok(s.waker.take())
+            }
+            Buf::Member { group, id, .. } => group.push_events(*id, header, events),
         }
-        s.items
-            .push_back(Ok(WatchBatch::events_from(header, mem::take(events))));
-        Ok(s.waker.take())
     }
 
     /// Queue a notification when there is room; dropped otherwise (it carries no events).
@@ -125,12 +173,16 @@ impl WatcherQueue {
     pub(crate) fn set_created(&self, first: Option<WatchBatch>) {
         let mut s = self.lock();
         s.created = true;
+        let mut group_waker = None;
         if let Some(b) = first {
-            s.items.push_back(Ok(b));
+            match &mut s.buf {
+                Buf::Own(items) => items.push_back(Ok(b)),
+                Buf::Member { group, id, .. } => group_waker = group.push_always(*id, Ok(b)),
+            }
         }
         let waker = s.waker.take();
         drop(s);
-        if let Some(w) = waker {
+        for w in [waker, group_waker].into_iter().flatten() {
             w.wake();
         }
     }
@@ -141,13 +193,20 @@ impl WatcherQueue {
         if s.done {
             return;
         }
+        let created = s.created;
+        let mut group_waker = None;
         if let Some(e) = err {
-            s.items.push_back(Err(e));
+            match &mut s.buf {
+                Buf::Own(items) => items.push_back(Err(e)),
+                // Before its creation the error is the creation's answer, not an item.
+                Buf::Member { refused, .. } if !created => *refused = Some(Box::new(e)),
+                Buf::Member { group, id, .. } => group_waker = group.push_always(*id, Err(e)),
+            }
         }
         s.done = true;
         let waker = s.waker.take();
         drop(s);
-        if let Some(w) = waker {
+        for w in [waker, group_waker].into_iter().flatten() {
             w.wake();
         }
     }
@@ -164,10 +223,16 @@ impl WatcherQueue {
             return Poll::Ready(Ok(()));
         }
         if s.done {
-            return Poll::Ready(Err(match s.items.pop_front() {
-                Some(Err(e)) => e,
-                _ => Error::new(ErrorKind::Closed, "the client was closed"),
-            }));
+            let refused = match &mut s.buf {
+                Buf::Own(items) => match items.pop_front() {
+                    Some(Err(e)) => Some(e),
+                    _ => None,
+                },
+                Buf::Member { refused, .. } => refused.take().map(|e| *e),
+            };
+            return Poll::Ready(Err(
+                refused.unwrap_or_else(|| Error::new(ErrorKind::Closed, "the client was closed"))
+            ));
         }
         set_waker(&mut s.waker, cx);
         Poll::Pending
@@ -183,17 +248,22 @@ impl WatcherQueue {
         resume: impl FnOnce(),
     ) -> Poll<Option<Result<WatchBatch>>> {
         let mut s = self.lock();
-        let len = s.items.len();
+        let s = &mut *s;
+        // A group member is read through its group.
+        let Buf::Own(items) = &mut s.buf else {
+            return Poll::Ready(None);
+        };
+        let len = items.len();
         if len > 0 {
             if s.paused && len - 1 <= (s.cap / 2) as usize {
                 s.paused = false;
                 resume();
             }
-            if len == 1 && s.items.0.capacity() > KEEP_CAPACITY {
+            if len == 1 && items.0.capacity() > KEEP_CAPACITY {
                 // The last item of a backlog: give back the room it took.
-                return Poll::Ready(s.items.take_last());
+                return Poll::Ready(items.take_last());
             }
-            return Poll::Ready(s.items.pop_front());
+            return Poll::Ready(items.pop_front());
         }
         if s.done {
             return Poll::Ready(None);
@@ -204,7 +274,10 @@ impl WatcherQueue {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.lock().items.len()
+        match &self.lock().buf {
+            Buf::Own(items) => items.len(),
+            Buf::Member { .. } => 0,
+        }
     }
 }
 
@@ -247,6 +320,112 @@ fn set_waker(slot: &mut Option<Waker>, cx: &mut Context<'_>) {
     match slot {
         Some(w) if w.will_wake(cx.waker()) => {}
         _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+/// The shared buffer of a [`WatchGroup`](super::WatchGroup): the batches of all its members,
+/// tagged with the member's id, in the order they came; one consumer, one waker. A batch for
+/// a member costs the member's own cache line and this queue's, which stays warm, instead of
+/// a buffer and a task per watcher.
+pub(crate) struct GroupQueue {
+    state: Mutex<GroupState>,
+}
+
+struct GroupState {
+    items: VecDeque<(u64, Result<WatchBatch>)>,
+    waker: Option<Waker>,
+    cap: usize,
+    /// Members paused because the buffer was full: resumed once the consumer drained half.
+    paused: Vec<u64>,
+}
+
+/// Room kept when the buffer drains; more is released.
+const GROUP_KEEP: usize = 256;
+
+impl GroupQueue {
+    pub(crate) fn new(cap: usize) -> Self {
+        GroupQueue {
+            state: Mutex::new(GroupState {
+                items: VecDeque::new(),
+                waker: None,
+                cap: cap.max(1),
+                paused: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queue a notification for member `id` when there is room (it is dropped otherwise).
+    fn push(
+        &self,
+        id: u64,
+        item: Result<WatchBatch>,
+    ) -> std::result::Result<Option<Waker>, PushError> {
+        let mut g = self.lock();
+        if g.items.len() >= g.cap {
+            return Err(PushError::Full);
+        }
+        g.items.push_back((id, item));
+        Ok(g.waker.take())
+    }
+
+    /// Queue member `id`'s batch of events, or record the member as paused when the buffer
+    /// is full.
+    #[inline]
+    fn push_events(
+        &self,
+        id: u64,
+        header: ResponseHeader,
+        events: &mut Events,
+    ) -> std::result::Result<Option<Waker>, PushError> {
+        let mut g = self.lock();
+        if g.items.len() >= g.cap {
+            g.paused.push(id);
+            return Err(PushError::Full);
+        }
+        g.items
+            .push_back((id, Ok(WatchBatch::events_from(header, mem::take(events)))));
+        Ok(g.waker.take())
+    }
+
+    /// Queue an item whatever the room (a member's last item, or its created notification):
+    /// one per member at most, so the buffer stays bounded.
+    fn push_always(&self, id: u64, item: Result<WatchBatch>) -> Option<Waker> {
+        let mut g = self.lock();
+        g.items.push_back((id, item));
+        g.waker.take()
+    }
+
+    /// The next item, or `Pending` (with the waker kept) when there is none. Members to
+    /// resume (the buffer drained to half after pausing them) are added to `resume`.
+    pub(crate) fn poll_pop(
+        &self,
+        cx: &mut Context<'_>,
+        resume: &mut Vec<u64>,
+    ) -> Poll<(u64, Result<WatchBatch>)> {
+        let mut g = self.lock();
+        let len = g.items.len();
+        if len > 0 {
+            if !g.paused.is_empty() && len - 1 <= g.cap / 2 {
+                resume.append(&mut g.paused);
+            }
+            if len == 1 && g.items.capacity() > GROUP_KEEP {
+                g.items.shrink_to(GROUP_KEEP);
+            }
+            if let Some(item) = g.items.pop_front() {
+                return Poll::Ready(item);
+            }
+        }
+        set_waker(&mut g.waker, cx);
+        Poll::Pending
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().items.len()
     }
 }
 
@@ -323,7 +502,7 @@ mod tests {
                 next += 1;
             }
             assert!(pop(&q, &mut cx).is_pending());
-            assert_eq!(q.lock().items.0.capacity(), 1);
+            assert!(matches!(&q.lock().buf, Buf::Own(items) if items.0.capacity() == 1));
         }
     }
 
@@ -339,6 +518,85 @@ mod tests {
             pop(&q, &mut cx),
             Poll::Ready((Some(Ok(_)), false))
         ));
+    }
+
+    /// A group's buffer: items of all members in order, bounded (a member whose batch does
+    /// not fit is recorded as paused and resumed once half is read), with a member's last
+    /// item and created notification queued whatever the room.
+    #[test]
+    fn a_group_buffer_is_shared_bounded_and_resumes_at_half() {
+        let g = Arc::new(GroupQueue::new(4));
+        let a = WatcherQueue::member(Arc::clone(&g), 1);
+        let b = WatcherQueue::member(Arc::clone(&g), 2);
+        let events = |rev: i64| {
+            let mut e = Events::default();
+            if let Some(ev) = e.push_empty() {
+                ev.kv.pb_mut().mod_revision = rev;
+            }
+            e
+        };
+        let header = ResponseHeader::default();
+        for rev in 1..=2 {
+            assert!(a.push_events(header, &mut events(rev)).is_ok());
+            assert!(b.push_events(header, &mut events(rev)).is_ok());
+        }
+        let mut full = events(3);
+        assert!(matches!(
+            b.push_events(header, &mut full),
+            Err(PushError::Full)
+        ));
+        assert!(
+            !full.is_empty(),
+            "a batch that did not fit is left to the caller"
+        );
+        // A notification that does not fit is dropped; a member's end is always queued.
+        b.push_notification(batch());
+        a.set_created(None);
+        a.finish(Some(Error::new(ErrorKind::Compacted, "x")));
+        assert_eq!(g.len(), 5);
+        // A member's own poll yields nothing: it is read through the group.
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(a.poll_pop(&mut cx, || {}), Poll::Ready(None)));
+        let mut resume = Vec::new();
+        let mut order = Vec::new();
+        while let Poll::Ready((id, item)) = g.poll_pop(&mut cx, &mut resume) {
+            order.push((
+                id,
+                item.ok()
+                    .and_then(|b| b.events().first().map(|e| e.revision())),
+            ));
+            if order.len() == 2 {
+                assert!(resume.is_empty(), "not yet half read");
+            }
+        }
+        assert_eq!(resume, [2], "the paused member is resumed once");
+        assert_eq!(
+            order,
+            [
+                (1, Some(1)),
+                (2, Some(1)),
+                (1, Some(2)),
+                (2, Some(2)),
+                (1, None)
+            ]
+        );
+    }
+
+    /// A group member refused at creation: its creation's answer is the error, which is not
+    /// queued in the group.
+    #[test]
+    fn a_refused_member_answers_its_creation() {
+        let g = Arc::new(GroupQueue::new(4));
+        let m = WatcherQueue::member(Arc::clone(&g), 7);
+        m.finish(Some(Error::new(ErrorKind::PermissionDenied, "no")));
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match m.poll_created(&mut cx) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::PermissionDenied),
+            _ => panic!("the refusal"),
+        }
+        assert_eq!(g.len(), 0);
     }
 
     /// `poll_pop` with the resume flag in the result.

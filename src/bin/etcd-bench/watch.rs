@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use etcdv3::{Client, Watcher};
+use etcdv3::{Client, WatchGroup, Watcher};
 
 use crate::Bench;
 use crate::report::{Meter, Report};
@@ -28,8 +28,8 @@ pub(crate) struct WatchArgs {
     put_rate: u64,
     /// `watch` only: tasks reading the watchers. 0 (the default, as etcd's Go benchmark does
     /// with goroutines): a task per watcher. N: N tasks, each reading its share of the
-    /// watchers as one merged stream, which leaves out the runtime's cost of waking a task
-    /// per response.
+    /// watchers as one `WatchGroup`, which leaves out the cost of a buffer and of waking a
+    /// task per watcher and response.
     #[arg(long, default_value_t = 0)]
     consumers: usize,
 }
@@ -47,13 +47,32 @@ async fn new_client(b: &Bench) -> Result<Client, String> {
         .map_err(|e| format!("cannot reach etcd: {e}"))
 }
 
-/// Create `streams` × `per_stream` watchers on keys of the key space; returns the watchers
-/// with the key index each watches, and each creation's latency.
+/// A watcher of the run: its own, or the index of the group it was added to.
+enum Member {
+    Own(Watcher),
+    InGroup(usize),
+}
+
+/// The watchers of a run made without groups.
+fn own(watchers: Vec<(u64, Member)>) -> Vec<(u64, Watcher)> {
+    watchers
+        .into_iter()
+        .filter_map(|(k, m)| match m {
+            Member::Own(w) => Some((k, w)),
+            Member::InGroup(_) => None,
+        })
+        .collect()
+}
+
+/// Create `streams` × `per_stream` watchers on keys of the key space (the j-th in
+/// `groups[j % groups.len()]` when there are groups); returns the watchers with the key index
+/// each watches, and each creation's latency.
 async fn create_watchers(
     b: &Bench,
     streams: usize,
     per_stream: usize,
-) -> Result<(Vec<Client>, Vec<(u64, Watcher)>, Vec<Duration>), String> {
+    groups: &[WatchGroup],
+) -> Result<(Vec<Client>, Vec<(u64, Member)>, Vec<Duration>), String> {
     let mut clients = Vec::with_capacity(streams);
     let mut watchers = Vec::with_capacity(streams * per_stream);
     let mut lat = Vec::with_capacity(streams * per_stream);
@@ -62,11 +81,15 @@ async fn create_watchers(
         let c = new_client(b).await?;
         // Pipelined: every creation of a stream is in flight at once.
         let futs = (0..per_stream).map(|j| {
-            let k = ((s * per_stream + j) as u64) % space;
+            let n = s * per_stream + j;
+            let k = (n as u64) % space;
             let w = c.watch(b.key(k));
             async move {
                 let t = Instant::now();
-                let r = w.into_future().await;
+                let r = match groups.len() {
+                    0 => w.into_future().await.map(Member::Own),
+                    g => groups[n % g].add(w).await.map(|_| Member::InGroup(n % g)),
+                };
                 (k, r, t.elapsed())
             }
         });
@@ -140,7 +163,9 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
     }
     let space = b.common.key_space_size.max(1);
     let t = Instant::now();
-    let (clients, watchers, creation) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let groups: Vec<WatchGroup> = (0..a.consumers).map(|_| WatchGroup::new()).collect();
+    let (clients, watchers, creation) =
+        create_watchers(b, a.streams, a.watch_per_stream, &groups).await?;
     let created_in = t.elapsed();
     // Each put of key k reaches every watcher of k.
     let mut per_key = vec![0u64; space as usize];
@@ -155,32 +180,35 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
     let responses = Arc::new(AtomicU64::new(0));
     let meter = Meter::start();
     // Each watcher with the number of events it is to receive.
-    let wanted: Vec<(u64, Watcher)> = watchers
-        .into_iter()
-        .map(|(k, w)| {
-            let want = (0..a.put_total).filter(|i| i % space == k).count() as u64;
-            (want, w)
-        })
-        .collect();
+    let want_of = |k: u64| (0..a.put_total).filter(|i| i % space == k).count() as u64;
     let consumers = if a.consumers == 0 {
-        wanted
+        watchers
             .into_iter()
-            .map(|(want, w)| tokio::spawn(consume(w, want, events.clone(), responses.clone())))
+            .filter_map(|(k, m)| match m {
+                Member::Own(w) => Some(tokio::spawn(consume(
+                    w,
+                    want_of(k),
+                    events.clone(),
+                    responses.clone(),
+                ))),
+                Member::InGroup(_) => None,
+            })
             .collect::<Vec<_>>()
     } else {
-        let mut groups: Vec<(u64, Vec<Watcher>)> =
-            (0..a.consumers).map(|_| (0, Vec::new())).collect();
-        for (i, (want, w)) in wanted.into_iter().enumerate() {
-            let g = &mut groups[i % a.consumers];
-            g.0 += want;
-            g.1.push(w);
+        let mut wants = vec![0u64; groups.len()];
+        for (k, m) in &watchers {
+            if let Member::InGroup(g) = m {
+                wants[*g] += want_of(*k);
+            }
         }
         groups
             .into_iter()
-            .filter(|(_, ws)| !ws.is_empty())
-            .map(|(want, ws)| {
-                let merged = futures_util::stream::select_all(ws);
-                tokio::spawn(consume(merged, want, events.clone(), responses.clone()))
+            .zip(wants)
+            .filter(|(g, _)| !g.is_empty())
+            .map(|(g, want)| {
+                use futures_util::StreamExt;
+                let batches = g.map(|(_, batch)| batch);
+                tokio::spawn(consume(batches, want, events.clone(), responses.clone()))
             })
             .collect()
     };
@@ -281,7 +309,8 @@ fn now_nanos() -> u128 {
 /// `watch-latency`: put-to-event latency, with the put time carried in the value.
 pub(crate) async fn watch_latency(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, String> {
     let space = b.common.key_space_size.max(1);
-    let (clients, watchers, _) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let (clients, watchers, _) = create_watchers(b, a.streams, a.watch_per_stream, &[]).await?;
+    let watchers = own(watchers);
     let meter = Meter::start();
     let mut consumers = Vec::new();
     for (k, mut w) in watchers {
@@ -338,7 +367,7 @@ pub(crate) async fn watch_latency(b: &Arc<Bench>, a: &WatchArgs) -> Result<Repor
 
 /// `watch-get`: range reads while many watchers are open.
 pub(crate) async fn watch_get(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, String> {
-    let (_clients, _watchers, _) = create_watchers(b, a.streams, a.watch_per_stream).await?;
+    let (_clients, _watchers, _) = create_watchers(b, a.streams, a.watch_per_stream, &[]).await?;
     let key = b.key(0);
     b.client(0)
         .kv()
