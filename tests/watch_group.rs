@@ -312,3 +312,53 @@ async fn closing_the_client_ends_every_member_then_the_group() {
     assert_eq!(ended, [a.min(b), a.max(b)]);
     assert!(group.is_empty());
 }
+
+#[tokio::test]
+async fn next_many_moves_what_has_come_in_order_and_the_stream_reads_the_same() {
+    use futures::StreamExt;
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let group = WatchGroup::new();
+    let a = group.add(c.watch("m/a")).await.unwrap();
+    let b = group.add(c.watch("m/b")).await.unwrap();
+    let mut group = group;
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        let k = if i % 2 == 0 { "m/a" } else { "m/b" };
+        revs.push((if i % 2 == 0 { a } else { b }, put(&c, k, "v").await));
+    }
+    // Runs of at most 4, appended to what the buffer already holds.
+    let mut run = vec![];
+    while run.len() < 6 {
+        let before = run.len();
+        let n = tokio::time::timeout(STEP, group.next_many(&mut run, 4))
+            .await
+            .expect("a run");
+        assert!((1..=4).contains(&n) && run.len() == before + n);
+    }
+    let got: Vec<(u64, i64)> = run
+        .into_iter()
+        .map(|(id, batch)| (id, batch.unwrap().events()[0].revision()))
+        .collect();
+    assert_eq!(got, revs);
+    // The Stream reads the same items.
+    let r = put(&c, "m/b", "w").await;
+    let (id, batch) = tokio::time::timeout(STEP, group.next_stream_item())
+        .await
+        .expect("an item");
+    assert_eq!((id, batch.unwrap().events()[0].revision()), (b, r));
+    // The end: no member left.
+    assert!(group.remove(a) && group.remove(b));
+    let mut run = vec![];
+    assert_eq!(group.next_many(&mut run, 4).await, 0);
+    assert!(group.next().await.is_none());
+
+    trait NextItem {
+        async fn next_stream_item(&mut self) -> (u64, etcdv3::Result<WatchBatch>);
+    }
+    impl NextItem for WatchGroup {
+        async fn next_stream_item(&mut self) -> (u64, etcdv3::Result<WatchBatch>) {
+            StreamExt::next(self).await.expect("an item")
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use super::queue::{GroupQueue, WatcherQueue};
+use super::queue::{GroupItems, GroupQueue, WatcherQueue};
 use super::{Watch, WatchBatch, Watcher};
 use crate::error::Result;
 
@@ -57,7 +57,10 @@ pub const DEFAULT_GROUP_BUFFER: usize = 4096;
 pub struct WatchGroup {
     queue: Arc<GroupQueue>,
     members: Mutex<HashMap<u64, Watcher>>,
-    /// Members to resume (scratch for the queue's pop).
+    /// The items taken from the shared buffer at the last visit, read from here without its
+    /// lock.
+    taken: GroupItems,
+    /// Members to resume (scratch for the visits).
     resume: Vec<u64>,
 }
 
@@ -86,6 +89,7 @@ impl WatchGroup {
         WatchGroup {
             queue: Arc::new(GroupQueue::new(batches)),
             members: Mutex::new(HashMap::new()),
+            taken: GroupItems::new(),
             resume: Vec::new(),
         }
     }
@@ -140,27 +144,78 @@ impl WatchGroup {
         std::future::poll_fn(|cx| self.poll_item(cx)).await
     }
 
+    /// Wait for items, then move up to `limit` of them (at least 1) to the end of `buf`, in
+    /// order; returns how many, 0 once the group has ended (as [`next`](WatchGroup::next)
+    /// gives `None`). For a consumer that handles what has come in runs, as tokio's
+    /// `Receiver::recv_many`: each item is moved once, instead of through the layers of a
+    /// future per item.
+    pub async fn next_many(
+        &mut self,
+        buf: &mut Vec<(u64, Result<WatchBatch>)>,
+        limit: usize,
+    ) -> usize {
+        std::future::poll_fn(|cx| self.poll_many(cx, buf, limit.max(1))).await
+    }
+
+    fn poll_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<(u64, Result<WatchBatch>)>,
+        limit: usize,
+    ) -> Poll<usize> {
+        if self.taken.is_empty() && self.poll_take(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let n = limit.min(self.taken.len());
+        let start = buf.len();
+        buf.extend(self.taken.drain(..n));
+        if let Some(tail) = buf.get(start..) {
+            for (id, item) in tail {
+                if item.is_err() {
+                    // Its last item: the member has ended.
+                    self.members().remove(id);
+                }
+            }
+        }
+        Poll::Ready(n)
+    }
+
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<(u64, Result<WatchBatch>)>> {
-        match self.queue.poll_pop(cx, &mut self.resume) {
-            Poll::Ready((id, item)) => {
-                if !self.resume.is_empty() || item.is_err() {
-                    let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
-                    for r in self.resume.drain(..) {
-                        // The buffer has room again: the multiplexer re-creates the member.
-                        if let Some(w) = members.get(&r) {
-                            w.send_resume();
-                        }
-                    }
-                    if item.is_err() {
-                        // Its last item: the member has ended.
-                        members.remove(&id);
-                    }
+        if self.taken.is_empty() && self.poll_take(cx).is_pending() {
+            return Poll::Pending;
+        }
+        match self.taken.pop_front() {
+            Some((id, item)) => {
+                if item.is_err() {
+                    // Its last item: the member has ended.
+                    self.members().remove(&id);
                 }
                 Poll::Ready(Some((id, item)))
             }
-            Poll::Pending if self.is_empty() => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            None => Poll::Ready(None),
         }
+    }
+
+    /// `taken` is read to the end: take all that has come since, in one visit. `Ready` with
+    /// items in `taken`, or with none when the group has ended.
+    fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let taken = self
+            .queue
+            .poll_take_all(cx, &mut self.taken, &mut self.resume);
+        if !self.resume.is_empty() {
+            let members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+            for r in self.resume.drain(..) {
+                // The buffer has room again: the multiplexer re-creates the member.
+                if let Some(w) = members.get(&r) {
+                    w.send_resume();
+                }
+            }
+        }
+        if taken.is_pending() && !self.is_empty() {
+            return Poll::Pending;
+        }
+        // Items, or the end (no member left, nothing buffered).
+        Poll::Ready(())
     }
 }
 

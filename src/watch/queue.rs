@@ -335,9 +335,15 @@ struct GroupState {
     items: VecDeque<(u64, Result<WatchBatch>)>,
     waker: Option<Waker>,
     cap: usize,
+    /// Items the consumer took at its last visit (see `poll_take_all`): still buffered, on
+    /// its side.
+    taken: usize,
     /// Members paused because the buffer was full: resumed once the consumer drained half.
     paused: Vec<u64>,
 }
+
+/// A group's items, as the consumer takes them.
+pub(crate) type GroupItems = VecDeque<(u64, Result<WatchBatch>)>;
 
 /// Room kept when the buffer drains; more is released.
 const GROUP_KEEP: usize = 256;
@@ -349,6 +355,7 @@ impl GroupQueue {
                 items: VecDeque::new(),
                 waker: None,
                 cap: cap.max(1),
+                taken: 0,
                 paused: Vec::new(),
             }),
         }
@@ -365,7 +372,7 @@ impl GroupQueue {
         item: Result<WatchBatch>,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut g = self.lock();
-        if g.items.len() >= g.cap {
+        if g.items.len() + g.taken >= g.cap {
             return Err(PushError::Full);
         }
         g.items.push_back((id, item));
@@ -382,7 +389,7 @@ impl GroupQueue {
         events: &mut Events,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut g = self.lock();
-        if g.items.len() >= g.cap {
+        if g.items.len() + g.taken >= g.cap {
             g.paused.push(id);
             return Err(PushError::Full);
         }
@@ -399,28 +406,33 @@ impl GroupQueue {
         g.waker.take()
     }
 
-    /// The next item, or `Pending` (with the waker kept) when there is none. Members to
-    /// resume (the buffer drained to half after pausing them) are added to `resume`.
-    pub(crate) fn poll_pop(
+    /// Move every buffered item to `into` (which the consumer has read to the end: empty),
+    /// in one visit: the two buffers are swapped. `Pending`, with the waker kept, when there
+    /// is none. The items taken still count against the bound until the next visit. Members
+    /// to resume (paused, and the buffer is now at most half full) are added to `resume`.
+    pub(crate) fn poll_take_all(
         &self,
         cx: &mut Context<'_>,
+        into: &mut GroupItems,
         resume: &mut Vec<u64>,
-    ) -> Poll<(u64, Result<WatchBatch>)> {
+    ) -> Poll<()> {
         let mut g = self.lock();
-        let len = g.items.len();
-        if len > 0 {
-            if !g.paused.is_empty() && len - 1 <= g.cap / 2 {
-                resume.append(&mut g.paused);
-            }
-            if len == 1 && g.items.capacity() > GROUP_KEEP {
-                g.items.shrink_to(GROUP_KEEP);
-            }
-            if let Some(item) = g.items.pop_front() {
-                return Poll::Ready(item);
-            }
+        // Everything taken last time has been read.
+        g.taken = 0;
+        if !g.paused.is_empty() && g.items.len() <= g.cap / 2 {
+            resume.append(&mut g.paused);
         }
-        set_waker(&mut g.waker, cx);
-        Poll::Pending
+        if g.items.is_empty() {
+            set_waker(&mut g.waker, cx);
+            return Poll::Pending;
+        }
+        into.clear();
+        mem::swap(&mut g.items, into);
+        g.taken = into.len();
+        if g.items.capacity() > 4 * GROUP_KEEP {
+            g.items.shrink_to(GROUP_KEEP);
+        }
+        Poll::Ready(())
     }
 
     #[cfg(test)]
@@ -559,18 +571,30 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert!(matches!(a.poll_pop(&mut cx, || {}), Poll::Ready(None)));
         let mut resume = Vec::new();
-        let mut order = Vec::new();
-        while let Poll::Ready((id, item)) = g.poll_pop(&mut cx, &mut resume) {
-            order.push((
-                id,
-                item.ok()
-                    .and_then(|b| b.events().first().map(|e| e.revision())),
-            ));
-            if order.len() == 2 {
-                assert!(resume.is_empty(), "not yet half read");
-            }
-        }
-        assert_eq!(resume, [2], "the paused member is resumed once");
+        let mut taken = GroupItems::new();
+        assert!(g.poll_take_all(&mut cx, &mut taken, &mut resume).is_ready());
+        assert!(resume.is_empty(), "nothing read yet");
+        assert_eq!(g.len(), 0);
+        // What was taken still counts until it has been read (the next visit).
+        let c = WatcherQueue::member(Arc::clone(&g), 3);
+        assert!(matches!(
+            c.push_events(header, &mut events(3)),
+            Err(PushError::Full)
+        ));
+        let order: Vec<_> = taken
+            .drain(..)
+            .map(|(id, item)| {
+                let rev = item
+                    .ok()
+                    .and_then(|b| b.events().first().map(|e| e.revision()));
+                (id, rev)
+            })
+            .collect();
+        assert!(
+            g.poll_take_all(&mut cx, &mut taken, &mut resume)
+                .is_pending()
+        );
+        assert_eq!(resume, [2, 3], "the paused members are resumed");
         assert_eq!(
             order,
             [

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use etcdv3::{Client, WatchGroup, Watcher};
+use etcdv3::{Client, WatchBatch, WatchGroup, Watcher};
 
 use crate::Bench;
 use crate::report::{Meter, Report};
@@ -103,33 +103,72 @@ async fn create_watchers(
     Ok((clients, watchers, lat))
 }
 
-/// Read `want` events from `batches` (one watcher, or several merged), adding the events and
-/// batches read to the shared totals.
-async fn consume<S>(mut batches: S, want: u64, events: Arc<AtomicU64>, responses: Arc<AtomicU64>)
-where
-    S: futures_util::Stream<Item = etcdv3::Result<etcdv3::WatchBatch>> + Unpin,
-{
+/// Events and batches read by a consumer, added to the shared totals now and then: two
+/// shared counters bumped per batch by 1,000 tasks on every worker thread bounce their cache
+/// line between cores, a cost of the bench and not of the client.
+struct Tally {
+    events: Arc<AtomicU64>,
+    responses: Arc<AtomicU64>,
+    got: u64,
+    batches: u64,
+    flushed: (u64, u64),
+}
+
+impl Tally {
+    fn new(events: Arc<AtomicU64>, responses: Arc<AtomicU64>) -> Self {
+        Tally {
+            events,
+            responses,
+            got: 0,
+            batches: 0,
+            flushed: (0, 0),
+        }
+    }
+
+    fn add(&mut self, batch: &WatchBatch) {
+        self.got += batch.len() as u64;
+        self.batches += 1;
+        if self.batches.is_multiple_of(64) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.events
+            .fetch_add(self.got - self.flushed.0, Ordering::Relaxed);
+        self.responses
+            .fetch_add(self.batches - self.flushed.1, Ordering::Relaxed);
+        self.flushed = (self.got, self.batches);
+    }
+}
+
+/// Read `want` events from one watcher, adding to the shared totals.
+async fn consume(mut watcher: Watcher, want: u64, mut tally: Tally) {
     use futures_util::StreamExt;
-    // Counted locally and added to the shared totals now and then: two shared counters bumped
-    // per batch by 1,000 tasks on every worker thread bounce their cache line between cores,
-    // a cost of the bench and not of the client.
-    let (mut got, mut batches_read, mut flushed) = (0u64, 0u64, (0u64, 0u64));
-    while got < want {
-        match batches.next().await {
-            Some(Ok(batch)) => {
-                got += batch.len() as u64;
-                batches_read += 1;
-                if batches_read % 64 == 0 {
-                    events.fetch_add(got - flushed.0, Ordering::Relaxed);
-                    responses.fetch_add(batches_read - flushed.1, Ordering::Relaxed);
-                    flushed = (got, batches_read);
-                }
-            }
+    while tally.got < want {
+        match StreamExt::next(&mut watcher).await {
+            Some(Ok(batch)) => tally.add(&batch),
             _ => break,
         }
     }
-    events.fetch_add(got - flushed.0, Ordering::Relaxed);
-    responses.fetch_add(batches_read - flushed.1, Ordering::Relaxed);
+    tally.flush();
+}
+
+/// Read `want` events from a group of watchers, in runs (`WatchGroup::next_many`).
+async fn consume_group(mut group: WatchGroup, want: u64, mut tally: Tally) {
+    let mut run = Vec::with_capacity(256);
+    'read: while tally.got < want {
+        if group.next_many(&mut run, 256).await == 0 {
+            break;
+        }
+        for (_, item) in run.drain(..) {
+            match item {
+                Ok(batch) => tally.add(&batch),
+                Err(_) => break 'read,
+            }
+        }
+    }
+    tally.flush();
 }
 
 /// Run this very program as a separate process doing the puts, so that the watch side's
@@ -188,8 +227,7 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
                 Member::Own(w) => Some(tokio::spawn(consume(
                     w,
                     want_of(k),
-                    events.clone(),
-                    responses.clone(),
+                    Tally::new(events.clone(), responses.clone()),
                 ))),
                 Member::InGroup(_) => None,
             })
@@ -206,9 +244,8 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
             .zip(wants)
             .filter(|(g, _)| !g.is_empty())
             .map(|(g, want)| {
-                use futures_util::StreamExt;
-                let batches = g.map(|(_, batch)| batch);
-                tokio::spawn(consume(batches, want, events.clone(), responses.clone()))
+                let tally = Tally::new(events.clone(), responses.clone());
+                tokio::spawn(consume_group(g, want, tally))
             })
             .collect()
     };
