@@ -5,7 +5,7 @@
 //! The server runs on its own thread and runtime (`common/watch_fixture.rs`). The client (its
 //! connection, the multiplexer and the consumer) runs on the bench thread on a current-thread
 //! tokio runtime, and the measurement is that thread's CPU time (`common/cpu.rs`,
-//! `getrusage(RUSAGE_THREAD)`): criterion's "time" is client CPU per response, and its
+//! `CLOCK_THREAD_CPUTIME_ID`): criterion's "time" is client CPU per response, and its
 //! throughput (elements = events) is events per client-CPU-second, the one-core ceiling (the
 //! target is at least 2 M events/s at 100 events per response). Every event has a 16-byte key
 //! and a 64-byte value. Setup (server, connection, watcher) is not measured

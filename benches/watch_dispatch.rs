@@ -7,7 +7,7 @@
 //! over the N watch ids, revisions increasing. The real `etcdv3::Client` runs on the bench
 //! thread on a current-thread tokio runtime; its consumer reads every watcher (a `SelectAll`
 //! over the N `Watcher` streams). The measurement is the bench thread's CPU time
-//! (`common/cpu.rs`, `getrusage(RUSAGE_THREAD)`), so criterion's "time" is client CPU per
+//! (`common/cpu.rs`, `CLOCK_THREAD_CPUTIME_ID`), so criterion's "time" is client CPU per
 //! response (decode, look-up of the watcher, its queue, waking and reading it) and the
 //! throughput is events (= responses) per client-CPU-second. Creating the watchers is setup,
 //! not measured (`iter_custom`); after it every watcher's first response is checked (its own
