@@ -394,22 +394,8 @@ impl WatchBench {
             .enable_all()
             .build()?;
         let endpoint = format!("http://{}", server.addr);
-        let (client, watchers) = rt.block_on(async move {
-            let setup = async {
-                let client = Client::connect([endpoint]).await?;
-                let creates = (0..watchers).map(|i| client.watch(key(i)).into_future());
-                let created = futures::future::try_join_all(creates).await?;
-                let mut all = SelectAll::new();
-                for (index, watcher) in created.into_iter().enumerate() {
-                    all.push(Tagged { index, watcher });
-                }
-                verify(&mut all, watchers, events).await?;
-                Ok::<_, BoxError>((client, all))
-            };
-            tokio::time::timeout(SETUP_LIMIT, setup)
-                .await
-                .map_err(|_| "creating and verifying the watchers took too long")?
-        })?;
+        let (client, watchers) =
+            rt.block_on(create_and_verify(endpoint, watchers, events, || Ok(())))?;
         Ok(WatchBench {
             rt,
             server,
@@ -548,38 +534,27 @@ impl BurstBench {
         let first = go.clone();
         let (r, t, f, d) = (read.clone(), target.clone(), failed.clone(), done.clone());
         let client = rt.block_on(async move {
-            let setup = async {
-                let client = Client::connect([endpoint]).await?;
-                let creates = (0..watchers).map(|i| client.watch(key(i)).into_future());
-                let created = futures::future::try_join_all(creates).await?;
-                let mut all = SelectAll::new();
-                for (index, watcher) in created.into_iter().enumerate() {
-                    all.push(Tagged { index, watcher });
-                }
-                first.send(()).map_err(|_| "the server is gone")?;
-                verify(&mut all, watchers, 1).await?;
-                for mut w in all {
-                    let (read, target, failed, done) = (r.clone(), t.clone(), f.clone(), d.clone());
-                    tokio::spawn(async move {
-                        while let Some(batch) = w.watcher.next().await {
-                            if batch.map_or(true, |b| b.len() != 1) {
-                                break;
-                            }
-                            if read.fetch_add(1, Ordering::Relaxed) + 1
-                                == target.load(Ordering::Relaxed)
-                            {
-                                done.notify_one();
-                            }
+            // The first burst is the one verified.
+            let first_burst = || first.send(()).map_err(|_| "the server is gone".into());
+            let (client, all) = create_and_verify(endpoint, watchers, 1, first_burst).await?;
+            for mut w in all {
+                let (read, target, failed, done) = (r.clone(), t.clone(), f.clone(), d.clone());
+                tokio::spawn(async move {
+                    while let Some(batch) = w.watcher.next().await {
+                        if batch.map_or(true, |b| b.len() != 1) {
+                            break;
                         }
-                        failed.store(true, Ordering::Relaxed);
-                        done.notify_one();
-                    });
-                }
-                Ok::<_, BoxError>(client)
-            };
-            tokio::time::timeout(SETUP_LIMIT, setup)
-                .await
-                .map_err(|_| "creating and verifying the watchers took too long")?
+                        if read.fetch_add(1, Ordering::Relaxed) + 1
+                            == target.load(Ordering::Relaxed)
+                        {
+                            done.notify_one();
+                        }
+                    }
+                    failed.store(true, Ordering::Relaxed);
+                    done.notify_one();
+                });
+            }
+            Ok::<_, BoxError>(client)
         })?;
         Ok(BurstBench {
             rt,
@@ -667,6 +642,31 @@ impl BurstBench {
         }
         Ok(())
     }
+}
+
+/// Connects a client to `endpoint`, creates `watchers` watchers (pipelined, on one stream),
+/// calls `then` and checks the first responses (see `verify`), all within `SETUP_LIMIT`.
+async fn create_and_verify(
+    endpoint: String,
+    watchers: usize,
+    events: usize,
+    then: impl FnOnce() -> Result<(), BoxError>,
+) -> Result<(Client, SelectAll<Tagged>), BoxError> {
+    let setup = async {
+        let client = Client::connect([endpoint]).await?;
+        let creates = (0..watchers).map(|i| client.watch(key(i)).into_future());
+        let created = futures::future::try_join_all(creates).await?;
+        let mut all = SelectAll::new();
+        for (index, watcher) in created.into_iter().enumerate() {
+            all.push(Tagged { index, watcher });
+        }
+        then()?;
+        verify(&mut all, watchers, events).await?;
+        Ok::<_, BoxError>((client, all))
+    };
+    tokio::time::timeout(SETUP_LIMIT, setup)
+        .await
+        .map_err(|_| "creating and verifying the watchers took too long")?
 }
 
 /// Reads until every watcher has had a batch; checks each batch (size, keys, values,

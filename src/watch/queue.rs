@@ -105,29 +105,13 @@ impl WatcherQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queue a batch of events, or mark the watcher paused when the buffer is full.
+    /// Queue a batch, or mark the watcher paused when the buffer is full.
     ///
     /// Returns the consumer's waker when the consumer waits for this batch: the caller wakes
     /// it, possibly later (the multiplexer wakes a run of consumers at once, see
     /// `Worker::flush_wakes`), which is fine since the batch is already queued.
     pub(crate) fn push(&self, batch: WatchBatch) -> std::result::Result<Option<Waker>, PushError> {
-        let mut s = self.lock();
-        if s.done {
-            return Ok(None);
-        }
-        let cap = s.cap as usize;
-        let s = &mut *s;
-        match &mut s.buf {
-            Buf::Own(items) => {
-                if items.len() >= cap {
-                    s.paused = true;
-                    return Err(PushError::Full);
-                }
-                items.push_back(Ok(batch));
-                Ok(s.waker.take())
-            }
-            Buf::Member { group, id, .. } => group.push(*id, Ok(batch)),
-        }
+        self.push_with(|| batch, false)
     }
 
     /// [`push`](Self::push) for a batch of events: the batch is built in the buffer, and
@@ -137,6 +121,17 @@ impl WatcherQueue {
         &self,
         header: ResponseHeader,
         events: &mut Events,
+    ) -> std::result::Result<Option<Waker>, PushError> {
+        self.push_with(|| WatchBatch::events_from(header, mem::take(events)), true)
+    }
+
+    /// Queue the batch `make` builds (only when there is room). A group member's batch that
+    /// does not fit records the member as paused in the group when `pauses`.
+    #[inline]
+    fn push_with(
+        &self,
+        make: impl FnOnce() -> WatchBatch,
+        pauses: bool,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut s = self.lock();
         if s.done {
@@ -150,10 +145,10 @@ impl WatcherQueue {
                     s.paused = true;
                     return Err(PushError::Full);
                 }
-                items.push_back(Ok(WatchBatch::events_from(header, mem::take(events))));
+                items.push_back(Ok(make()));
                 Ok(s.waker.take())
             }
-            Buf::Member { group, id, .. } => group.push_events(*id, header, events),
+            Buf::Member { group, id, .. } => group.push(*id, make, pauses),
         }
     }
 
@@ -365,36 +360,24 @@ impl GroupQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queue a notification for member `id` when there is room (it is dropped otherwise).
+    /// Queue member `id`'s batch (built by `make` only when there is room). When the buffer
+    /// is full, the member is recorded as paused if `pauses` (a batch of events; a
+    /// notification is just dropped).
+    #[inline]
     fn push(
         &self,
         id: u64,
-        item: Result<WatchBatch>,
+        make: impl FnOnce() -> WatchBatch,
+        pauses: bool,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut g = self.lock();
         if g.items.len() + g.taken >= g.cap {
+            if pauses {
+                g.paused.push(id);
+            }
             return Err(PushError::Full);
         }
-        g.items.push_back((id, item));
-        Ok(g.waker.take())
-    }
-
-    /// Queue member `id`'s batch of events, or record the member as paused when the buffer
-    /// is full.
-    #[inline]
-    fn push_events(
-        &self,
-        id: u64,
-        header: ResponseHeader,
-        events: &mut Events,
-    ) -> std::result::Result<Option<Waker>, PushError> {
-        let mut g = self.lock();
-        if g.items.len() + g.taken >= g.cap {
-            g.paused.push(id);
-            return Err(PushError::Full);
-        }
-        g.items
-            .push_back((id, Ok(WatchBatch::events_from(header, mem::take(events)))));
+        g.items.push_back((id, Ok(make())));
         Ok(g.waker.take())
     }
 
