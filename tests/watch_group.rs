@@ -119,16 +119,21 @@ async fn member_options_apply_per_member() {
     let notified = group.add(c.watch("n").created_notify()).await.unwrap();
     let no_put = group.add(c.watch("h").no_put()).await.unwrap();
     let mut group = group;
-    // The created notification comes first for its member.
-    let (id, b) = next(&mut group).await;
-    assert_eq!(id, notified);
-    assert!(b.unwrap().is_created());
-    // The history from `first`, with prev_kv where the key existed before.
+    // Per member, in order (members' batches interleave in the order they came): the
+    // created notification of `notified`, and the history from `first` with prev_kv where the
+    // key existed before.
+    let mut created = None;
     let mut values = Vec::new();
-    while values.len() < 2 {
+    while created.is_none() || values.len() < 2 {
         let (id, b) = next(&mut group).await;
-        assert_eq!(id, history);
-        for e in b.unwrap().events() {
+        let b = b.unwrap();
+        if id == notified {
+            assert!(created.is_none(), "one created notification");
+            created = Some(b.is_created());
+            continue;
+        }
+        assert_eq!(id, history, "no_put sees no put");
+        for e in b.events() {
             let prev = e
                 .prev_kv
                 .as_ref()
@@ -136,6 +141,7 @@ async fn member_options_apply_per_member() {
             values.push((e.kv.value_str().unwrap().to_owned(), prev));
         }
     }
+    assert_eq!(created, Some(true));
     assert_eq!(
         values,
         [
