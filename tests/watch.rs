@@ -5,15 +5,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{client, etcd, etcd_with, wait_until};
+use common::{client, etcd, etcd_with, streams_on_server, wait_until, watchers_on_server};
 use etcdv3::testkit::{EtcdCluster, FaultProxy};
 use etcdv3::{Client, ErrorKind, EventKind, Op, WatchBatch, Watcher};
 use futures::FutureExt;
 use std::future::IntoFuture;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -78,41 +76,6 @@ async fn assert_quiet(w: &mut Watcher, d: Duration) {
     if let Ok(item) = tokio::time::timeout(d, w.next()).await {
         panic!("expected nothing, got {item:?}");
     }
-}
-
-/// One value of etcd's Prometheus metrics (client URL `/metrics`), summed over label sets.
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let text = tokio::time::timeout(STEP, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        String::from_utf8_lossy(&raw).into_owned()
-    })
-    .await
-    .expect("metrics");
-    let mut total = 0.0;
-    let mut found = false;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix(name)
-            && (rest.starts_with(' ') || rest.starts_with('{'))
-        {
-            let v = rest.rsplit(' ').next().unwrap();
-            total += v.trim().parse::<f64>().unwrap();
-            found = true;
-        }
-    }
-    assert!(found, "metric {name} not found");
-    total
-}
-
-async fn watchers_on_server(addr: SocketAddr) -> u64 {
-    metric(addr, "etcd_debugging_mvcc_watcher_total").await as u64
-}
-
-async fn streams_on_server(addr: SocketAddr) -> u64 {
-    metric(addr, "etcd_debugging_mvcc_watch_stream_total").await as u64
 }
 
 fn alive_tasks() -> usize {

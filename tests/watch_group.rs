@@ -5,13 +5,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{client, etcd, wait_until};
+use common::{client, etcd, wait_until, watchers_on_server};
 use etcdv3::testkit::FaultProxy;
 use etcdv3::{Client, ErrorKind, WatchBatch, WatchGroup};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -43,26 +41,6 @@ async fn read_events(g: &mut WatchGroup, want: usize) -> BTreeMap<u64, Vec<(i64,
 
 async fn put(c: &Client, k: &str, v: &str) -> i64 {
     c.kv().put(k, v).await.unwrap().header.revision
-}
-
-/// etcd's count of its watchers (Prometheus metrics on the client URL).
-async fn watchers_on_server(addr: SocketAddr) -> u64 {
-    let text = tokio::time::timeout(STEP, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        String::from_utf8_lossy(&raw).into_owned()
-    })
-    .await
-    .expect("metrics");
-    let name = "etcd_debugging_mvcc_watcher_total ";
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(name))
-        .expect("the watcher metric");
-    line[name.len()..].trim().parse::<f64>().unwrap() as u64
 }
 
 #[tokio::test]

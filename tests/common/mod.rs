@@ -2,10 +2,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use etcdv3::Client;
 use etcdv3::testkit::EtcdCluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A fresh single-member etcd (the binary from `ETCD_BIN`, PATH or /usr/bin/etcd).
 pub(crate) async fn etcd() -> EtcdCluster {
@@ -57,4 +59,41 @@ pub(crate) fn version_of(cluster: &EtcdCluster) -> (u32, u32) {
     let v = cluster.version();
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// One value of etcd's Prometheus metrics (client URL `/metrics`), summed over label sets.
+pub(crate) async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+    .await
+    .expect("metrics");
+    let mut total = 0.0;
+    let mut found = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(name)
+            && (rest.starts_with(' ') || rest.starts_with('{'))
+        {
+            let v = rest.rsplit(' ').next().unwrap();
+            total += v.trim().parse::<f64>().unwrap();
+            found = true;
+        }
+    }
+    assert!(found, "metric {name} not found");
+    total
+}
+
+/// etcd's count of its watchers.
+pub(crate) async fn watchers_on_server(addr: SocketAddr) -> u64 {
+    metric(addr, "etcd_debugging_mvcc_watcher_total").await as u64
+}
+
+/// etcd's count of its watch streams.
+pub(crate) async fn streams_on_server(addr: SocketAddr) -> u64 {
+    metric(addr, "etcd_debugging_mvcc_watch_stream_total").await as u64
 }
