@@ -288,7 +288,7 @@ impl Auth {
         Request::new(call_opts(method, read), move |opts| async move {
             let max = client.config().max_encoding_bytes();
             let resp = unary_on(&client, None, req, opts, move |ch, r| {
-                call(auth_client(ch, max), r)
+                call(auth_client(ch, max), r.into_request())
             })
             .await?;
             map(resp)

@@ -617,7 +617,7 @@ impl Client {
     where
         T: Clone + Send + Sync + 'static,
         R: Send + 'static,
-        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Channel, crate::grpc::Call<T>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
             + Send
             + 'static,
@@ -663,7 +663,7 @@ async fn sync_endpoints(shared: &Arc<Shared>) -> Result<Vec<String>> {
                 let mut c = pb::cluster_client::ClusterClient::new(ch)
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(max);
-                async move { c.member_list(r).await }
+                async move { c.member_list(r.into_request()).await }
             },
         )
         .await?;
@@ -855,7 +855,7 @@ impl Shared {
     where
         T: Clone + Send + Sync + 'static,
         R: Send + 'static,
-        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Channel, crate::grpc::Call<T>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
             + Send
             + 'static,
@@ -873,7 +873,7 @@ impl Shared {
     where
         T: Clone + Send + Sync + 'static,
         R: Send + 'static,
-        F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Channel, crate::grpc::Call<T>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
             + Send
             + 'static,
@@ -912,7 +912,7 @@ impl Shared {
     where
         T: Clone,
         R: Send + 'static,
-        F: Fn(Channel, tonic::Request<T>) -> Fut,
+        F: Fn(Channel, crate::grpc::Call<T>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>
             + Send
             + 'static,
@@ -933,39 +933,26 @@ impl Shared {
                 }
             };
             let pick = self.transport.pick()?;
-            // The metadata as a header map built with pre-parsed names (room for the headers
-            // the transport adds), handed to tonic's request as it is.
-            let mut headers = http::HeaderMap::with_capacity(8);
             let remaining = match att.deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         return Err(deadline_error());
                     }
-                    headers.insert(
-                        crate::grpc::GRPC_TIMEOUT.clone(),
-                        crate::grpc::timeout_value(left),
-                    );
                     Some(left)
                 }
                 None => None,
             };
-            if let Some((_, Some(t))) = &token
-                && let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(t.clone()))
-            {
-                headers.insert(crate::grpc::TOKEN.clone(), v);
-            }
-            if require_leader {
-                headers.insert(
-                    crate::grpc::HASLEADER.clone(),
-                    http::HeaderValue::from_static("true"),
-                );
-            }
-            let request = tonic::Request::from_parts(
-                tonic::metadata::MetadataMap::from_headers(headers),
-                tonic::Extensions::default(),
-                att.msg.clone(),
-            );
+            // The metadata travels as it is; the lean gRPC path writes it straight into the
+            // header block (no header map), tonic's clients take it as metadata.
+            let request = crate::grpc::Call {
+                msg: att.msg.clone(),
+                meta: crate::grpc::Meta {
+                    timeout: remaining,
+                    token: token.as_ref().and_then(|(_, t)| t.clone()),
+                    require_leader,
+                },
+            };
             let span = tracing::debug_span!(
                 "etcd_request",
                 method = opts.method,

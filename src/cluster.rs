@@ -181,7 +181,7 @@ impl Cluster {
             let req = pb::MemberRemoveRequest { id };
             let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
                 let mut c = cluster_client(ch, max);
-                async move { c.member_remove(r).await }
+                async move { c.member_remove(r.into_request()).await }
             })
             .await?;
             Ok(MembersResponse {
@@ -205,7 +205,7 @@ impl Cluster {
             let req = pb::MemberUpdateRequest { id, peer_ur_ls };
             let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
                 let mut c = cluster_client(ch, max);
-                async move { c.member_update(r).await }
+                async move { c.member_update(r.into_request()).await }
             })
             .await?;
             Ok(MembersResponse {
@@ -226,7 +226,7 @@ impl Cluster {
             let req = pb::MemberPromoteRequest { id };
             let resp = unary_on(&this.client, None, req, opts, move |ch, r| {
                 let mut c = cluster_client(ch, max);
-                async move { c.member_promote(r).await }
+                async move { c.member_promote(r.into_request()).await }
             })
             .await?;
             Ok(MembersResponse {
@@ -276,7 +276,7 @@ impl IntoFuture for MemberList {
                 self.opts,
                 move |ch, r| {
                     let mut c = cluster_client(ch, max);
-                    async move { c.member_list(r).await }
+                    async move { c.member_list(r.into_request()).await }
                 },
             )
             .await?;
@@ -327,7 +327,7 @@ impl IntoFuture for MemberAdd {
                 self.opts,
                 move |ch, r| {
                     let mut c = cluster_client(ch, max);
-                    async move { c.member_add(r).await }
+                    async move { c.member_add(r.into_request()).await }
                 },
             )
             .await?;

@@ -23,13 +23,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crate::transport::{Channel, RecvBody};
+use crate::http2::conn::RequestFields;
+use crate::http2::fields::Fields;
+use crate::transport::{Answer, Channel, Part, RecvBody};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_core::Stream;
-use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, header};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Status};
 
 /// The 5-byte gRPC message prefix: compression flag and big-endian length.
@@ -43,7 +44,7 @@ const PREFIX: usize = 5;
 pub(crate) async fn unary<T, R>(
     channel: Channel,
     path: &'static str,
-    request: tonic::Request<T>,
+    call: Call<T>,
     max_encoding: usize,
     max_decoding: usize,
 ) -> Result<tonic::Response<R>, Status>
@@ -51,7 +52,7 @@ where
     T: prost::Message,
     R: prost::Message + Default,
 {
-    let (metadata, _extensions, msg) = request.into_parts();
+    let Call { msg, meta } = call;
     let len = msg.encoded_len();
     if len > max_encoding {
         return Err(Status::out_of_range(format!(
@@ -62,23 +63,22 @@ where
     put_message(&msg, &mut buf)?;
     drop(msg);
 
-    let response = channel
-        .unary(path, grpc_headers(metadata), buf.freeze())
-        .await?;
+    let Answer {
+        status: http_status,
+        fields,
+        mut body,
+    } = channel.unary(path, &meta, &buf.freeze()).await?;
 
-    let status_code = response.status();
     // A trailers-only answer carries its status in the headers.
-    if let Some(status) = error_status(response.headers()) {
+    if let Some(status) = error_status(&fields) {
         return Err(status);
     }
-    let mut body = response.into_body();
     let mut data: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        match frame.into_data() {
-            Ok(chunk) => match (&mut data, &mut more) {
+    while let Some(part) = std::future::poll_fn(|cx| body.poll_part(cx)).await {
+        match part? {
+            Part::Data(chunk) => match (&mut data, &mut more) {
                 (None, None) => data = Some(chunk),
                 (Some(first), None) => {
                     let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
@@ -89,11 +89,7 @@ where
                 }
                 (_, Some(joined)) => joined.put_slice(&chunk),
             },
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    trailers = Some(t);
-                }
-            }
+            Part::Trailers(t) => trailers = Some(t),
         }
         let have = data.as_ref().map_or(0, Bytes::len) + more.as_ref().map_or(0, BytesMut::len);
         if have > PREFIX.saturating_add(max_decoding) {
@@ -101,12 +97,16 @@ where
         }
     }
     match trailers.as_ref() {
-        Some(t) if t.contains_key(&GRPC_STATUS) => {
+        Some(t) if t.contains(GRPC_STATUS) => {
             if let Some(status) = error_status(t) {
                 return Err(status);
             }
         }
-        _ => return Err(status_without_trailers(status_code)),
+        _ => {
+            let http =
+                http::StatusCode::from_u16(http_status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+            return Err(status_without_trailers(http));
+        }
     }
     let mut bytes = match (data, more) {
         (_, Some(joined)) => joined.freeze(),
@@ -136,9 +136,79 @@ where
     Ok(tonic::Response::new(msg))
 }
 
+/// What a request carries besides its message: the deadline (sent as `grpc-timeout`), the
+/// auth token, and etcd's `hasleader`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Meta {
+    /// The time left for the call.
+    pub(crate) timeout: Option<Duration>,
+    /// The auth token.
+    pub(crate) token: Option<AsciiMetadataValue>,
+    /// Ask the member to answer only while it has a leader.
+    pub(crate) require_leader: bool,
+}
+
+impl Meta {
+    /// As tonic metadata (for tonic's generated clients).
+    fn into_metadata(self) -> MetadataMap {
+        let mut headers = http::HeaderMap::new();
+        if let Some(t) = self.timeout {
+            headers.insert(GRPC_TIMEOUT.clone(), timeout_value(t));
+        }
+        if let Some(t) = self.token
+            && let Ok(v) = HeaderValue::from_bytes(t.as_bytes())
+        {
+            headers.insert(TOKEN.clone(), v);
+        }
+        if self.require_leader {
+            headers.insert(HASLEADER.clone(), HeaderValue::from_static("true"));
+        }
+        MetadataMap::from_headers(headers)
+    }
+}
+
+/// A request's fields straight from its [`Meta`]: no header map is built, and the
+/// timeout is formatted on the stack.
+impl RequestFields for Meta {
+    fn each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        if let Some(t) = self.timeout {
+            let (buf, n) = format_timeout(t);
+            f(b"grpc-timeout", &buf[..n]);
+        }
+        if let Some(t) = &self.token {
+            f(b"token", t.as_bytes());
+        }
+        if self.require_leader {
+            f(b"hasleader", b"true");
+        }
+        f(b"te", b"trailers");
+        f(b"content-type", b"application/grpc");
+    }
+}
+
+/// A unary request as the shared request path hands it to a call: the message and its
+/// [`Meta`]. The lean path ([`unary`]) sends it as it is; calls through tonic's generated
+/// clients take [`Call::into_request`].
+#[derive(Debug)]
+pub(crate) struct Call<T> {
+    pub(crate) msg: T,
+    pub(crate) meta: Meta,
+}
+
+impl<T> Call<T> {
+    /// As a tonic request with the metadata.
+    pub(crate) fn into_request(self) -> tonic::Request<T> {
+        tonic::Request::from_parts(
+            self.meta.into_metadata(),
+            tonic::Extensions::default(),
+            self.msg,
+        )
+    }
+}
+
 /// The headers of a gRPC request, as tonic would send them: the metadata (deadline, token,
 /// `hasleader`), `te: trailers` and `content-type: application/grpc`.
-fn grpc_headers(metadata: tonic::metadata::MetadataMap) -> http::HeaderMap {
+fn grpc_headers(metadata: MetadataMap) -> http::HeaderMap {
     let mut headers = metadata.into_headers();
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     headers.insert(
@@ -221,21 +291,16 @@ where
 {
     let (metadata, _extensions, messages) = request.into_parts();
     let body = MessageBody { messages };
-    let response = channel
-        .request(
-            PathAndQuery::from_static(path),
-            grpc_headers(metadata),
-            body,
-        )
-        .await?;
-    if let Some(status) = error_status(response.headers()) {
+    let answer = channel.request(path, &grpc_headers(metadata), body).await?;
+    if let Some(status) = error_status(&answer.fields) {
         return Err(status);
     }
     // A trailers-only OK answer has no messages: the stream ends at once.
-    let done = response.headers().contains_key(&GRPC_STATUS);
-    let http_status = response.status();
+    let done = answer.fields.contains(GRPC_STATUS);
+    let http_status =
+        http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     Ok(MessageStream {
-        body: AnswerBody::Recv(response.into_body()),
+        body: AnswerBody::Recv(answer.body),
         decode,
         chunk: Bytes::new(),
         gathered: BytesMut::new(),
@@ -259,11 +324,11 @@ enum AnswerBody {
 
 impl AnswerBody {
     #[inline]
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_part(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Part, Status>>> {
         match self {
-            AnswerBody::Recv(b) => Pin::new(b).poll_frame(cx),
+            AnswerBody::Recv(b) => b.poll_part(cx),
             #[cfg(test)]
-            AnswerBody::Test(b) => Pin::new(b).poll_frame(cx),
+            AnswerBody::Test(b) => Poll::Ready(b.0.pop()),
         }
     }
 }
@@ -300,21 +365,16 @@ impl<T> MessageStream<T> {
             if self.done {
                 return Poll::Ready(Ok(None));
             }
-            match ready!(self.body.poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.push(data),
-                    Err(frame) => {
+            match ready!(self.body.poll_part(cx)) {
+                Some(Ok(part)) => match part {
+                    Part::Data(data) => self.push(data),
+                    Part::Trailers(t) => {
                         self.done = true;
-                        let trailers = frame.into_trailers().ok();
-                        match trailers.as_ref() {
-                            Some(t) if t.contains_key(&GRPC_STATUS) => {
-                                if let Some(status) = error_status(t) {
-                                    return Poll::Ready(Err(status));
-                                }
-                            }
-                            _ => {
-                                return Poll::Ready(Err(status_without_trailers(self.http_status)));
-                            }
+                        if !t.contains(GRPC_STATUS) {
+                            return Poll::Ready(Err(status_without_trailers(self.http_status)));
+                        }
+                        if let Some(status) = error_status(&t) {
+                            return Poll::Ready(Err(status));
                         }
                         if !self.chunk.is_empty() || !self.gathered.is_empty() {
                             return Poll::Ready(Err(Status::internal(
@@ -393,13 +453,13 @@ impl<T> MessageStream<T> {
         status: Option<&'static str>,
         decode: fn(Bytes) -> Result<T, Status>,
     ) -> Self {
-        let mut items: Vec<Result<Frame<Bytes>, Status>> =
-            frames.into_iter().map(|f| Ok(Frame::data(f))).collect();
+        let mut items: Vec<Result<Part, Status>> =
+            frames.into_iter().map(|f| Ok(Part::Data(f))).collect();
         if let Some(code) = status {
-            let mut t = http::HeaderMap::new();
-            t.insert(GRPC_STATUS.clone(), HeaderValue::from_static(code));
-            t.insert("grpc-message", HeaderValue::from_static("test%20status"));
-            items.push(Ok(Frame::trailers(t)));
+            let mut t = Fields::default();
+            t.push(GRPC_STATUS.as_bytes(), code.as_bytes());
+            t.push(b"grpc-message", b"test%20status");
+            items.push(Ok(Part::Trailers(t)));
         }
         items.reverse();
         MessageStream {
@@ -413,21 +473,9 @@ impl<T> MessageStream<T> {
     }
 }
 
-/// A body that yields prepared frames (popped from the end).
+/// A body that yields prepared parts (popped from the end).
 #[cfg(test)]
-struct TestBody(Vec<Result<Frame<Bytes>, Status>>);
-
-#[cfg(test)]
-impl Body for TestBody {
-    type Data = Bytes;
-    type Error = Status;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Poll::Ready(self.0.pop())
-    }
-}
+struct TestBody(Vec<Result<Part, Status>>);
 
 impl<T> Stream for MessageStream<T> {
     type Item = Result<T, Status>;
@@ -464,11 +512,19 @@ pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration)
     let headers = std::mem::take(request.metadata_mut()).into_headers();
     let mut headers = headers;
     headers.insert(GRPC_TIMEOUT.clone(), timeout_value(timeout));
-    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+    *request.metadata_mut() = MetadataMap::from_headers(headers);
 }
 
 /// The `grpc-timeout` header value for `timeout` (see [`set_timeout`]).
 pub(crate) fn timeout_value(timeout: Duration) -> HeaderValue {
+    let (buf, n) = format_timeout(timeout);
+    // Digits and a unit letter: always a valid header value.
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("1M"))
+}
+
+/// The `grpc-timeout` value for `timeout` (see [`set_timeout`]), formatted on the stack:
+/// the buffer and the length used.
+fn format_timeout(timeout: Duration) -> ([u8; 12], usize) {
     let (value, unit) = grpc_timeout(timeout);
     let mut buf = [0u8; 12];
     let mut n = 0;
@@ -489,9 +545,7 @@ pub(crate) fn timeout_value(timeout: Duration) -> HeaderValue {
         n += 1;
     }
     buf[n] = unit;
-    n += 1;
-    // Digits and a unit letter: always a valid header value.
-    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("1M"))
+    (buf, n + 1)
 }
 
 /// Header names the request path uses, parsed once (a `&str` key is parsed on every use).
@@ -520,15 +574,16 @@ fn grpc_timeout(timeout: Duration) -> (u64, u8) {
     }
 }
 
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_STATUS: &str = "grpc-status";
 
-/// The error status in `headers`, if they carry a `grpc-status` other than 0. The common
+/// The error status in `fields`, if they carry a `grpc-status` other than 0. The common
 /// answer ("0") is recognised without building a `Status` (which copies the headers).
-fn error_status(headers: &http::HeaderMap) -> Option<Status> {
-    match headers.get(&GRPC_STATUS) {
-        None => None,
-        Some(v) if v.as_bytes() == b"0" => None,
-        Some(_) => Status::from_header_map(headers).filter(|s| s.code() != Code::Ok),
+fn error_status(fields: &Fields) -> Option<Status> {
+    match fields.get(GRPC_STATUS) {
+        None | Some(b"0") => None,
+        Some(_) => {
+            Status::from_header_map(&fields.to_header_map()).filter(|s| s.code() != Code::Ok)
+        }
     }
 }
 
@@ -657,15 +712,13 @@ mod tests {
 
     #[test]
     fn error_status_only_for_nonzero_codes() {
-        let mut h = http::HeaderMap::new();
+        let mut h = Fields::default();
         assert!(error_status(&h).is_none());
-        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+        h.push(b"grpc-status", b"0");
         assert!(error_status(&h).is_none());
-        h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("9"));
-        h.insert(
-            "grpc-message",
-            HeaderValue::from_static("etcdserver:%20key%20not%20found"),
-        );
+        let mut h = Fields::default();
+        h.push(b"grpc-status", b"9");
+        h.push(b"grpc-message", b"etcdserver:%20key%20not%20found");
         let s = error_status(&h).unwrap();
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert_eq!(s.message(), "etcdserver: key not found");

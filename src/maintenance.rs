@@ -331,7 +331,7 @@ impl Maintenance {
                 opts,
                 move |ch, r| {
                     let mut c = maintenance_client(ch, max);
-                    async move { c.status(r).await }
+                    async move { c.status(r.into_request()).await }
                 },
             )
             .await?;
@@ -350,7 +350,7 @@ impl Maintenance {
         let max = self.max_encoding();
         let resp = unary_on(&self.client, self.fixed(), req, opts, move |ch, r| {
             let mut c = maintenance_client(ch, max);
-            async move { c.alarm(r).await }
+            async move { c.alarm(r.into_request()).await }
         })
         .await?;
         Ok(AlarmResponse::from_pb(resp))
@@ -444,7 +444,7 @@ impl Maintenance {
                 opts,
                 move |ch, r| {
                     let mut c = maintenance_client(ch, max);
-                    async move { c.defragment(r).await }
+                    async move { c.defragment(r.into_request()).await }
                 },
             )
             .await?;
@@ -467,7 +467,7 @@ impl Maintenance {
                 opts,
                 move |ch, r| {
                     let mut c = maintenance_client(ch, max);
-                    async move { c.hash(r).await }
+                    async move { c.hash(r.into_request()).await }
                 },
             )
             .await?;
@@ -491,7 +491,7 @@ impl Maintenance {
                 opts,
                 move |ch, r| {
                     let mut c = maintenance_client(ch, max);
-                    async move { c.hash_kv(r).await }
+                    async move { c.hash_kv(r.into_request()).await }
                 },
             )
             .await?;
@@ -648,7 +648,7 @@ impl Maintenance {
                 opts,
                 move |ch, r| {
                     let mut c = maintenance_client(ch, max);
-                    async move { c.move_leader(r).await }
+                    async move { c.move_leader(r.into_request()).await }
                 },
             )
             .await?;
@@ -705,7 +705,7 @@ impl Maintenance {
             };
             let resp = unary_on(&this.client, this.fixed(), req, opts, move |ch, r| {
                 let mut c = maintenance_client(ch, max);
-                async move { c.downgrade(r).await }
+                async move { c.downgrade(r.into_request()).await }
             })
             .await
             .map_err(no_downgrade)?;

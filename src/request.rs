@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
+use crate::grpc::{Call, Meta};
 use crate::transport::Channel;
 use tokio::time::Instant;
 
@@ -87,7 +88,7 @@ pub(crate) async fn unary_on<T, R, F, Fut>(
 where
     T: Clone + Send + Sync + 'static,
     R: Send + 'static,
-    F: Fn(Channel, tonic::Request<T>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Channel, Call<T>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send + 'static,
 {
     let Some(channel) = fixed else {
@@ -100,12 +101,17 @@ where
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut stale = None;
     loop {
-        let (mut request, generation) =
-            with_deadline(left(deadline)?, shared.stream_request(req.clone(), stale)).await??;
+        let token = with_deadline(left(deadline)?, shared.token(stale)).await??;
         let remaining = left(deadline)?;
-        if let Some(t) = remaining {
-            crate::grpc::set_timeout(&mut request, t);
-        }
+        let generation = token.as_ref().map(|(generation, _)| *generation);
+        let request = Call {
+            msg: req.clone(),
+            meta: Meta {
+                timeout: remaining,
+                token: token.and_then(|(_, t)| t),
+                require_leader: false,
+            },
+        };
         match with_deadline(remaining, call(channel.clone(), request)).await? {
             Ok(resp) => return Ok(resp.into_inner()),
             Err(status) => {

@@ -46,7 +46,8 @@ use crate::balancer::ParsedEndpoint;
 use crate::balancer::hooks::{DynConnector, Io};
 use crate::client::{Config, ExecutorAdapter};
 use crate::error::{Error, Result};
-use crate::http2::conn::{self as h2conn, ResponseStream, SendHandle, StreamError};
+use crate::http2::conn::{self as h2conn, RequestFields, ResponseStream, SendHandle, StreamError};
+use crate::http2::fields::Fields;
 use crate::http2::frame::code as reason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -347,22 +348,15 @@ impl Channel {
     async fn open(
         &self,
         path: &str,
-        headers: &http::HeaderMap,
-        body: Bytes,
+        headers: &impl RequestFields,
+        body: &Bytes,
         end: bool,
     ) -> std::result::Result<ResponseStream, Status> {
         let mut reconnected = false;
         loop {
             let (conn, slot) = self.ready().await?;
             let inner = &self.inner;
-            match conn.send_request(
-                inner.scheme,
-                &inner.authority,
-                path,
-                headers,
-                body.clone(),
-                end,
-            ) {
+            match conn.send_request(inner.scheme, &inner.authority, path, headers, body, end) {
                 Ok(stream) => return Ok(stream),
                 Err(StreamError::AtCapacity) => conn.wait_room().await,
                 Err(StreamError::NotProcessed) if !reconnected => {
@@ -381,23 +375,12 @@ impl Channel {
     /// caller's task, and wait for the answer's head.
     pub(crate) async fn unary(
         &self,
-        path: &'static str,
-        headers: http::HeaderMap,
-        body: Bytes,
-    ) -> std::result::Result<http::Response<RecvBody>, Status> {
-        let stream = self.open(path, &headers, body, true).await?;
-        response(stream).await
-    }
-
-    /// [`unary`](Self::unary) for any path.
-    async fn send_whole(
-        &self,
-        path: PathAndQuery,
-        headers: http::HeaderMap,
-        body: Bytes,
-    ) -> std::result::Result<http::Response<RecvBody>, Status> {
-        let stream = self.open(path.as_str(), &headers, body, true).await?;
-        response(stream).await
+        path: &str,
+        headers: &impl RequestFields,
+        body: &Bytes,
+    ) -> std::result::Result<Answer, Status> {
+        let stream = self.open(path, headers, body, true).await?;
+        answer(stream).await
     }
 
     /// Send a request whose body is sent, as it comes, by a pipe task; wait for the answer's
@@ -405,40 +388,57 @@ impl Channel {
     /// is dropped.
     pub(crate) async fn request<B>(
         &self,
-        path: PathAndQuery,
-        headers: http::HeaderMap,
+        path: &str,
+        headers: &impl RequestFields,
         body: B,
-    ) -> std::result::Result<http::Response<RecvBody>, Status>
+    ) -> std::result::Result<Answer, Status>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let end = body.is_end_stream();
-        let stream = self
-            .open(path.as_str(), &headers, Bytes::new(), end)
-            .await?;
+        let stream = self.open(path, headers, &Bytes::new(), end).await?;
         if !end {
             self.inner.settings.exec.spawn(pipe(body, stream.sender()));
         }
-        response(stream).await
+        answer(stream).await
+    }
+}
+
+/// An answer's head and its body still to read.
+pub(crate) struct Answer {
+    /// The HTTP status.
+    pub(crate) status: u16,
+    /// The head's fields.
+    pub(crate) fields: Fields,
+    /// The rest.
+    pub(crate) body: RecvBody,
+}
+
+impl Answer {
+    /// As an `http::Response` (for tonic's generated clients).
+    fn into_response(self) -> http::Response<RecvBody> {
+        let mut response = http::Response::new(self.body);
+        *response.status_mut() =
+            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        *response.headers_mut() = self.fields.to_header_map();
+        response
     }
 }
 
 /// Wait for the answer's head of `stream`; the answer's body reads the rest.
-async fn response(
-    mut stream: ResponseStream,
-) -> std::result::Result<http::Response<RecvBody>, Status> {
-    let (status, headers) = std::future::poll_fn(|cx| stream.poll_head(cx))
+async fn answer(mut stream: ResponseStream) -> std::result::Result<Answer, Status> {
+    let (status, fields) = std::future::poll_fn(|cx| stream.poll_head(cx))
         .await
         .map_err(status_from_stream)?;
-    let mut response = http::Response::new(RecvBody {
-        stream,
-        state: BodyState::Data,
-    });
-    *response.status_mut() =
-        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    *response.headers_mut() = headers;
-    Ok(response)
+    Ok(Answer {
+        status,
+        fields,
+        body: RecvBody {
+            stream,
+            state: BodyState::Data,
+        },
+    })
 }
 
 impl Inner {
@@ -607,6 +607,43 @@ impl fmt::Debug for RecvBody {
     }
 }
 
+/// A part of an answer's body.
+pub(crate) enum Part {
+    /// A DATA payload.
+    Data(Bytes),
+    /// The trailers (the body ends after them).
+    Trailers(Fields),
+}
+
+impl RecvBody {
+    /// The next part of the body; `None` at its end.
+    pub(crate) fn poll_part(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Part, Status>>> {
+        if self.state == BodyState::Data {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => return Poll::Ready(Some(Ok(Part::Data(data)))),
+                Some(Err(e)) => {
+                    self.state = BodyState::Done;
+                    return Poll::Ready(Some(Err(status_from_stream(e))));
+                }
+                None => self.state = BodyState::Trailers,
+            }
+        }
+        if self.state == BodyState::Trailers {
+            let r = ready!(self.stream.poll_trailers(cx));
+            self.state = BodyState::Done;
+            return Poll::Ready(match r {
+                Ok(Some(t)) => Some(Ok(Part::Trailers(t))),
+                Ok(None) => None,
+                Err(e) => Some(Err(status_from_stream(e))),
+            });
+        }
+        Poll::Ready(None)
+    }
+}
+
 impl Body for RecvBody {
     type Data = Bytes;
     type Error = Status;
@@ -615,27 +652,12 @@ impl Body for RecvBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        if this.state == BodyState::Data {
-            match ready!(this.stream.poll_data(cx)) {
-                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Some(Err(e)) => {
-                    this.state = BodyState::Done;
-                    return Poll::Ready(Some(Err(status_from_stream(e))));
-                }
-                None => this.state = BodyState::Trailers,
-            }
-        }
-        if this.state == BodyState::Trailers {
-            let r = ready!(this.stream.poll_trailers(cx));
-            this.state = BodyState::Done;
-            return Poll::Ready(match r {
-                Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
-                Ok(None) => None,
-                Err(e) => Some(Err(status_from_stream(e))),
-            });
-        }
-        Poll::Ready(None)
+        Poll::Ready(match ready!(self.poll_part(cx)) {
+            Some(Ok(Part::Data(d))) => Some(Ok(Frame::data(d))),
+            Some(Ok(Part::Trailers(t))) => Some(Ok(Frame::trailers(t.to_header_map()))),
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -665,11 +687,13 @@ impl tower::Service<http::Request<tonic::body::Body>> for Channel {
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            match take_ready_body(body) {
-                ReadyBody::Whole(data) => channel.send_whole(path, parts.headers, data).await,
+            let path = path.as_str();
+            let answer = match take_ready_body(body) {
+                ReadyBody::Whole(data) => channel.unary(path, &parts.headers, &data).await,
                 ReadyBody::Failed(status) => Err(status),
-                ReadyBody::Streaming(body) => channel.request(path, parts.headers, body).await,
-            }
+                ReadyBody::Streaming(body) => channel.request(path, &parts.headers, body).await,
+            };
+            answer.map(Answer::into_response)
         })
     }
 }

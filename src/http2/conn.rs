@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use super::fields::Fields;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -41,6 +42,9 @@ const SEND_BUFFER: usize = 1024 * 1024;
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 /// The largest header block we take (HEADERS and its CONTINUATIONs).
 const MAX_HEADER_BLOCK: usize = 1024 * 1024;
+/// Emptied DATA queues kept for reuse, and the largest capacity kept.
+const SPARE_QUEUES: usize = 256;
+const SPARE_QUEUE_CAPACITY: usize = 16;
 /// How long the driver goes on writing (a GOAWAY, say) after the reading side ended.
 const LAST_WRITE: Duration = Duration::from_secs(1);
 
@@ -64,9 +68,9 @@ pub(crate) enum StreamError {
 #[derive(Debug)]
 struct Stream {
     /// `:status` and headers, once received.
-    head: Option<(u16, HeaderMap)>,
+    head: Option<(u16, Fields)>,
     data: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Fields>,
     /// END_STREAM received.
     recv_end: bool,
     error: Option<StreamError>,
@@ -200,6 +204,9 @@ struct State {
     scratch: Vec<u8>,
     /// A request waits for room under the peer's MAX_CONCURRENT_STREAMS.
     room_wanted: bool,
+    /// Emptied DATA queues of ended streams, reused by new ones (a queue's first push
+    /// allocates; a unary call would pay that on every request).
+    spare: Vec<VecDeque<Bytes>>,
 }
 
 struct Shared {
@@ -274,6 +281,7 @@ where
             pings: Pings::default(),
             scratch: Vec::new(),
             room_wanted: false,
+            spare: Vec::new(),
         }),
         writer: Notify::new(),
         room: Notify::new(),
@@ -417,26 +425,6 @@ fn flow_control(why: &'static str) -> frame::ConnError {
         code: code::FLOW_CONTROL_ERROR,
         why,
     }
-}
-
-/// A response header's name: the ones every gRPC answer carries without parsing or
-/// allocating, others parsed.
-fn header_name(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"content-type" => http::header::CONTENT_TYPE,
-        b"grpc-status" => HeaderName::from_static("grpc-status"),
-        b"grpc-message" => HeaderName::from_static("grpc-message"),
-        _ => return HeaderName::from_bytes(name).ok(),
-    })
-}
-
-/// A response header's value: the common ones without allocating, others copied.
-fn header_value(value: &[u8]) -> Option<HeaderValue> {
-    Some(match value {
-        b"0" => HeaderValue::from_static("0"),
-        b"application/grpc" => HeaderValue::from_static("application/grpc"),
-        _ => return HeaderValue::from_bytes(value).ok(),
-    })
 }
 
 impl State {
@@ -657,17 +645,15 @@ impl State {
         end_stream: bool,
     ) -> Result<(), frame::ConnError> {
         let mut status: Option<u16> = None;
-        let mut map = HeaderMap::new();
+        let mut map = Fields::default();
         let mut bad = false;
         self.decoder
             .decode(block, |name, value| {
                 if name == b":status" {
                     status = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-                } else if name.first() == Some(&b':') {
-                    bad = true;
-                } else if let (Some(n), Some(v)) = (header_name(name), header_value(value)) {
-                    map.append(n, v);
-                } else {
+                } else if !map.push(name, value) {
+                    // An invalid field, or a pseudo-header other than :status (a name with
+                    // a colon is not a token).
                     bad = true;
                 }
             })
@@ -706,6 +692,28 @@ impl State {
             s.wake();
         }
         Ok(())
+    }
+
+    /// Send `data` on the new stream `id` now when the windows and the frame size allow all
+    /// of it (a unary request's one message: nothing is queued or cloned), else queue it.
+    fn send_body(&mut self, id: u32, data: &Bytes, end: bool) {
+        let n = data.len();
+        let max = i64::from(self.peer_max_frame).min(self.conn_send_window);
+        if let Some(s) = self.streams.get_mut(&id)
+            && s.pending.is_empty()
+            && !s.send_end
+            && !s.pending_end
+            && (n as i64) <= max.min(s.send_window)
+        {
+            frame::write_data_header(&mut self.out, id, n, end);
+            self.out.extend_from_slice(data);
+            s.send_window -= n as i64;
+            self.conn_send_window -= n as i64;
+            s.send_end = end;
+            s.pending_end = end;
+            return;
+        }
+        self.queue_data(id, data.clone(), end);
     }
 
     /// Queue request data on stream `id` and send what the windows allow.
@@ -821,8 +829,8 @@ impl Conn {
         scheme: &str,
         authority: &str,
         path: &str,
-        headers: &HeaderMap,
-        body: Bytes,
+        headers: &impl RequestFields,
+        body: &Bytes,
         end: bool,
     ) -> Result<ResponseStream, StreamError> {
         let mut st = self.shared.lock();
@@ -847,19 +855,20 @@ impl Conn {
         st.encoder.field(b":path", path.as_bytes(), &mut block);
         st.encoder
             .field(b":authority", authority.as_bytes(), &mut block);
-        for (n, v) in headers {
-            st.encoder
-                .field(n.as_str().as_bytes(), v.as_bytes(), &mut block);
+        {
+            let State { encoder, .. } = &mut *st;
+            headers.each(|n, v| encoder.field(n, v, &mut block));
         }
         let max = st.peer_max_frame;
         let headers_end = end && body.is_empty();
         frame::write_headers(&mut st.out, id, &block, headers_end, max);
         st.scratch = block;
         let mut s = Stream::new(st.peer_initial_window);
+        s.data = st.spare.pop().unwrap_or_default();
         s.send_end = headers_end;
         st.streams.insert(id, s);
         if !headers_end {
-            st.queue_data(id, body, end);
+            st.send_body(id, body, end);
         }
         drop(st);
         if was_empty {
@@ -871,6 +880,20 @@ impl Conn {
             shared: self.shared.clone(),
             id,
         })
+    }
+}
+
+/// The regular fields of a request's header block (after the pseudo-headers).
+pub(crate) trait RequestFields {
+    /// Call `f` with each field's name and value.
+    fn each(&self, f: impl FnMut(&[u8], &[u8]));
+}
+
+impl RequestFields for HeaderMap {
+    fn each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for (n, v) in self {
+            f(n.as_str().as_bytes(), v.as_bytes());
+        }
     }
 }
 
@@ -950,7 +973,7 @@ impl ResponseStream {
     pub(crate) fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(u16, HeaderMap), StreamError>> {
+    ) -> Poll<Result<(u16, Fields), StreamError>> {
         let mut st = self.shared.lock();
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(Err(StreamError::ConnectionLost("stream gone".into())));
@@ -1035,7 +1058,7 @@ impl ResponseStream {
     pub(crate) fn poll_trailers(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<HeaderMap>, StreamError>> {
+    ) -> Poll<Result<Option<Fields>, StreamError>> {
         let mut st = self.shared.lock();
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(Ok(None));
@@ -1062,6 +1085,10 @@ impl Drop for ResponseStream {
         };
         // Give back what was received and not read (or read, not yet counted).
         let held: u32 = s.data.iter().map(|d| d.len() as u32).sum::<u32>() + self.taken_bytes;
+        if s.data.capacity() <= SPARE_QUEUE_CAPACITY && st.spare.len() < SPARE_QUEUES {
+            s.data.clear();
+            st.spare.push(mem::take(&mut s.data));
+        }
         st.conn_unacked += held;
         let was_empty = st.out.is_empty();
         if !(s.recv_end && s.send_end) && s.error.is_none() && !st.dead {
@@ -1179,8 +1206,11 @@ mod tests {
         let (conn, _control, driver) = handshake(tcp);
         let task = tokio::spawn(driver);
         let mut headers = HeaderMap::new();
-        headers.insert("te", HeaderValue::from_static("trailers"));
-        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+        headers.insert("te", http::HeaderValue::from_static("trailers"));
+        headers.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
         (etcd, conn, task, addr.to_string(), headers)
     }
 
@@ -1193,11 +1223,11 @@ mod tests {
             body.put_u8(0);
             body.put_u32(msg.len() as u32);
             body.put_slice(&msg);
-            conn.send_request("http", &authority, path, &headers, body.freeze(), true)
+            conn.send_request("http", &authority, path, &headers, &body.freeze(), true)
                 .unwrap()
         };
         /// Status, data, and the trailers (or, for a trailers-only answer, the head).
-        async fn answer(mut s: ResponseStream) -> (u16, Bytes, HeaderMap) {
+        async fn answer(mut s: ResponseStream) -> (u16, Bytes, Fields) {
             let (status, head) = std::future::poll_fn(|cx| s.poll_head(cx)).await.unwrap();
             let mut data = BytesMut::new();
             while let Some(d) = std::future::poll_fn(|cx| s.poll_data(cx)).await {
@@ -1218,7 +1248,7 @@ mod tests {
             let (status, data, trailers) =
                 answer(call("/etcdserverpb.KV/Put", put.encode_to_vec())).await;
             assert_eq!(status, 200);
-            assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+            assert_eq!(trailers.get("grpc-status").unwrap(), b"0", "{trailers:?}");
             let mut data = data;
             data.advance(5);
             assert!(
@@ -1238,7 +1268,7 @@ mod tests {
         };
         let (_, mut data, trailers) =
             answer(call("/etcdserverpb.KV/Range", range.encode_to_vec())).await;
-        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert_eq!(trailers.get("grpc-status").unwrap(), b"0");
         data.advance(5);
         let r = pb::RangeResponse::decode(data).unwrap();
         assert_eq!(r.kvs.len(), 50);
@@ -1249,14 +1279,14 @@ mod tests {
             ..Default::default()
         };
         let (_, _, trailers) = answer(call("/etcdserverpb.KV/Put", big.encode_to_vec())).await;
-        assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+        assert_eq!(trailers.get("grpc-status").unwrap(), b"0", "{trailers:?}");
         // An error status: a trailers-only answer (the status in the head, END_STREAM).
         let (_, _, trailers) = answer(call(
             "/etcdserverpb.KV/Put",
             pb::PutRequest::default().encode_to_vec(),
         ))
         .await;
-        assert_ne!(trailers.get("grpc-status").unwrap(), "0");
+        assert_ne!(trailers.get("grpc-status").unwrap(), b"0");
         drop(conn);
         tokio::time::timeout(std::time::Duration::from_secs(5), task)
             .await
@@ -1274,15 +1304,16 @@ mod peer {
 
     fn grpc_headers() -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert("te", HeaderValue::from_static("trailers"));
-        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        h.insert("te", http::HeaderValue::from_static("trailers"));
+        h.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
         h
     }
 
     /// Status, data and trailers of an answer.
-    async fn answer(
-        mut s: ResponseStream,
-    ) -> Result<(u16, Vec<u8>, Option<HeaderMap>), StreamError> {
+    async fn answer(mut s: ResponseStream) -> Result<(u16, Vec<u8>, Option<Fields>), StreamError> {
         let (status, _) = std::future::poll_fn(|cx| s.poll_head(cx)).await?;
         let mut data = Vec::new();
         while let Some(d) = std::future::poll_fn(|cx| s.poll_data(cx)).await {
@@ -1298,14 +1329,7 @@ mod peer {
     /// Open a stream, waiting for room under the peer's stream limit.
     async fn open(conn: &Conn, body: Bytes) -> Result<ResponseStream, StreamError> {
         for _ in 0..1000 {
-            match conn.send_request(
-                "http",
-                "peer",
-                "/echo.Len",
-                &grpc_headers(),
-                body.clone(),
-                true,
-            ) {
+            match conn.send_request("http", "peer", "/echo.Len", &grpc_headers(), &body, true) {
                 Err(StreamError::AtCapacity) => {
                     WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     conn.wait_room().await;
@@ -1344,7 +1368,7 @@ mod peer {
                 send.send_data(Bytes::copy_from_slice(&len.to_be_bytes()), false)
                     .unwrap();
                 let mut t = HeaderMap::new();
-                t.insert("grpc-status", HeaderValue::from_static("0"));
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
                 send.send_trailers(t).unwrap();
             }));
         }
@@ -1376,7 +1400,7 @@ mod peer {
             .await
             .unwrap();
         assert_eq!((status, data), (200, 1u64.to_be_bytes().to_vec()));
-        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), b"0");
         assert_eq!(conn.shared.lock().encoder.table_limit(), 0);
         let calls = (0..4u64).map(|i| {
             let conn = conn.clone();
@@ -1435,7 +1459,7 @@ mod peer {
                     sent += n;
                 }
                 let mut t = HeaderMap::new();
-                t.insert("grpc-status", HeaderValue::from_static("0"));
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
                 send.send_trailers(t).unwrap();
             });
             while conn.accept().await.is_some() {}
@@ -1469,7 +1493,7 @@ mod peer {
         let trailers = std::future::poll_fn(|cx| s.poll_trailers(cx))
             .await
             .unwrap();
-        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), b"0");
         drop(s);
         drop(conn);
         server.await.unwrap();
@@ -1597,7 +1621,7 @@ mod peer {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            conn.send_request("http", "peer", "/x", &grpc_headers(), Bytes::new(), true)
+            conn.send_request("http", "peer", "/x", &grpc_headers(), &Bytes::new(), true)
                 .err(),
             Some(StreamError::NotProcessed)
         );
@@ -1628,7 +1652,7 @@ mod floor {
         rt.block_on(async {
             let (_etcd, conn, _task, authority, mut headers) =
                 super::tests::connect_to_etcd().await;
-            headers.insert("grpc-timeout", HeaderValue::from_static("5000m"));
+            headers.insert("grpc-timeout", http::HeaderValue::from_static("5000m"));
             for i in 0..(50 + puts) {
                 let put = pb::PutRequest {
                     key: Bytes::from(format!("floor/{:010}", i % 100)),
@@ -1645,7 +1669,7 @@ mod floor {
                         &authority,
                         "/etcdserverpb.KV/Put",
                         &headers,
-                        body.freeze(),
+                        &body.freeze(),
                         true,
                     )
                     .unwrap();
@@ -1659,7 +1683,7 @@ mod floor {
                     .await
                     .unwrap()
                     .unwrap();
-                assert_eq!(t.get("grpc-status").unwrap(), "0");
+                assert_eq!(t.get("grpc-status").unwrap(), b"0");
                 data.advance(5);
                 assert!(
                     pb::PutResponse::decode(data)

@@ -18,5 +18,6 @@
 //! etcd servers (3.5.1 and 3.4.23), faults included.
 
 pub(crate) mod conn;
+pub(crate) mod fields;
 pub(crate) mod frame;
 pub(crate) mod hpack;

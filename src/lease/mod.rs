@@ -267,7 +267,7 @@ async fn keep_alive_once_pb(
             async move {
                 // One request on a stream of its own: the request stream ends after it, so
                 // the server ends the stream after answering.
-                let (metadata, extensions, msg) = r.into_parts();
+                let (metadata, extensions, msg) = r.into_request().into_parts();
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = tx.send(msg);
                 drop(tx);
