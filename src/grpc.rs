@@ -181,8 +181,10 @@ impl RequestFields for Meta {
         if self.require_leader {
             f(b"hasleader", b"true");
         }
-        f(b"te", b"trailers");
-        f(b"content-type", b"application/grpc");
+    }
+
+    fn grpc_constants(&self) -> bool {
+        true
     }
 }
 
@@ -503,11 +505,12 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>, Status> {
 
 /// Set the `grpc-timeout` header of `request` (the server's copy of the deadline).
 ///
-/// Unlike tonic's `set_timeout` (microsecond precision, so every value is new), the value is
-/// rounded up by at most about 1%: under load many requests then carry the same value, which
-/// HPACK sends as a one-byte index instead of a fresh literal, and formatting needs no
-/// allocation. Rounding up (never down) keeps the deadline the client's own: its timer fires
-/// at the exact time and cancels the call, so the server never gives up first.
+/// Unlike tonic's `set_timeout` (microsecond precision), the value is rounded up by at most
+/// about 1%, to at most 8 digits (gRPC's limit) with the coarsest unit that keeps that
+/// precision, and is formatted without allocating. (The transport sends it as a literal that
+/// is never indexed: it changes too often for HPACK's table.) Rounding up (never down) keeps
+/// the deadline the client's own: its timer fires at the exact time and cancels the call, so
+/// the server never gives up first.
 pub(crate) fn set_timeout<T>(request: &mut tonic::Request<T>, timeout: Duration) {
     let headers = std::mem::take(request.metadata_mut()).into_headers();
     let mut headers = headers;

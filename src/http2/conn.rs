@@ -850,14 +850,35 @@ impl Conn {
         let mut block = std::mem::take(&mut st.scratch);
         block.clear();
         st.encoder.begin_block(&mut block);
-        st.encoder.field(b":method", b"POST", &mut block);
-        st.encoder.field(b":scheme", scheme.as_bytes(), &mut block);
-        st.encoder.field(b":path", path.as_bytes(), &mut block);
-        st.encoder
-            .field(b":authority", authority.as_bytes(), &mut block);
+        let head: [(&[u8], &[u8]); 4] = [
+            (b":method", b"POST"),
+            (b":scheme", scheme.as_bytes()),
+            (b":path", path.as_bytes()),
+            (b":authority", authority.as_bytes()),
+        ];
+        let grpc: [(&[u8], &[u8]); 6] = [
+            head[0],
+            head[1],
+            head[2],
+            head[3],
+            (b"te", b"trailers"),
+            (b"content-type", b"application/grpc"),
+        ];
+        if headers.grpc_constants() {
+            st.encoder.fields(&grpc, &mut block);
+        } else {
+            st.encoder.fields(&head, &mut block);
+        }
         {
             let State { encoder, .. } = &mut *st;
-            headers.each(|n, v| encoder.field(n, v, &mut block));
+            headers.each(|n, v| {
+                // The deadline changes from request to request: never indexed.
+                if n == b"grpc-timeout" {
+                    encoder.literal(n, v, &mut block);
+                } else {
+                    encoder.field(n, v, &mut block);
+                }
+            });
         }
         let max = st.peer_max_frame;
         let headers_end = end && body.is_empty();
@@ -887,6 +908,13 @@ impl Conn {
 pub(crate) trait RequestFields {
     /// Call `f` with each field's name and value.
     fn each(&self, f: impl FnMut(&[u8], &[u8]));
+
+    /// Whether `te: trailers` and `content-type: application/grpc` are to be sent too (they
+    /// are not among [`each`](Self::each)'s): they then join the pseudo-headers in one run
+    /// that the encoder copies from its memo.
+    fn grpc_constants(&self) -> bool {
+        false
+    }
 }
 
 impl RequestFields for HeaderMap {

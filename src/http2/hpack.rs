@@ -471,13 +471,34 @@ pub(crate) struct Encoder {
     /// Table size updates to announce at the start of the next block: the smallest size
     /// since the last block, then the current one (§4.2, §6.3).
     pending_update: Option<(usize, usize)>,
+    /// Counts changes of the dynamic table (insertions, size changes). Indices stay valid
+    /// while it stays the same.
+    generation: u64,
+    /// Encoded runs of fields (see [`Encoder::fields`]), each valid for one generation.
+    memo: Vec<Memo>,
+    /// The memo entry replaced next when none is stale.
+    memo_next: usize,
 }
+
+/// A run of fields and its encoding, valid while the table is at `generation`.
+#[derive(Debug)]
+struct Memo {
+    generation: u64,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    encoded: Vec<u8>,
+}
+
+/// How many encoded runs are remembered (a client's distinct request paths in use at once).
+const MEMO_ENTRIES: usize = 8;
 
 impl Default for Encoder {
     fn default() -> Self {
         Encoder {
             table: DynamicTable::new(4096),
             pending_update: None,
+            generation: 0,
+            memo: Vec::new(),
+            memo_next: 0,
         }
     }
 }
@@ -491,6 +512,7 @@ impl Encoder {
             return;
         }
         self.table.set_max(size);
+        self.generation += 1;
         self.pending_update = Some(match self.pending_update {
             Some((low, _)) => (low.min(size), size),
             None => (size, size),
@@ -552,6 +574,62 @@ impl Encoder {
         }
         encode_string(out, value);
         self.table.insert(name, value);
+        self.generation += 1;
+    }
+
+    /// Append a run of fields, as [`field`](Self::field) would, from a memo when the same
+    /// run was encoded before and the table has not changed since. A request's pseudo-headers
+    /// and gRPC's constant fields are the same on every request of a path: once they are all
+    /// in the table, their encoding (indices only) is copied instead of looked up field by
+    /// field.
+    pub(crate) fn fields(&mut self, run: &[(&[u8], &[u8])], out: &mut Vec<u8>) {
+        let generation = self.generation;
+        let same = |m: &Memo| {
+            m.generation == generation
+                && m.fields.len() == run.len()
+                && m.fields
+                    .iter()
+                    .zip(run)
+                    .all(|((n, v), (rn, rv))| n == rn && v == rv)
+        };
+        if let Some(m) = self.memo.iter().find(|m| same(m)) {
+            out.extend_from_slice(&m.encoded);
+            return;
+        }
+        let start = out.len();
+        for (n, v) in run {
+            self.field(n, v, out);
+        }
+        if self.generation != generation {
+            return; // something was added: the next run will find it all indexed
+        }
+        let memo = Memo {
+            generation,
+            fields: run.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
+            encoded: out[start..].to_vec(),
+        };
+        if self.memo.len() < MEMO_ENTRIES {
+            self.memo.push(memo);
+        } else {
+            let slot = match self.memo.iter().position(|m| m.generation != generation) {
+                Some(stale) => stale,
+                None => {
+                    self.memo_next = (self.memo_next + 1) % MEMO_ENTRIES;
+                    self.memo_next
+                }
+            };
+            self.memo[slot] = memo;
+        }
+    }
+
+    /// Append a field that is not to be indexed (a literal without indexing with a literal
+    /// name, §6.2.2): for values that keep changing, such as `grpc-timeout`. Indexing those
+    /// would fill the dynamic table with values never used again, push the fields that do
+    /// repeat out of it, and make every look-up in [`field`](Self::field) walk past them.
+    pub(crate) fn literal(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+        out.push(0);
+        encode_string(out, name);
+        encode_string(out, value);
     }
 }
 
@@ -789,6 +867,62 @@ mod tests {
         assert_eq!(fields.len(), 3);
         assert_eq!(fields[2], ("k".into(), "v".into()));
         assert!(e.table.size <= 50 && d.table.size <= 50);
+    }
+
+    #[test]
+    fn memoised_runs_stay_correct_as_the_table_changes() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::new(4096);
+        let paths: Vec<Vec<u8>> = (0..12).map(|i| format!("/svc/M{i}").into_bytes()).collect();
+        let mut indexed = 0;
+        for round in 0..60usize {
+            let path = &paths[round % paths.len()];
+            let run: [(&[u8], &[u8]); 4] = [
+                (b":method", b"POST"),
+                (b":path", path),
+                (b"te", b"trailers"),
+                (b"content-type", b"application/grpc"),
+            ];
+            let mut block = Vec::new();
+            e.begin_block(&mut block);
+            let before = e.generation;
+            e.fields(&run, &mut block);
+            if e.generation == before && block.len() == run.len() {
+                indexed += 1;
+            }
+            // Changing fields: a literal never indexed, and now and then a new indexed one
+            // (which shifts every index) or a smaller table (which evicts).
+            e.literal(b"grpc-timeout", format!("{round}m").as_bytes(), &mut block);
+            if round % 7 == 3 {
+                e.field(b"x-new", format!("{round}").as_bytes(), &mut block);
+            }
+            if round == 40 {
+                e.set_peer_limit(200);
+            }
+            let got = decode_all(&mut d, &block).unwrap();
+            let mut want: Vec<(String, String)> = run
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        String::from_utf8_lossy(n).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect();
+            want.push(("grpc-timeout".into(), format!("{round}m")));
+            if round % 7 == 3 {
+                want.push(("x-new".into(), format!("{round}")));
+            }
+            assert_eq!(got, want, "round {round}");
+        }
+        assert!(indexed > 20, "runs are sent as indices ({indexed})");
+        // A literal never indexed leaves the table alone.
+        assert!(
+            d.table
+                .entries
+                .iter()
+                .all(|(n, _)| &n[..] != b"grpc-timeout")
+        );
     }
 
     #[test]
