@@ -118,6 +118,19 @@ fn rss_bytes() -> Result<u64, BoxError> {
     Ok(kb * 1024)
 }
 
+/// CPU time (user + sys) of process `pid` so far, in µs (from /proc, 10 ms ticks).
+fn process_cpu_micros(pid: u32) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the command.
+    let ticks: u64 = fields.get(11).ok_or("no utime")?.parse::<u64>()?
+        + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks as f64 * 1e6 / hz)
+}
+
 /// Client CPU time so far (user, sys), in µs.
 fn cpu_micros() -> Result<(f64, f64), BoxError> {
     let u = getrusage(UsageWho::RUSAGE_SELF)?;
@@ -133,7 +146,12 @@ async fn connect(endpoints: &[String]) -> Result<Client, BoxError> {
 }
 
 /// Phase 1, on the calling (current-thread) runtime.
-async fn creation(settings: &Settings, endpoints: &[String], etcd: &str) -> Result<(), BoxError> {
+async fn creation(
+    settings: &Settings,
+    endpoints: &[String],
+    etcd: &str,
+    server: Option<u32>,
+) -> Result<(), BoxError> {
     for &n in &settings.sizes {
         let client = connect(endpoints).await?;
         // Warm up: start the multiplexer and its stream, grow the allocator once.
@@ -147,6 +165,8 @@ async fn creation(settings: &Settings, endpoints: &[String], etcd: &str) -> Resu
 
         let rss0 = rss_bytes()?;
         let stats0 = client.watch_stats();
+        let (u0, s0) = cpu_micros()?;
+        let server0 = server.map(process_cpu_micros).transpose()?;
         let started = Instant::now();
         let watchers: Vec<_> = futures::stream::iter(0..n)
             .map(|i| client.watch(format!("bench/w/{i:08}")).into_future())
@@ -154,13 +174,21 @@ async fn creation(settings: &Settings, endpoints: &[String], etcd: &str) -> Resu
             .try_collect()
             .await?;
         let took = started.elapsed();
+        let (u1, s1) = cpu_micros()?;
+        let server1 = server.map(process_cpu_micros).transpose()?;
         let rss1 = rss_bytes()?;
         let stats1 = client.watch_stats();
         let rate = n as f64 / took.as_secs_f64();
         let per_watcher = (rss1.saturating_sub(rss0)) as f64 / n as f64;
+        let client_cpu = (u1 - u0 + s1 - s0) / n as f64;
+        let server_cpu = match (server0, server1) {
+            (Some(a), Some(b)) => (b - a) / n as f64,
+            _ => f64::NAN,
+        };
         println!(
             "  create {n:>7} watchers: {:.3} s, {rate:>9.0} watchers/s, RSS +{:.1} MiB = \
-             {per_watcher:.0} B/watcher, {} stream(s) opened",
+             {per_watcher:.0} B/watcher, {} stream(s) opened; CPU per watcher: client \
+             {client_cpu:.2} µs, etcd {server_cpu:.2} µs",
             took.as_secs_f64(),
             (rss1.saturating_sub(rss0)) as f64 / (1024.0 * 1024.0),
             stats1.streams_opened - stats0.streams_opened,
@@ -168,7 +196,8 @@ async fn creation(settings: &Settings, endpoints: &[String], etcd: &str) -> Resu
         println!(
             "{{\"bench\":\"watch_mux\",\"phase\":\"create\",\"smoke\":{},\"etcd\":\"{etcd}\",\
              \"watchers\":{n},\"window\":{},\"seconds\":{:.4},\"watchers_per_s\":{rate:.0},\
-             \"rss_bytes_per_watcher\":{per_watcher:.0}}}",
+             \"rss_bytes_per_watcher\":{per_watcher:.0},\"client_cpu_us_per_watcher\":{client_cpu:.3},\
+             \"server_cpu_us_per_watcher\":{server_cpu:.3}}}",
             settings.smoke,
             settings.window,
             took.as_secs_f64()
@@ -303,7 +332,7 @@ fn main() -> Result<(), BoxError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(creation(&settings, &endpoints, &etcd))?;
+        .block_on(creation(&settings, &endpoints, &etcd, cluster.pid(0)))?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.worker_threads)
         .enable_all()
