@@ -59,7 +59,7 @@ where
             "Error, encoded message length too large: found {len} bytes, the limit is: {max_encoding} bytes"
         )));
     }
-    let mut buf = BytesMut::with_capacity(PREFIX + len);
+    let mut buf = Vec::with_capacity(PREFIX + len);
     put_message(&msg, &mut buf)?;
     drop(msg);
 
@@ -67,7 +67,7 @@ where
         status: http_status,
         fields,
         mut body,
-    } = channel.unary(path, &meta, &buf.freeze()).await?;
+    } = channel.unary(path, &meta, &Bytes::from(buf)).await?;
 
     // A trailers-only answer carries its status in the headers.
     if let Some(status) = error_status(&fields) {
@@ -221,13 +221,17 @@ fn grpc_headers(metadata: MetadataMap) -> http::HeaderMap {
 }
 
 /// Append one message with its 5-byte gRPC prefix to `buf`.
-fn put_message<M: prost::Message>(msg: &M, buf: &mut BytesMut) -> Result<(), Status> {
+///
+/// Into a `Vec`, not a `BytesMut`: prost writes varints and tags a byte at a time, and
+/// `BytesMut`'s `put_slice` is not inlined across crates, so each byte cost a call and a
+/// `memcpy`; `Vec`'s inlines to a store.
+fn put_message<M: prost::Message>(msg: &M, buf: &mut Vec<u8>) -> Result<(), Status> {
     let len = msg.encoded_len();
     let wire_len = u32::try_from(len)
         .map_err(|_| Status::out_of_range(format!("message of {len} bytes is too large")))?;
     buf.reserve(PREFIX + len);
-    buf.put_u8(0);
-    buf.put_u32(wire_len);
+    buf.push(0);
+    buf.extend_from_slice(&wire_len.to_be_bytes());
     msg.encode_raw(buf);
     Ok(())
 }
@@ -256,7 +260,7 @@ where
         };
         // Messages that are ready together go out in one DATA frame (many watch creates at
         // once, say), up to a bound; a pending poll has registered the waker for the rest.
-        let mut buf = BytesMut::new();
+        let mut buf = Vec::new();
         let mut msg = first;
         loop {
             if let Err(status) = put_message(&msg, &mut buf) {
@@ -271,7 +275,7 @@ where
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
     }
 }
 

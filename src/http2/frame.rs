@@ -318,11 +318,21 @@ fn parse(kind: u8, flags: u8, stream: u32, payload: Bytes) -> Result<Frame, Conn
     }
 }
 
-/// Append a frame header.
+/// Append a frame header (in one copy: `BytesMut`'s writes are calls, not inlined).
 fn put_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
     let len = len as u32;
-    out.put_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-    out.put_u32(stream & 0x7fff_ffff);
+    let id = (stream & 0x7fff_ffff).to_be_bytes();
+    out.put_slice(&[
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        kind,
+        flags,
+        id[0],
+        id[1],
+        id[2],
+        id[3],
+    ]);
 }
 
 /// Append a HEADERS frame carrying `block`, split into CONTINUATION frames when it is longer
