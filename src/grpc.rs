@@ -41,33 +41,56 @@ const PREFIX: usize = 5;
 ///
 /// `max_encoding` and `max_decoding` bound the message sizes (encoded request, decoded
 /// response), with the codes tonic uses (`OutOfRange`).
-pub(crate) async fn unary<T, R>(
+///
+/// The message is encoded at once, so the returned future holds only the encoded bytes (the
+/// future is boxed per attempt: what it holds is allocated and moved with it).
+pub(crate) fn unary<T, R>(
     channel: Channel,
     path: &'static str,
     call: Call<T>,
     max_encoding: usize,
     max_decoding: usize,
-) -> Result<tonic::Response<R>, Status>
+) -> impl Future<Output = Result<tonic::Response<R>, Status>>
 where
     T: prost::Message,
     R: prost::Message + Default,
 {
     let Call { msg, meta } = call;
+    let body = encode_unary(&msg, max_encoding);
+    drop(msg);
+    async move {
+        let body = body.map_err(|e| *e)?;
+        let answer = channel.unary(path, &meta, &body).await?;
+        drop(body);
+        drop(meta);
+        read_unary(answer, max_decoding).await
+    }
+}
+
+/// A unary request's body: `msg` as one length-prefixed message (boxed error: it stays small
+/// in the call's future).
+fn encode_unary<T: prost::Message>(msg: &T, max_encoding: usize) -> Result<Bytes, Box<Status>> {
     let len = msg.encoded_len();
     if len > max_encoding {
-        return Err(Status::out_of_range(format!(
+        return Err(Box::new(Status::out_of_range(format!(
             "Error, encoded message length too large: found {len} bytes, the limit is: {max_encoding} bytes"
-        )));
+        ))));
     }
     let mut buf = Vec::with_capacity(PREFIX + len);
-    put_message(&msg, &mut buf)?;
-    drop(msg);
+    put_message(msg, &mut buf)?;
+    Ok(Bytes::from(buf))
+}
 
+/// Read and decode a unary call's answer.
+async fn read_unary<R: prost::Message + Default>(
+    answer: Answer,
+    max_decoding: usize,
+) -> Result<tonic::Response<R>, Status> {
     let Answer {
         status: http_status,
         fields,
         mut body,
-    } = channel.unary(path, &meta, &Bytes::from(buf)).await?;
+    } = answer;
 
     // A trailers-only answer carries its status in the headers.
     if let Some(status) = error_status(&fields) {

@@ -319,6 +319,15 @@ impl Channel {
         }
     }
 
+    /// The connection to send on and its slot, when it is made and did not fail.
+    fn ready_now(&self) -> Option<(h2conn::Conn, Arc<Conn>)> {
+        let slot = self.current();
+        match slot.made.get() {
+            Some(Ok(conn)) => Some((conn.clone(), slot)),
+            _ => None,
+        }
+    }
+
     /// The connection to send on, and its slot. Connects when needed.
     async fn ready(&self) -> std::result::Result<(h2conn::Conn, Arc<Conn>), Status> {
         let slot = self.current();
@@ -345,20 +354,40 @@ impl Channel {
     /// Open a stream for `path` with `headers` and the first (or whole, when `end`) part of
     /// the body. A connection found closed is replaced once, within the call; under the
     /// server's stream limit the call waits for room.
+    ///
+    /// With `whole`, the answer is to be read with [`whole_answer`], and the caller's waker
+    /// is registered for it as the request is sent (in the same poll).
     async fn open(
         &self,
         path: &str,
         headers: &impl RequestFields,
         body: &Bytes,
         end: bool,
+        whole: bool,
     ) -> std::result::Result<ResponseStream, Status> {
         let mut reconnected = false;
         loop {
-            let (conn, slot) = self.ready().await?;
+            // The slow paths are boxed, so that they do not grow every request's future.
+            let (conn, slot) = match self.ready_now() {
+                Some(ready) => ready,
+                None => Box::pin(self.ready()).await?,
+            };
             let inner = &self.inner;
-            match conn.send_request(inner.scheme, &inner.authority, path, headers, body, end) {
+            let sent = std::future::poll_fn(|cx| {
+                Poll::Ready(conn.send_request(
+                    inner.scheme,
+                    &inner.authority,
+                    path,
+                    headers,
+                    body,
+                    end,
+                    whole.then(|| cx.waker()),
+                ))
+            })
+            .await;
+            match sent {
                 Ok(stream) => return Ok(stream),
-                Err(StreamError::AtCapacity) => conn.wait_room().await,
+                Err(StreamError::AtCapacity) => Box::pin(conn.wait_room()).await,
                 Err(StreamError::NotProcessed) if !reconnected => {
                     inner.replace(&slot);
                     reconnected = true;
@@ -371,15 +400,31 @@ impl Channel {
         }
     }
 
-    /// Send a request whose whole body is `body` (one gRPC message, already framed) from the
-    /// caller's task, and wait for the answer's head.
+    /// A unary call: send a request whose whole body is `body` (one gRPC message, already
+    /// framed) from the caller's task, and wait for the answer, which is taken whole when it
+    /// has ended (one visit to the connection, one wake-up).
+    ///
+    /// Only for methods whose answer is one message: a streamed answer would be held back
+    /// until half the stream's window is filled.
     pub(crate) async fn unary(
         &self,
         path: &str,
         headers: &impl RequestFields,
         body: &Bytes,
     ) -> std::result::Result<Answer, Status> {
-        let stream = self.open(path, headers, body, true).await?;
+        let stream = self.open(path, headers, body, true, true).await?;
+        whole_answer(stream).await
+    }
+
+    /// Send a request whose whole body is `body` from the caller's task, and wait for the
+    /// answer's head (the answer may be a stream).
+    async fn send_whole_body(
+        &self,
+        path: &str,
+        headers: &impl RequestFields,
+        body: &Bytes,
+    ) -> std::result::Result<Answer, Status> {
+        let stream = self.open(path, headers, body, true, false).await?;
         answer(stream).await
     }
 
@@ -397,7 +442,7 @@ impl Channel {
         B::Error: Into<BoxError>,
     {
         let end = body.is_end_stream();
-        let stream = self.open(path, headers, &Bytes::new(), end).await?;
+        let stream = self.open(path, headers, &Bytes::new(), end, false).await?;
         if !end {
             self.inner.settings.exec.spawn(pipe(body, stream.sender()));
         }
@@ -431,14 +476,35 @@ async fn answer(mut stream: ResponseStream) -> std::result::Result<Answer, Statu
     let (status, fields) = std::future::poll_fn(|cx| stream.poll_head(cx))
         .await
         .map_err(status_from_stream)?;
-    Ok(Answer {
-        status,
-        fields,
-        body: RecvBody {
-            stream,
-            state: BodyState::Data,
-        },
+    Ok(Answer::new(status, fields, stream))
+}
+
+/// Wait for the answer of `stream`, opened `whole` in the same poll: its waker is registered
+/// already, so the first poll does not visit the connection.
+async fn whole_answer(mut stream: ResponseStream) -> std::result::Result<Answer, Status> {
+    let mut first = true;
+    let (status, fields) = std::future::poll_fn(|cx| {
+        if std::mem::take(&mut first) {
+            return Poll::Pending;
+        }
+        stream.poll_whole(cx)
     })
+    .await
+    .map_err(status_from_stream)?;
+    Ok(Answer::new(status, fields, stream))
+}
+
+impl Answer {
+    fn new(status: u16, fields: Fields, stream: ResponseStream) -> Answer {
+        Answer {
+            status,
+            fields,
+            body: RecvBody {
+                stream,
+                state: BodyState::Data,
+            },
+        }
+    }
 }
 
 impl Inner {
@@ -689,7 +755,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for Channel {
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
             let path = path.as_str();
             let answer = match take_ready_body(body) {
-                ReadyBody::Whole(data) => channel.unary(path, &parts.headers, &data).await,
+                ReadyBody::Whole(data) => {
+                    channel.send_whole_body(path, &parts.headers, &data).await
+                }
                 ReadyBody::Failed(status) => Err(status),
                 ReadyBody::Streaming(body) => channel.request(path, &parts.headers, body).await,
             };

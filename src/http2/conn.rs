@@ -76,6 +76,10 @@ struct Stream {
     error: Option<StreamError>,
     /// The reader of the answer.
     waker: Option<Waker>,
+    /// The reader wants the answer whole (a unary call): it is woken when the answer has
+    /// ended or failed, or when what it holds reaches half the stream's window, not for
+    /// each part as it arrives.
+    whole: bool,
     /// The sender of a streaming request body (woken for room, and when the stream ends).
     send_waker: Option<Waker>,
     /// What the peer lets us send on this stream.
@@ -103,6 +107,7 @@ impl Stream {
             recv_end: false,
             error: None,
             waker: None,
+            whole: false,
             send_waker: None,
             send_window,
             recv_window: i64::from(STREAM_WINDOW),
@@ -565,7 +570,7 @@ impl State {
                             if end_stream {
                                 s.recv_end = true;
                                 s.wake_both();
-                            } else {
+                            } else if !s.whole || s.recv_window <= i64::from(STREAM_WINDOW / 2) {
                                 s.wake();
                             }
                         }
@@ -688,7 +693,7 @@ impl State {
         if end_stream {
             s.recv_end = true;
             s.wake_both();
-        } else {
+        } else if !s.whole || s.error.is_some() {
             s.wake();
         }
         Ok(())
@@ -824,6 +829,11 @@ impl Conn {
     /// Open a stream: `:method POST`, `scheme`, `path`, `authority`, then `headers`; then
     /// `body` (the whole request body when `end`, else its first part; more goes through
     /// [`ResponseStream::sender`]).
+    ///
+    /// With `whole`, the answer is read whole with [`ResponseStream::poll_whole`], and the
+    /// waker given is already registered for it: it is woken once, when the answer has
+    /// ended (or failed, or holds half the stream's window).
+    #[allow(clippy::too_many_arguments)] // the parts of one request, each used once
     pub(crate) fn send_request(
         &self,
         scheme: &str,
@@ -832,6 +842,7 @@ impl Conn {
         headers: &impl RequestFields,
         body: &Bytes,
         end: bool,
+        whole: Option<&Waker>,
     ) -> Result<ResponseStream, StreamError> {
         let mut st = self.shared.lock();
         if st.closed.is_some() {
@@ -887,6 +898,10 @@ impl Conn {
         let mut s = Stream::new(st.peer_initial_window);
         s.data = st.spare.pop().unwrap_or_default();
         s.send_end = headers_end;
+        if let Some(w) = whole {
+            s.whole = true;
+            s.waker = Some(w.clone());
+        }
         st.streams.insert(id, s);
         if !headers_end {
             st.send_body(id, body, end);
@@ -898,6 +913,9 @@ impl Conn {
         Ok(ResponseStream {
             taken: VecDeque::new(),
             taken_bytes: 0,
+            single: None,
+            trailers: None,
+            done: false,
             shared: self.shared.clone(),
             id,
         })
@@ -986,6 +1004,13 @@ pub(crate) struct ResponseStream {
     /// The bytes taken so far that are not yet counted as read (their window goes back at
     /// the next visit, when all of them have been handed out).
     taken_bytes: u32,
+    /// A whole answer's one DATA payload (the usual case; more go to `taken`).
+    single: Option<Bytes>,
+    /// A whole answer's trailers.
+    trailers: Option<Fields>,
+    /// The answer was taken whole and the stream is finished: what is left is handed out
+    /// from here, and nothing touches the connection any more.
+    done: bool,
 }
 
 impl ResponseStream {
@@ -995,6 +1020,64 @@ impl ResponseStream {
             shared: self.shared.clone(),
             id: self.id,
         }
+    }
+
+    /// The `:status` and headers of an answer read whole (the stream was opened `whole`).
+    ///
+    /// When the answer has ended, its head, data and trailers are all taken in this one visit
+    /// and the stream is finished: the body is then read without the lock. When the answer
+    /// holds data without having ended (a large one, at half the window) or failed after its
+    /// head, the head is returned and the rest is read as a stream, as after
+    /// [`poll_head`](Self::poll_head).
+    pub(crate) fn poll_whole(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(u16, Fields), StreamError>> {
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err(StreamError::ConnectionLost("stream gone".into())));
+        };
+        if s.recv_end && s.error.is_none() {
+            let Some((status, fields)) = s.head.take() else {
+                return Poll::Ready(Err(StreamError::Reset(code::PROTOCOL_ERROR)));
+            };
+            let Some(mut s) = st.streams.remove(&self.id) else {
+                return Poll::Ready(Err(StreamError::ConnectionLost("stream gone".into())));
+            };
+            let mut held = 0;
+            if s.data.len() == 1 {
+                if let Some(d) = s.data.pop_front() {
+                    held = d.len() as u32;
+                    self.single = Some(d);
+                }
+            } else {
+                for d in s.data.drain(..) {
+                    held += d.len() as u32;
+                    self.taken.push_back(d);
+                }
+            }
+            self.trailers = s.trailers.take();
+            self.done = true;
+            let after = st.finish_stream(self.id, &mut s, held);
+            drop(guard);
+            self.shared.after_finish(after);
+            s.wake_both();
+            return Poll::Ready(Ok((status, fields)));
+        }
+        if let Some((status, map)) = &mut s.head
+            && (s.error.is_some() || !s.data.is_empty())
+        {
+            s.whole = false;
+            return Poll::Ready(Ok((*status, std::mem::take(map))));
+        }
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// The `:status` and headers.
@@ -1030,8 +1113,14 @@ impl ResponseStream {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, StreamError>>> {
+        if let Some(d) = self.single.take() {
+            return Poll::Ready(Some(Ok(d)));
+        }
         if let Some(d) = self.taken.pop_front() {
             return Poll::Ready(Some(Ok(d)));
+        }
+        if self.done {
+            return Poll::Ready(None);
         }
         self.visit_data(cx)
     }
@@ -1087,6 +1176,9 @@ impl ResponseStream {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Fields>, StreamError>> {
+        if self.done {
+            return Poll::Ready(Ok(self.trailers.take()));
+        }
         let mut st = self.shared.lock();
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(Ok(None));
@@ -1107,32 +1199,61 @@ impl ResponseStream {
 
 impl Drop for ResponseStream {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         let mut st = self.shared.lock();
         let Some(mut s) = st.streams.remove(&self.id) else {
             return;
         };
         // Give back what was received and not read (or read, not yet counted).
         let held: u32 = s.data.iter().map(|d| d.len() as u32).sum::<u32>() + self.taken_bytes;
-        if s.data.capacity() <= SPARE_QUEUE_CAPACITY && st.spare.len() < SPARE_QUEUES {
-            s.data.clear();
-            st.spare.push(mem::take(&mut s.data));
-        }
-        st.conn_unacked += held;
-        let was_empty = st.out.is_empty();
-        if !(s.recv_end && s.send_end) && s.error.is_none() && !st.dead {
-            frame::write_rst_stream(&mut st.out, self.id, code::CANCEL);
-        }
-        st.maybe_ack_connection();
-        let wrote = was_empty && !st.out.is_empty();
-        let shutdown = st.shutdown && st.streams.is_empty();
-        let room = st.take_room();
+        let after = st.finish_stream(self.id, &mut s, held);
         drop(st);
+        self.shared.after_finish(after);
         s.wake_both();
-        if wrote || shutdown {
-            self.shared.writer.notify_one();
+    }
+}
+
+/// What is to be done, out of the lock, after a stream was finished.
+struct AfterFinish {
+    /// Frames were queued: wake the writer (also to close, when it was the last stream).
+    write: bool,
+    /// Requests waiting for room may go.
+    room: bool,
+}
+
+impl State {
+    /// Bookkeeping for stream `id`, just removed: `held` bytes of its data are given back to
+    /// the connection's window, its DATA queue is kept for a new stream, and it is reset
+    /// (CANCEL) unless it ended both ways or failed.
+    fn finish_stream(&mut self, id: u32, s: &mut Stream, held: u32) -> AfterFinish {
+        if s.data.capacity() <= SPARE_QUEUE_CAPACITY && self.spare.len() < SPARE_QUEUES {
+            s.data.clear();
+            self.spare.push(mem::take(&mut s.data));
         }
-        if room {
-            self.shared.room.notify_waiters();
+        self.conn_unacked += held;
+        let was_empty = self.out.is_empty();
+        if !(s.recv_end && s.send_end) && s.error.is_none() && !self.dead {
+            frame::write_rst_stream(&mut self.out, id, code::CANCEL);
+        }
+        self.maybe_ack_connection();
+        let wrote = was_empty && !self.out.is_empty();
+        let shutdown = self.shutdown && self.streams.is_empty();
+        AfterFinish {
+            write: wrote || shutdown,
+            room: self.take_room(),
+        }
+    }
+}
+
+impl Shared {
+    fn after_finish(&self, after: AfterFinish) {
+        if after.write {
+            self.writer.notify_one();
+        }
+        if after.room {
+            self.room.notify_waiters();
         }
     }
 }
@@ -1251,8 +1372,16 @@ mod tests {
             body.put_u8(0);
             body.put_u32(msg.len() as u32);
             body.put_slice(&msg);
-            conn.send_request("http", &authority, path, &headers, &body.freeze(), true)
-                .unwrap()
+            conn.send_request(
+                "http",
+                &authority,
+                path,
+                &headers,
+                &body.freeze(),
+                true,
+                None,
+            )
+            .unwrap()
         };
         /// Status, data, and the trailers (or, for a trailers-only answer, the head).
         async fn answer(mut s: ResponseStream) -> (u16, Bytes, Fields) {
@@ -1357,7 +1486,15 @@ mod peer {
     /// Open a stream, waiting for room under the peer's stream limit.
     async fn open(conn: &Conn, body: Bytes) -> Result<ResponseStream, StreamError> {
         for _ in 0..1000 {
-            match conn.send_request("http", "peer", "/echo.Len", &grpc_headers(), &body, true) {
+            match conn.send_request(
+                "http",
+                "peer",
+                "/echo.Len",
+                &grpc_headers(),
+                &body,
+                true,
+                None,
+            ) {
                 Err(StreamError::AtCapacity) => {
                     WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     conn.wait_room().await;
@@ -1527,6 +1664,160 @@ mod peer {
         server.await.unwrap();
     }
 
+    /// Counts the wakes of a reader.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Wakes {
+        fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Wait (bounded: 10 s) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    /// A unary answer read whole: its reader is not woken for the head nor the data, only
+    /// once when the answer has ended; then one visit takes it all and finishes the stream.
+    /// An answer that fills half the stream window wakes the reader before its end, and the
+    /// rest is read as a stream (else it would stall on the window).
+    #[tokio::test]
+    async fn a_whole_answer_wakes_its_reader_once_and_a_large_one_is_streamed() {
+        // More than the stream window: it cannot end before it is read.
+        const BIG: usize = 2 * STREAM_WINDOW as usize;
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let (go_tx, mut go_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new().handshake(theirs).await.unwrap();
+            let serving = tokio::spawn(async move {
+                // The first request: head, data and trailers, each when the test says so.
+                let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+                let (_req2, mut respond2) = conn.accept().await.unwrap().unwrap();
+                // The connection is driven until the client closes it.
+                let acceptor = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+                go_rx.recv().await.unwrap();
+                let mut send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                go_rx.recv().await.unwrap();
+                send.send_data(Bytes::from_static(b"answer"), false)
+                    .unwrap();
+                go_rx.recv().await.unwrap();
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                send.send_trailers(t.clone()).unwrap();
+                // The second: BIG bytes of data, then the trailers.
+                let mut send = respond2
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                let chunk = Bytes::from(vec![2u8; 16 * 1024]);
+                let mut sent = 0;
+                while sent < BIG {
+                    send.reserve_capacity(chunk.len());
+                    let room = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let n = room.min(chunk.len()).min(BIG - sent);
+                    send.send_data(chunk.slice(..n), false).unwrap();
+                    sent += n;
+                }
+                send.send_trailers(t).unwrap();
+                acceptor.await.unwrap();
+            });
+            serving.await.unwrap();
+        });
+        let (conn, control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let send = |w: &Waker| {
+            conn.send_request(
+                "http",
+                "peer",
+                "/echo.Len",
+                &grpc_headers(),
+                &Bytes::from_static(b"x"),
+                true,
+                Some(w),
+            )
+            .unwrap()
+        };
+        let mut s = send(&waker);
+        let big_wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let big_waker = Waker::from(big_wakes.clone());
+        let mut big = send(&big_waker);
+        let stream =
+            |id: u32, f: fn(&Stream) -> bool| conn.shared.lock().streams.get(&id).is_some_and(f);
+        go_tx.send(()).unwrap();
+        until("the head arrived", || stream(s.id, |st| st.head.is_some())).await;
+        assert!(s.poll_whole(&mut cx).is_pending());
+        go_tx.send(()).unwrap();
+        until("the data arrived", || {
+            stream(s.id, |st| !st.data.is_empty())
+        })
+        .await;
+        assert_eq!(wakes.count(), 0, "not woken for the head nor the data");
+        go_tx.send(()).unwrap();
+        until("the reader is woken", || wakes.count() > 0).await;
+        let Poll::Ready(Ok((status, _))) = s.poll_whole(&mut cx) else {
+            panic!("the whole answer is there");
+        };
+        assert_eq!(status, 200);
+        assert_eq!(wakes.count(), 1, "woken once");
+        assert!(s.done);
+        assert!(conn.shared.lock().streams.get(&s.id).is_none(), "finished");
+        let Poll::Ready(Some(Ok(d))) = s.poll_data(&mut cx) else {
+            panic!("the data");
+        };
+        assert_eq!(&d[..], b"answer");
+        assert!(matches!(s.poll_data(&mut cx), Poll::Ready(None)));
+        let Poll::Ready(Ok(Some(t))) = s.poll_trailers(&mut cx) else {
+            panic!("the trailers");
+        };
+        assert_eq!(t.get("grpc-status").unwrap(), b"0");
+        drop(s);
+        // The large answer: woken at half the window, before its end, then streamed.
+        until("the large answer's reader is woken", || {
+            big_wakes.count() > 0
+        })
+        .await;
+        let (status, _) = std::future::poll_fn(|cx| big.poll_whole(cx)).await.unwrap();
+        assert_eq!(status, 200);
+        assert!(!big.done);
+        let mut read = 0;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(d) = std::future::poll_fn(|cx| big.poll_data(cx)).await {
+                read += d.unwrap().len();
+            }
+        })
+        .await
+        .expect("the large answer comes through");
+        assert_eq!(read, BIG);
+        let t = std::future::poll_fn(|cx| big.poll_trailers(cx))
+            .await
+            .unwrap();
+        assert_eq!(t.unwrap().get("grpc-status").unwrap(), b"0");
+        drop(big);
+        assert_eq!(control.open_streams(), 0);
+        drop(conn);
+        server.await.unwrap();
+    }
+
     /// A peer breaking the protocol (here a CONTINUATION with no header block before it)
     /// fails the connection with a GOAWAY, and its open streams with it; so does a driver
     /// that is dropped (or panics) instead of ending.
@@ -1649,8 +1940,16 @@ mod peer {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            conn.send_request("http", "peer", "/x", &grpc_headers(), &Bytes::new(), true)
-                .err(),
+            conn.send_request(
+                "http",
+                "peer",
+                "/x",
+                &grpc_headers(),
+                &Bytes::new(),
+                true,
+                None
+            )
+            .err(),
             Some(StreamError::NotProcessed)
         );
     }
@@ -1699,6 +1998,7 @@ mod floor {
                         &headers,
                         &body.freeze(),
                         true,
+                        None,
                     )
                     .unwrap();
                 let (status, _) = std::future::poll_fn(|cx| s.poll_head(cx)).await.unwrap();
