@@ -1780,7 +1780,7 @@ mod peer {
         assert_eq!(status, 200);
         assert_eq!(wakes.count(), 1, "woken once");
         assert!(s.done);
-        assert!(conn.shared.lock().streams.get(&s.id).is_none(), "finished");
+        assert!(!conn.shared.lock().streams.contains_key(&s.id), "finished");
         let Poll::Ready(Some(Ok(d))) = s.poll_data(&mut cx) else {
             panic!("the data");
         };
