@@ -890,11 +890,13 @@ impl Shared {
             failures: Vec::new(),
         };
         let mut att = Attempt { msg: req, deadline };
+        // The first attempt starts now: its time left is the whole timeout (no clock read).
+        let mut fresh = timeout;
         // The retry loop of tower's `Retry`, driven by hand: the same `Policy` decides, but
         // without a service clone and request clone per attempt and with a future a fraction
         // of the size (this path runs for every unary request).
         loop {
-            let mut result = self.attempt(&att, opts, &call).await;
+            let mut result = self.attempt(&att, fresh.take(), opts, &call).await;
             match tower::retry::Policy::retry(&mut policy, &mut att, &mut result) {
                 None => return result,
                 Some(wait) => wait.await,
@@ -902,10 +904,13 @@ impl Shared {
         }
     }
 
-    /// One attempt of a unary request on the balancer's current pick.
+    /// One attempt of a unary request on the balancer's current pick. `fresh` is the time
+    /// left when the attempt starts right as the deadline was set (it is read off the clock
+    /// otherwise).
     async fn attempt<T, R, F, Fut>(
         &self,
         att: &Attempt<T>,
+        mut fresh: Option<Duration>,
         opts: CallOpts,
         call: &F,
     ) -> Result<(R, Pick)>
@@ -928,12 +933,14 @@ impl Shared {
                     let left = att
                         .deadline
                         .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                    fresh = None;
                     // Boxed: the rare slow path must not grow every request's future.
                     Box::pin(with_deadline(left, self.token(stale))).await??
                 }
             };
             let pick = self.transport.pick()?;
             let remaining = match att.deadline {
+                Some(_) if fresh.is_some_and(|t| !t.is_zero()) => fresh.take(),
                 Some(d) => {
                     let left = d.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
@@ -961,7 +968,10 @@ impl Shared {
             );
             // Boxed once here, so the futures around it (retry, the caller's) stay small and
             // cheap to move.
-            let fut = Box::pin(with_deadline(remaining, call(pick.channel(), request)));
+            let fut = Box::pin(with_deadline_at(
+                att.deadline,
+                call(pick.channel(), request),
+            ));
             let outcome = match &self.cfg.layer {
                 None => fut
                     .instrument(span.clone())
@@ -1061,16 +1071,30 @@ pub(crate) fn with_deadline<F: Future>(timeout: Option<Duration>, fut: F) -> Wit
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The future of [`with_deadline`].
-    pub(crate) struct WithDeadline<F> {
-        #[pin]
-        fut: F,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+/// [`with_deadline`] with the deadline as an instant (no clock read here), and the timer
+/// held inline: for a future that is boxed anyway (a request attempt), which saves the
+/// timer's own allocation.
+pub(crate) fn with_deadline_at<F: Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> WithDeadline<F, tokio::time::Sleep> {
+    WithDeadline {
+        fut,
+        sleep: deadline.map(tokio::time::sleep_until),
     }
 }
 
-impl<F: Future> Future for WithDeadline<F> {
+pin_project_lite::pin_project! {
+    /// The future of [`with_deadline`] and [`with_deadline_at`]; `S` is the timer.
+    pub(crate) struct WithDeadline<F, S = Pin<Box<tokio::time::Sleep>>> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Option<S>,
+    }
+}
+
+impl<F: Future, S: Future> Future for WithDeadline<F, S> {
     type Output = Result<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -1078,8 +1102,8 @@ impl<F: Future> Future for WithDeadline<F> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        if let Some(sleep) = this.sleep
-            && sleep.as_mut().poll(cx).is_ready()
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
         {
             return Poll::Ready(Err(deadline_error()));
         }

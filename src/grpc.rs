@@ -588,7 +588,12 @@ pub(crate) static HASLEADER: HeaderName = HeaderName::from_static("hasleader");
 /// The `grpc-timeout` value and unit for `timeout`: at most 8 digits, rounded up by at most
 /// about 1% (exact below 100 ms).
 fn grpc_timeout(timeout: Duration) -> (u64, u8) {
-    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    // In u64 (`as_millis` is u128): whole seconds times 1000 fit below 2^64 for any
+    // timeout shorter than 584 million years.
+    let ms = timeout
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(timeout.subsec_millis()));
     let up = |step: u64| ms.div_ceil(step) * step;
     match ms {
         0 => (u64::try_from(timeout.as_micros()).unwrap_or(0).max(1), b'u'),
