@@ -120,7 +120,9 @@ impl Stream {
         }
     }
 
-    /// Wake the reader (something arrived).
+    /// Wake the reader (something arrived). The connection's reader calls this under the
+    /// lock, as each answer is parsed: waking the readers only after releasing the lock was
+    /// measured to nearly double the context switches on a multi-threaded runtime.
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
