@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use crate::transport::Channel;
 use bytes::Bytes;
 use futures_core::Stream;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::client::{CallOpts, Client, with_deadline};
@@ -506,7 +507,8 @@ impl Maintenance {
 
     /// Open a snapshot of the member's database as a stream of byte chunks. The stream ends
     /// with etcd's 32-byte SHA-256 digest of the database, as `etcdctl snapshot save` stores
-    /// it; a stream that ends early yields an error. The deadline applies to opening the
+    /// it; a stream that ends early, or whose digest does not match the database bytes
+    /// received, ends with an error. The deadline applies to opening the
     /// stream, not to reading it. See [`snapshot_to_file`](Self::snapshot_to_file) for the
     /// common case.
     pub fn snapshot(&self) -> Request<SnapshotStream> {
@@ -544,6 +546,7 @@ impl Maintenance {
                         received: 0,
                         version: None,
                         header: None,
+                        digest: DigestCheck::default(),
                         done: false,
                     });
                 }
@@ -561,8 +564,9 @@ impl Maintenance {
 
     /// Take a snapshot and write it to `path` (through `path` + `.part`, renamed when complete
     /// and synced), then check it: the database size announced by the server, the bytes
-    /// received, and the digest etcd appends (file size = database size + 32). The deadline,
-    /// when set, covers the whole transfer.
+    /// received, and the digest etcd appends (file size = database size + 32), which must be
+    /// the SHA-256 of the database received. On any failure the partial file is removed and
+    /// `path` is left untouched. The deadline, when set, covers the whole transfer.
     pub fn snapshot_to_file(&self, path: impl AsRef<Path>) -> Request<SnapshotInfo> {
         let this = self.clone();
         let path = path.as_ref().to_owned();
@@ -759,7 +763,9 @@ fn no_downgrade(e: Error) -> Error {
 ///
 /// The chunks, concatenated, are the database file followed by its 32-byte SHA-256 digest
 /// (what `etcdctl snapshot save` writes). The stream ends with an error, not silently, when
-/// the server stops before sending everything it announced. Dropping it cancels the transfer.
+/// the server stops before sending everything it announced, or when the digest does not match
+/// the database bytes received (checked as they arrive; Go's client leaves that to
+/// `etcdutl snapshot restore`). Dropping it cancels the transfer.
 pub struct SnapshotStream {
     inner: tonic::Streaming<pb::SnapshotResponse>,
     /// Keeps a chosen member's connection open while the stream is read.
@@ -768,7 +774,54 @@ pub struct SnapshotStream {
     received: u64,
     version: Option<String>,
     header: Option<ResponseHeader>,
+    digest: DigestCheck,
     done: bool,
+}
+
+/// Checks the digest etcd appends to a snapshot: the SHA-256 of the database bytes before it.
+#[derive(Default)]
+struct DigestCheck {
+    hasher: Sha256,
+    /// Database bytes hashed so far.
+    hashed: u64,
+    /// The digest as received so far.
+    digest: [u8; SHA256_LEN as usize],
+    got: usize,
+}
+
+impl DigestCheck {
+    /// Take the next chunk of the stream, whose database part is `db_size` bytes: what is
+    /// before that is hashed, what follows is the digest (anything beyond it is ignored; the
+    /// stream refuses more than it announced).
+    fn feed(&mut self, chunk: &[u8], db_size: u64) {
+        let db_left = usize::try_from(db_size.saturating_sub(self.hashed)).unwrap_or(usize::MAX);
+        let (db, rest) = chunk.split_at(db_left.min(chunk.len()));
+        self.hasher.update(db);
+        self.hashed += db.len() as u64;
+        let room = &mut self.digest[self.got..];
+        let take = room.len().min(rest.len());
+        room[..take].copy_from_slice(&rest[..take]);
+        self.got += take;
+    }
+
+    /// The error when the digest received is not the SHA-256 of the database received.
+    fn check(&self) -> Result<()> {
+        let ours = self.hasher.clone().finalize();
+        if self.got == self.digest.len() && ours[..] == self.digest[..] {
+            return Ok(());
+        }
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "snapshot digest mismatch: the SHA-256 of the {} database bytes received is {}, \
+                 the server sent {}",
+                self.hashed,
+                hex(&ours),
+                hex(&self.digest[..self.got])
+            ),
+        ))
+    }
 }
 
 impl fmt::Debug for SnapshotStream {
@@ -806,7 +859,7 @@ impl SnapshotStream {
         self.done = true;
         let total = self.total.unwrap_or(0);
         if self.total.is_some() && self.received == total + SHA256_LEN {
-            return None;
+            return self.digest.check().err().map(Err);
         }
         Some(Err(Error::new(
             ErrorKind::Protocol,
@@ -856,10 +909,68 @@ impl Stream for SnapshotStream {
                         ))));
                     }
                     if len > 0 {
+                        this.digest.feed(&msg.blob, this.total.unwrap_or(0));
                         return Poll::Ready(Some(Ok(msg.blob)));
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of `n` bytes and the stream etcd would send for it (database + digest).
+    fn snapshot_of(n: usize) -> (Vec<u8>, Vec<u8>) {
+        let db: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut stream = db.clone();
+        stream.extend_from_slice(&Sha256::digest(&db));
+        (db, stream)
+    }
+
+    fn fed(stream: &[u8], db_size: u64, chunk: usize) -> DigestCheck {
+        let mut d = DigestCheck::default();
+        for c in stream.chunks(chunk) {
+            d.feed(c, db_size);
+        }
+        d
+    }
+
+    #[test]
+    fn the_digest_is_sha256_of_the_database_in_any_chunking() {
+        // The known answer: SHA-256("abc").
+        let mut d = DigestCheck::default();
+        d.feed(b"abc", 3);
+        assert_eq!(
+            d.hasher.clone().finalize()[..],
+            [
+                0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae,
+                0x22, 0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61,
+                0xf2, 0x00, 0x15, 0xad
+            ]
+        );
+        let (db, stream) = snapshot_of(4096);
+        // Chunks that end exactly at the digest, straddle it, or split it.
+        for chunk in [1, 7, 32, 100, 4096, 4100, 5000] {
+            let d = fed(&stream, db.len() as u64, chunk);
+            assert!(d.check().is_ok(), "chunks of {chunk}");
+            assert_eq!(d.hashed, db.len() as u64);
+        }
+    }
+
+    #[test]
+    fn a_changed_byte_or_a_short_digest_is_a_protocol_error() {
+        let (db, stream) = snapshot_of(2048);
+        for at in [0, 1000, db.len() - 1, db.len(), stream.len() - 1] {
+            let mut bad = stream.clone();
+            bad[at] ^= 0x20;
+            let e = fed(&bad, db.len() as u64, 300).check().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "byte {at}");
+            assert!(e.to_string().contains("digest mismatch"), "{e}");
+        }
+        let short = &stream[..stream.len() - 1];
+        assert!(fed(short, db.len() as u64, 300).check().is_err());
     }
 }

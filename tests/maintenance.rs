@@ -218,6 +218,10 @@ async fn snapshot_to_file_matches_the_db_size() {
     let file = std::fs::read(&path).unwrap();
     // A bbolt file: the meta page's magic number at offset 16.
     assert_eq!(&file[16..20], &0xED0C_DAEDu32.to_le_bytes());
+    // The last 32 bytes are the SHA-256 of the database before them (checked on the way in).
+    let (db, digest) = file.split_at(file.len() - 32);
+    use sha2::Digest;
+    assert_eq!(sha2::Sha256::digest(db)[..], digest[..]);
 
     // The same as a stream, from the member chosen by endpoint.
     let mut stream = c
