@@ -494,8 +494,15 @@ fn never_sent(status: &tonic::Status) -> bool {
 fn kind_from_message(msg: &str) -> Option<ErrorKind> {
     use ErrorKind::*;
     // The election service's own errors carry no "etcdserver: " prefix.
-    if msg == "election: not leader" {
-        return Some(ElectionNotLeader);
+    match msg {
+        "election: not leader" => return Some(ElectionNotLeader),
+        // Go's context errors, returned as they are (code Unknown) by handlers such as the
+        // lock and election services when the request's grpc-timeout expired on the server
+        // or the request was canceled. The server's deadline is the client's plus the
+        // request's flight time, so its answer can still beat the client's own timer.
+        "context deadline exceeded" => return Some(Deadline),
+        "context canceled" => return Some(Canceled),
+        _ => {}
     }
     // Some server paths (the maintenance service's permission check, the auth store) send the
     // auth package's errors untranslated, as "auth: ..." with code Unknown.
@@ -747,6 +754,16 @@ mod tests {
                 tonic::Code::Unknown,
                 "election: not leader",
                 ErrorKind::ElectionNotLeader,
+            ),
+            (
+                tonic::Code::Unknown,
+                "context deadline exceeded",
+                ErrorKind::Deadline,
+            ),
+            (
+                tonic::Code::Unknown,
+                "context canceled",
+                ErrorKind::Canceled,
             ),
         ];
         for (code, msg, kind) in cases {
