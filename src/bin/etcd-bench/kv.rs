@@ -58,10 +58,11 @@ where
             first_error = fe;
         }
     }
-    let (wall, user, sys) = meter.finish();
+    let (wall, user, sys, switches) = meter.finish();
     report.wall = wall;
     report.cpu_user = user;
     report.cpu_sys = sys;
+    report.switches = switches;
     if report.latencies.is_empty() && report.errors > 0 {
         return Err(format!(
             "every request failed; first error: {}",

@@ -20,6 +20,19 @@ pub(crate) fn cpu_times() -> (Duration, Duration) {
     }
 }
 
+/// Context switches of this process so far: (voluntary, involuntary). Voluntary ones are the
+/// process's threads blocking (a tokio worker parking, a lock waited for); on a
+/// multi-threaded runtime they explain most of the system time.
+pub(crate) fn context_switches() -> (u64, u64) {
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => (
+            u.voluntary_context_switches().max(0) as u64,
+            u.involuntary_context_switches().max(0) as u64,
+        ),
+        Err(_) => (0, 0),
+    }
+}
+
 /// Peak resident set size of this process, in KiB.
 pub(crate) fn peak_rss_kib() -> u64 {
     getrusage(UsageWho::RUSAGE_SELF)
@@ -36,6 +49,8 @@ pub(crate) struct Report {
     pub(crate) wall: Duration,
     pub(crate) cpu_user: Duration,
     pub(crate) cpu_sys: Duration,
+    /// Context switches of the client while measured: (voluntary, involuntary).
+    pub(crate) switches: (u64, u64),
     /// Extra figures (name, value, unit), e.g. events/s for watch workloads.
     pub(crate) extra: Vec<(String, f64, String)>,
     /// What "one op" means for the CPU-per-op figure (requests, events...).
@@ -48,6 +63,7 @@ pub(crate) struct Report {
 pub(crate) struct Meter {
     wall: Instant,
     cpu: (Duration, Duration),
+    switches: (u64, u64),
 }
 
 impl Meter {
@@ -55,15 +71,23 @@ impl Meter {
         Meter {
             wall: Instant::now(),
             cpu: cpu_times(),
+            switches: context_switches(),
         }
     }
 
-    pub(crate) fn finish(&self) -> (Duration, Duration, Duration) {
+    /// Wall time, user and system CPU, and context switches (voluntary, involuntary) since
+    /// `start()`.
+    pub(crate) fn finish(&self) -> (Duration, Duration, Duration, (u64, u64)) {
         let (u, s) = cpu_times();
+        let (v, i) = context_switches();
         (
             self.wall.elapsed(),
             u.saturating_sub(self.cpu.0),
             s.saturating_sub(self.cpu.1),
+            (
+                v.saturating_sub(self.switches.0),
+                i.saturating_sub(self.switches.1),
+            ),
         )
     }
 }
@@ -92,6 +116,7 @@ impl Report {
             wall: Duration::ZERO,
             cpu_user: Duration::ZERO,
             cpu_sys: Duration::ZERO,
+            switches: (0, 0),
             extra: Vec::new(),
             ops_label: "request".to_owned(),
             ops: 0,
@@ -165,6 +190,14 @@ impl Report {
             self.ops(),
             self.ops_label
         );
+        let per_op = |n: u64| n as f64 / self.ops().max(1) as f64;
+        let _ = writeln!(
+            out,
+            "  Context switches per {}:\t{:.3} voluntary, {:.3} involuntary",
+            self.ops_label,
+            per_op(self.switches.0),
+            per_op(self.switches.1)
+        );
         let _ = writeln!(
             out,
             "  CPU busy:\t{:.2} cores",
@@ -208,6 +241,8 @@ impl Report {
                 "cpu_sys_secs".into(),
                 format!("{:.6}", self.cpu_sys.as_secs_f64()),
             ),
+            ("voluntary_switches".into(), self.switches.0.to_string()),
+            ("involuntary_switches".into(), self.switches.1.to_string()),
             ("peak_rss_kib".into(), peak_rss_kib().to_string()),
         ];
         if n > 0 {
@@ -265,12 +300,14 @@ mod tests {
             "Latency distribution:",
             "99.9% in",
             "CPU per request",
+            "Context switches per request",
         ] {
             assert!(t.contains(s), "{s} missing in {t}");
         }
         let j = r.json();
         assert!(j.starts_with('{') && j.ends_with('}'));
         assert!(j.contains("\"requests\":10"));
+        assert!(j.contains("\"voluntary_switches\":0"));
         assert!(j.contains("\"p99_9_secs\""));
     }
 }

@@ -257,7 +257,7 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
         .max(Duration::from_secs(1));
     let all = futures_util::future::join_all(consumers);
     let timed_out = tokio::time::timeout(limit, all).await.is_err();
-    let (wall, user, sys) = meter.finish();
+    let (wall, user, sys, switches) = meter.finish();
     let status = putter
         .wait()
         .map_err(|e| format!("waiting for the put process: {e}"))?;
@@ -275,6 +275,7 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
     r.wall = wall;
     r.cpu_user = user;
     r.cpu_sys = sys;
+    r.switches = switches;
     r.ops = resp.max(1);
     r.ops_label = "response".into();
     let cpu_us = (user + sys).as_secs_f64() * 1e6;
@@ -393,11 +394,12 @@ pub(crate) async fn watch_latency(b: &Arc<Bench>, a: &WatchArgs) -> Result<Repor
             .map_err(|e| format!("a consumer failed: {e}"))?;
         r.latencies.extend(lat);
     }
-    let (wall, user, sys) = meter.finish();
+    let (wall, user, sys, switches) = meter.finish();
     drop(clients);
     r.wall = wall;
     r.cpu_user = user;
     r.cpu_sys = sys;
+    r.switches = switches;
     r.ops_label = "event".into();
     Ok(r)
 }
@@ -488,7 +490,7 @@ pub(crate) async fn watch_catchup(b: &Arc<Bench>, a: &CatchupArgs) -> Result<Rep
             _ => break,
         }
     }
-    let (wall, user, sys) = meter.finish();
+    let (wall, user, sys, switches) = meter.finish();
     if events < a.history {
         return Err(format!("replayed only {events} of {} events", a.history));
     }
@@ -496,6 +498,7 @@ pub(crate) async fn watch_catchup(b: &Arc<Bench>, a: &CatchupArgs) -> Result<Rep
     r.wall = wall;
     r.cpu_user = user;
     r.cpu_sys = sys;
+    r.switches = switches;
     r.ops = events;
     r.ops_label = "event".into();
     r.extra = vec![
@@ -545,7 +548,7 @@ pub(crate) async fn lease_keepalive(b: &Arc<Bench>, a: &LeaseArgs) -> Result<Rep
     }
     let meter = Meter::start();
     tokio::time::sleep(a.keep).await;
-    let (wall, user, sys) = meter.finish();
+    let (wall, user, sys, switches) = meter.finish();
     let lost = kept.iter().filter(|k| k.lost_reason().is_some()).count();
     let minutes = wall.as_secs_f64() / 60.0;
     let cpu = (user + sys).as_secs_f64();
@@ -553,6 +556,7 @@ pub(crate) async fn lease_keepalive(b: &Arc<Bench>, a: &LeaseArgs) -> Result<Rep
     r.wall = wall;
     r.cpu_user = user;
     r.cpu_sys = sys;
+    r.switches = switches;
     r.ops = a.leases;
     r.ops_label = "lease".into();
     r.extra = vec![
