@@ -150,6 +150,6 @@ pub use tls::TlsOptions;
 pub use txn::{Compare, CompareOp, Op, Txn, TxnOpResponse, TxnResponse};
 pub use types::{IntoBytes, KeyValue, ResponseHeader};
 pub use watch::{
-    DEFAULT_GROUP_BUFFER, DEFAULT_WATCH_BUFFER, Event, EventKind, EventsIntoIter, Watch,
-    WatchBatch, WatchGroup, WatchStats, Watcher,
+    DEFAULT_GROUP_BUFFER, DEFAULT_WATCH_BUFFER, Event, EventKind, EventsIntoIter, GroupWatch,
+    Watch, WatchBatch, WatchGroup, WatchStats, Watcher,
 };

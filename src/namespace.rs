@@ -302,7 +302,8 @@ impl IntoFuture for Txn<NsKv> {
     }
 }
 
-/// A watch inside a [`Namespace`]; await it for an [`NsWatcher`].
+/// A watch inside a [`Namespace`]; await it for an [`NsWatcher`], or add it to a
+/// [`WatchGroup`](crate::WatchGroup) (its batches there carry relative keys too).
 #[must_use = "a watch does nothing until awaited"]
 #[derive(Debug)]
 pub struct NsWatch {
@@ -385,6 +386,14 @@ impl NsWatch {
         self
     }
 }
+
+impl crate::watch::GroupWatchParts for NsWatch {
+    fn into_parts(self) -> (Watch, usize) {
+        (self.inner, self.ns.len())
+    }
+}
+
+impl crate::watch::GroupWatch for NsWatch {}
 
 impl IntoFuture for NsWatch {
     type Output = Result<NsWatcher>;

@@ -346,3 +346,64 @@ async fn next_many_moves_what_has_come_in_order_and_the_stream_reads_the_same() 
         }
     }
 }
+
+#[tokio::test]
+async fn namespaced_members_get_keys_relative_to_their_namespace() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let app = c.with_namespace("app/");
+    // A buffer of two batches: the twelve writes below pause and resume the members, which
+    // must keep their namespaces.
+    let group = WatchGroup::with_buffer(2);
+    let (ns_member, plain) = tokio::try_join!(
+        group.add(app.watch("cfg/").prefix().prev_kv()),
+        group.add(c.watch("app/cfg/x")),
+    )
+    .unwrap();
+    // Outside the namespace: for neither member.
+    put(&c, "cfg/x", "outside").await;
+    let mut revs = Vec::new();
+    for i in 0..12 {
+        revs.push(
+            app.kv()
+                .put("cfg/x", i.to_string())
+                .await
+                .unwrap()
+                .header
+                .revision,
+        );
+    }
+    let mut group = group;
+    let mut seen: BTreeMap<u64, Vec<(i64, String, Option<String>)>> = BTreeMap::new();
+    let mut n = 0;
+    while n < 2 * revs.len() {
+        let (id, b) = next(&mut group).await;
+        for e in b.unwrap().events() {
+            let prev = e.prev_kv.as_ref().map(|p| p.key_str().unwrap().to_owned());
+            seen.entry(id).or_default().push((
+                e.revision(),
+                e.kv.key_str().unwrap().to_owned(),
+                prev,
+            ));
+            n += 1;
+        }
+    }
+    let want_ns: Vec<_> = revs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (*r, "cfg/x".to_owned(), (i > 0).then(|| "cfg/x".to_owned())))
+        .collect();
+    let want_plain: Vec<_> = revs
+        .iter()
+        .map(|r| (*r, "app/cfg/x".to_owned(), None))
+        .collect();
+    assert_eq!(seen[&ns_member], want_ns, "relative keys, prev_kv too");
+    assert_eq!(
+        seen[&plain], want_plain,
+        "a plain member keeps absolute keys"
+    );
+    assert!(
+        c.watch_stats().pauses > 0,
+        "the small buffer paused members"
+    );
+}

@@ -98,17 +98,22 @@ impl WatchGroup {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Create the watcher `watch` describes (from [`Client::watch`](crate::Client::watch),
-    /// with any of its options) as a member of this group, once the server confirmed it.
-    /// Returns its id: the one its batches carry, and [`Watcher::id`]'s kind (unique among
-    /// the client's watchers).
+    /// Create the watcher `watch` describes as a member of this group, once the server
+    /// confirmed it: a [`Watch`] (from [`Client::watch`](crate::Client::watch)) or an
+    /// [`NsWatch`](crate::NsWatch) (from [`Namespace::watch`](crate::Namespace::watch); that
+    /// member's batches then carry keys relative to its namespace, as an
+    /// [`NsWatcher`](crate::NsWatcher)'s do), with any of its options. Returns its id: the one
+    /// its batches carry, and [`Watcher::id`]'s kind (unique among the client's watchers).
     ///
     /// Errors are those of creating a [`Watcher`] (a compacted start revision, a refused
     /// range, a closed client); the group is unchanged then.
-    pub async fn add(&self, watch: Watch) -> Result<u64> {
+    pub async fn add(&self, watch: impl GroupWatch) -> Result<u64> {
+        let (watch, strip) = watch.into_parts();
+        // A namespace longer than 4 GiB cannot exist (etcd keys are at most 1.5 MiB).
+        let strip = u32::try_from(strip).unwrap_or(u32::MAX);
         let group = Arc::clone(&self.queue);
         let watcher = watch
-            .start_on(move |id| Arc::new(WatcherQueue::member(group, id)))
+            .start_on(move |id| Arc::new(WatcherQueue::member(group, id, strip)))
             .await?;
         let id = watcher.id();
         self.members().insert(id, watcher);
@@ -218,6 +223,25 @@ impl WatchGroup {
         Poll::Ready(())
     }
 }
+
+/// What [`WatchGroup::add`] takes: a [`Watch`] or an [`NsWatch`](crate::NsWatch). Sealed:
+/// implemented only by those two.
+pub trait GroupWatch: sealed::Sealed {}
+
+pub(crate) mod sealed {
+    /// The watch to create, and how many bytes of each key its batches drop (its namespace).
+    pub trait Sealed {
+        fn into_parts(self) -> (super::Watch, usize);
+    }
+}
+
+impl sealed::Sealed for Watch {
+    fn into_parts(self) -> (Watch, usize) {
+        (self, 0)
+    }
+}
+
+impl GroupWatch for Watch {}
 
 impl futures_core::Stream for WatchGroup {
     type Item = (u64, Result<WatchBatch>);

@@ -26,7 +26,8 @@ mod queue;
 mod slots;
 mod worker;
 
-pub use group::{DEFAULT_GROUP_BUFFER, WatchGroup};
+pub(crate) use group::sealed::Sealed as GroupWatchParts;
+pub use group::{DEFAULT_GROUP_BUFFER, GroupWatch, WatchGroup};
 
 use std::fmt;
 use std::future::{Future, IntoFuture};

@@ -32,6 +32,9 @@ struct State {
     buf: Buf,
     /// The consumer (a group member's: the task awaiting its creation).
     waker: Option<Waker>,
+    /// With its own buffer, the most batches it holds. A group member has none: this is the
+    /// number of bytes cut from the front of every key of its batches (its namespace; 0 for
+    /// none). One field for both keeps the queue in one cache line.
     cap: u32,
     /// The server confirmed the watcher.
     created: bool,
@@ -75,8 +78,9 @@ impl WatcherQueue {
         }
     }
 
-    /// The queue of member `id` of a group: its batches go to `group`.
-    pub(crate) fn member(group: Arc<GroupQueue>, id: u64) -> Self {
+    /// The queue of member `id` of a group: its batches go to `group`, with the first `strip`
+    /// bytes of their keys removed (a namespace; 0 for none).
+    pub(crate) fn member(group: Arc<GroupQueue>, id: u64, strip: u32) -> Self {
         WatcherQueue {
             state: Mutex::new(State {
                 buf: Buf::Member {
@@ -85,7 +89,7 @@ impl WatcherQueue {
                     refused: None,
                 },
                 waker: None,
-                cap: 1,
+                cap: strip,
                 created: false,
                 done: false,
                 paused: false,
@@ -148,7 +152,10 @@ impl WatcherQueue {
                 items.push_back(Ok(make()));
                 Ok(s.waker.take())
             }
-            Buf::Member { group, id, .. } => group.push(*id, make, pauses),
+            Buf::Member { group, id, .. } => match cap {
+                0 => group.push(*id, make, pauses),
+                strip => group.push(*id, || make().strip_key_prefix(strip), pauses),
+            },
         }
     }
 
@@ -521,8 +528,8 @@ mod tests {
     #[test]
     fn a_group_buffer_is_shared_bounded_and_resumes_at_half() {
         let g = Arc::new(GroupQueue::new(4));
-        let a = WatcherQueue::member(Arc::clone(&g), 1);
-        let b = WatcherQueue::member(Arc::clone(&g), 2);
+        let a = WatcherQueue::member(Arc::clone(&g), 1, 0);
+        let b = WatcherQueue::member(Arc::clone(&g), 2, 0);
         let events = |rev: i64| {
             let mut e = Events::default();
             if let Some(ev) = e.push_empty() {
@@ -559,7 +566,7 @@ mod tests {
         assert!(resume.is_empty(), "nothing read yet");
         assert_eq!(g.len(), 0);
         // What was taken still counts until it has been read (the next visit).
-        let c = WatcherQueue::member(Arc::clone(&g), 3);
+        let c = WatcherQueue::member(Arc::clone(&g), 3, 0);
         assert!(matches!(
             c.push_events(header, &mut events(3)),
             Err(PushError::Full)
@@ -595,7 +602,7 @@ mod tests {
     #[test]
     fn a_refused_member_answers_its_creation() {
         let g = Arc::new(GroupQueue::new(4));
-        let m = WatcherQueue::member(Arc::clone(&g), 7);
+        let m = WatcherQueue::member(Arc::clone(&g), 7, 0);
         m.finish(Some(Error::new(ErrorKind::PermissionDenied, "no")));
         let waker = futures_noop_waker();
         let mut cx = Context::from_waker(&waker);
