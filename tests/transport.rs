@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use etcdv3::Client;
@@ -122,9 +123,8 @@ async fn an_idle_connection_is_not_pinged() {
 
 #[tokio::test]
 async fn answers_larger_than_the_flow_control_windows_arrive_whole() {
-    // 64 values of 100 KiB: a 6.4 MiB range answer, more than the stream window (2 MiB) and
-    // the connection window (5 MiB), so it only arrives if capacity is given back as it is
-    // read. A watch from revision 1 replays the same 6.4 MiB on the same connection.
+    // 64 values of 100 KiB: a 6.4 MiB range answer, more than the stream window (4 MiB), so
+    // it only arrives if capacity is given back as it is read. A watch from revision 1 replays the same 6.4 MiB on the same connection.
     let etcd = common::etcd().await;
     let c = common::client(&etcd).await;
     let value = vec![b'v'; 100 * 1024];
@@ -153,6 +153,39 @@ async fn answers_larger_than_the_flow_control_windows_arrive_whole() {
         }
     }
     assert_eq!(seen, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_answers_that_fill_the_connection_window_all_arrive() {
+    // Sixteen concurrent reads of a 1.9 MiB range on one connection: 30 MiB in all, more
+    // than the connection window (16 MiB), while each answer stays under half its stream
+    // window. The server interleaves the answers, so the connection window runs out while
+    // every answer is still incomplete: the client must take in what has come (and give the
+    // window back) although no answer has ended.
+    let etcd = common::etcd().await;
+    let c = common::client(&etcd).await;
+    let value = vec![b'v'; 100 * 1024];
+    for i in 0..19 {
+        c.kv()
+            .put(format!("wide/{i:02}"), value.clone())
+            .await
+            .unwrap();
+    }
+    for round in 0..2 {
+        // Serializable: etcd answers them all at once (no read-index round first).
+        let reads = (0..16).map(|_| c.kv().get("wide/").prefix().serializable().into_future());
+        let all = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::future::try_join_all(reads),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the answers stalled"))
+        .unwrap();
+        for r in all {
+            assert_eq!(r.kvs.len(), 19);
+            assert!(r.kvs.iter().all(|kv| kv.value() == &value[..]));
+        }
+    }
 }
 
 #[tokio::test]

@@ -34,6 +34,9 @@ use super::hpack;
 /// Our receive window per stream, and for the connection.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Below this much connection window, the readers of answers taken whole are woken for each
+/// part (see the DATA frame's handling).
+const LOW_CONNECTION_WINDOW: i64 = (CONNECTION_WINDOW / 4) as i64;
 /// The window every stream starts with until the peer's SETTINGS say otherwise (§6.9.2).
 const DEFAULT_WINDOW: i64 = 65_535;
 /// Request data queued per stream (waiting for the peer's windows) before a sender waits.
@@ -263,6 +266,7 @@ where
         &[
             (setting::ENABLE_PUSH, 0),
             (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (setting::MAX_HEADER_LIST_SIZE, hpack::MAX_HEADER_LIST as u32),
         ],
     );
     frame::write_window_update(&mut out, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
@@ -468,6 +472,13 @@ impl State {
                             self.peer_initial_window = i64::from(value);
                             for s in self.streams.values_mut() {
                                 s.send_window += delta;
+                                // §6.9.2: a change that takes a window above 2^31-1 is a
+                                // connection error.
+                                if s.send_window > 0x7fff_ffff {
+                                    return Err(flow_control(
+                                        "initial window change overflows a stream window",
+                                    ));
+                                }
                             }
                         }
                         setting::MAX_FRAME_SIZE => {
@@ -538,10 +549,15 @@ impl State {
                 data,
                 flow_len,
             } => {
+                let before = self.conn_recv_window;
                 self.conn_recv_window -= i64::from(flow_len);
                 if self.conn_recv_window < 0 {
                     return Err(flow_control("the server sent beyond the connection window"));
                 }
+                // Answers taken whole hold their data until they end. Should the connection
+                // window run low while several are incomplete, they could hold all of it and
+                // none could end: from then on their readers take the data as it comes.
+                let low = self.conn_recv_window <= LOW_CONNECTION_WINDOW;
                 // Padding is never handed out: its window goes back at once.
                 let padding = flow_len - data.len() as u32;
                 match self.streams.get_mut(&stream) {
@@ -572,13 +588,23 @@ impl State {
                             if end_stream {
                                 s.recv_end = true;
                                 s.wake_both();
-                            } else if !s.whole || s.recv_window <= i64::from(STREAM_WINDOW / 2) {
+                            } else if !s.whole
+                                || low
+                                || s.recv_window <= i64::from(STREAM_WINDOW / 2)
+                            {
                                 s.wake();
                             }
                         }
                     }
                     // A stream we no longer track, or failed: its window goes back now.
                     _ => self.conn_unacked += flow_len,
+                }
+                if low && before > LOW_CONNECTION_WINDOW {
+                    for s in self.streams.values_mut() {
+                        if s.whole && !s.data.is_empty() {
+                            s.wake();
+                        }
+                    }
                 }
                 self.maybe_ack_connection();
             }
@@ -1878,6 +1904,31 @@ mod peer {
             open(&conn, Bytes::new()).await.err(),
             Some(StreamError::NotProcessed)
         );
+    }
+
+    /// §6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE change that takes an open stream's send window
+    /// above 2^31-1 is a connection error (FLOW_CONTROL_ERROR).
+    #[tokio::test]
+    async fn an_initial_window_change_that_overflows_a_stream_window_fails_the_connection() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let (conn, _control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        let mut out = BytesMut::new();
+        frame::write_settings(&mut out, &[]);
+        // Stream 1's window: 65,535 less the request sent (a byte), plus 2^31-1 - 65,535:
+        // just under 2^31-1, legal.
+        frame::write_window_update(&mut out, 1, 0x7fff_ffff - 65_535);
+        // Then every stream's initial window grows by 1,000: stream 1's would pass 2^31-1.
+        frame::write_settings(&mut out, &[(setting::INITIAL_WINDOW_SIZE, 65_535 + 1_000)]);
+        theirs.write_all(&out).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), answer(s)).await {
+            Ok(Err(StreamError::ConnectionLost(why))) => {
+                assert!(why.contains("initial window"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A refused stream and the streams after the peer's GOAWAY are not processed (safe to

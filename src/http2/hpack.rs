@@ -42,10 +42,12 @@ fn decode_int(buf: &[u8], pos: &mut usize, n: u8) -> Result<usize> {
     loop {
         let b = *buf.get(*pos).ok_or(HpackError("truncated integer"))?;
         *pos += 1;
-        value += usize::from(b & 0x7f) << shift;
-        if value > 1 << 28 {
+        // In u64: on a 32-bit target the fifth byte's bits would be shifted out of a usize.
+        let wide = value as u64 + (u64::from(b & 0x7f) << shift);
+        if wide > 1 << 28 {
             return Err(HpackError("integer too large"));
         }
+        value = wide as usize; // at most 2^28: fits
         if b & 0x80 == 0 {
             return Ok(value);
         }
@@ -382,6 +384,10 @@ impl DynamicTable {
 
 // ---- decoding (§6) ----
 
+/// The largest header list we decode (our SETTINGS_MAX_HEADER_LIST_SIZE): gRPC heads and
+/// trailers are a few hundred bytes.
+pub(crate) const MAX_HEADER_LIST: usize = 1024 * 1024;
+
 /// Decodes the header blocks of one connection (it keeps the peer's dynamic table).
 #[derive(Debug)]
 pub(crate) struct Decoder {
@@ -412,17 +418,30 @@ impl Decoder {
     ) -> Result<()> {
         let mut pos = 0;
         let mut fields_seen = false;
+        // The decoded list's size as RFC 9113 §6.5.2 counts it: a one-byte reference to a
+        // table entry can stand for 4 KiB, so the compressed size alone bounds nothing.
+        let mut list = 0usize;
+        let mut count = |n: &[u8], v: &[u8]| {
+            list += n.len() + v.len() + 32;
+            if list > MAX_HEADER_LIST {
+                Err(HpackError("header list too large"))
+            } else {
+                Ok(())
+            }
+        };
         while pos < block.len() {
             let b = block[pos];
             if b & 0x80 != 0 {
                 // Indexed header field (§6.1).
                 let index = decode_int(block, &mut pos, 7)?;
                 let (n, v) = self.table.get(index)?;
+                count(n, v)?;
                 field(n, v);
                 fields_seen = true;
             } else if b & 0xc0 == 0x40 {
                 // Literal with incremental indexing (§6.2.1).
                 self.literal(block, &mut pos, 6)?;
+                count(&self.name, &self.value)?;
                 field(&self.name, &self.value);
                 self.table.insert(&self.name, &self.value);
                 fields_seen = true;
@@ -439,6 +458,7 @@ impl Decoder {
             } else {
                 // Literal without indexing (0000) or never indexed (0001) (§6.2.2, §6.2.3).
                 self.literal(block, &mut pos, 4)?;
+                count(&self.name, &self.value)?;
                 field(&self.name, &self.value);
                 fields_seen = true;
             }
@@ -699,6 +719,44 @@ mod tests {
         assert!(decode_int(&block, &mut pos, 7).is_err());
         let mut d = Decoder::new(4096);
         assert!(d.decode(&block, |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn an_integer_whose_fifth_byte_carries_high_bits_is_refused() {
+        // 127 + 0x7f + 0x7f<<7 + 0x7f<<14 + 1<<28 reaches the bound exactly; a fifth byte
+        // of 0x0f or 0x10 would add bits beyond 32: refused whatever the width of usize.
+        for last in [0x0f, 0x10] {
+            let block = [0x7f, 0x81, 0xff, 0xff, 0xff, last];
+            assert!(decode_int(&block, &mut 0, 7).is_err(), "{last:#x}");
+        }
+    }
+
+    #[test]
+    fn a_header_list_too_large_once_decoded_is_refused() {
+        // One 4,000-byte field added to the table, then referenced again and again (one
+        // byte each): 16 KiB of block that would decode to 49 MB.
+        // A literal with incremental indexing and a new name "x" (§6.2.1), its value's
+        // length with a 7-bit prefix (no Huffman).
+        let mut block = vec![0x40, 0x01, b'x'];
+        encode_int(&mut block, 0, 7, 4000);
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend(std::iter::repeat_n(0xbe, 12_000)); // index 62: the new entry
+        let mut d = Decoder::new(4096);
+        let mut decoded = 0usize;
+        let r = d.decode(&block, |n, v| decoded += n.len() + v.len());
+        assert!(r.is_err(), "refused");
+        assert!(
+            decoded <= MAX_HEADER_LIST,
+            "stopped at the bound: {decoded} bytes handed out"
+        );
+        // A list under the bound decodes.
+        let mut small = block[..3].to_vec();
+        encode_int(&mut small, 0, 7, 4000);
+        small.extend(std::iter::repeat_n(b'v', 4000));
+        small.extend(std::iter::repeat_n(0xbe, 10));
+        let mut d = Decoder::new(4096);
+        let fields = decode_all(&mut d, &small).unwrap();
+        assert_eq!(fields.len(), 11);
     }
 
     #[test]
