@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{client, etcd, etcd_with, streams_on_server, wait_until, watchers_on_server};
-use etcdv3::testkit::{EtcdCluster, FaultProxy};
+use etcdv3::testkit::{Direction, EtcdCluster, FaultProxy};
 use etcdv3::{Client, ErrorKind, EventKind, Op, WatchBatch, Watcher};
 use futures::FutureExt;
 use std::future::IntoFuture;
@@ -263,6 +263,90 @@ async fn requested_progress_notification() {
     // And it does not disturb events.
     let r2 = put(&c, "rp", "1").await;
     assert_eq!(next_events(&mut w).await.events()[0].revision(), r2);
+}
+
+#[tokio::test]
+async fn requested_progress_for_a_paused_watcher_does_not_strand_it() {
+    // The answer to a progress request can find its watcher paused (cancelled on the server
+    // because its buffer is full). The watcher must still resume once its consumer reads, get
+    // every revision, and get its notification once it is back on the server.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let writer = client(&etcd).await;
+    let mut w = c.watch("pp").buffer(2).await.unwrap();
+    let mut other = c.watch("pp-other").await.unwrap();
+    let mut revs = Vec::new();
+    for i in 0..4 {
+        revs.push(put(&writer, "pp", &i.to_string()).await);
+    }
+    wait_until(STEP, "the watcher is paused", || async {
+        c.watch_stats().pauses >= 1
+    })
+    .await;
+    w.request_progress().unwrap();
+    // Another watcher's request, sent right after on the same stream: once its answer is
+    // here, so is the first one (etcd answers in order), and the multiplexer has handled it
+    // before the consumer below reads anything.
+    other.request_progress().unwrap();
+    assert!(next(&mut other).await.is_progress_notify());
+    let mut seen = Vec::new();
+    let mut progress = None;
+    while progress.is_none() || seen.len() < revs.len() {
+        let b = next(&mut w).await;
+        if b.is_progress_notify() {
+            progress = Some(b.revision());
+        }
+        seen.extend(b.events().iter().map(|e| e.revision()));
+    }
+    assert_eq!(seen, revs, "every revision once, in order");
+    assert!(progress.is_some_and(|r| r >= revs[1]), "{progress:?}");
+    let r = put(&writer, "pp", "after").await;
+    assert_eq!(next_events(&mut w).await.events()[0].revision(), r);
+}
+
+#[tokio::test]
+async fn each_progress_request_is_answered_by_its_own_answer() {
+    // Watcher A asks for progress; etcd answers at once, but the answer is held on its way.
+    // Then a write, and watcher B asks. B must get the answer to its own request (at or after
+    // the write), not A's older one.
+    let etcd = etcd().await;
+    let addr = etcd.client_addr(0);
+    let proxy = FaultProxy::start(addr).await.unwrap();
+    let c = pinned_client(proxy.endpoint()).await;
+    let writer = client(&etcd).await;
+    let mut a = c.watch("pa").await.unwrap();
+    let mut b = c.watch("pb").await.unwrap();
+    let base = watchers_on_server(addr).await;
+    proxy.blackhole_direction(Direction::ServerToClient);
+    // A create sent right behind a request, on the same stream: etcd handles them in order,
+    // so once it counts the new watcher it has answered the request.
+    let probe = |key: &'static str| tokio::spawn(c.watch(key).into_future());
+    a.request_progress().unwrap();
+    let p1 = probe("probe1");
+    wait_until(STEP, "etcd handled A's request", || async {
+        watchers_on_server(addr).await > base
+    })
+    .await;
+    let written = put(&writer, "elsewhere", "x").await;
+    b.request_progress().unwrap();
+    let p2 = probe("probe2");
+    wait_until(STEP, "etcd handled B's request", || async {
+        watchers_on_server(addr).await > base + 1
+    })
+    .await;
+    proxy.pass();
+    let na = next(&mut a).await;
+    assert!(na.is_progress_notify());
+    assert!(na.revision() < written, "A's answer predates the write");
+    let nb = next(&mut b).await;
+    assert!(nb.is_progress_notify());
+    assert!(
+        nb.revision() >= written,
+        "B asked after the write at {written}, told {}",
+        nb.revision()
+    );
+    p1.await.unwrap().unwrap();
+    p2.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -677,8 +677,11 @@ impl Watcher {
 
     /// Ask the server for a progress notification: a batch with
     /// [`is_progress_notify`](WatchBatch::is_progress_notify) and the store's current
-    /// revision arrives on this watcher. Fails with [`ErrorKind::Closed`] once the client was
-    /// closed.
+    /// revision arrives on this watcher (and only on it). It is the answer to this very
+    /// request (so it reflects writes made before the call), not to an earlier request still
+    /// in flight. When the answer finds the watcher paused or being re-created (after a
+    /// reconnect), the request is made again once the watcher is back on the server. Fails
+    /// with [`ErrorKind::Closed`] once the client was closed.
     pub fn request_progress(&self) -> Result<()> {
         self.cmds.send(Cmd::Progress(self.id)).map_err(|_| closed())
     }

@@ -58,6 +58,23 @@ enum Buf {
     },
 }
 
+/// What a batch may use of a full buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// Events: up to the bound; a batch that does not fit pauses its watcher.
+    Events,
+    /// A periodic notification: up to the bound, else dropped.
+    Notification,
+    /// A requested progress notification: one place beyond the bound, else dropped.
+    Requested,
+}
+
+impl Room {
+    fn spare(self) -> usize {
+        usize::from(self == Room::Requested)
+    }
+}
+
 /// Why a batch was not queued.
 pub(crate) enum PushError {
     /// The buffer is full: the watcher is now marked paused.
@@ -114,8 +131,9 @@ impl WatcherQueue {
     /// Returns the consumer's waker when the consumer waits for this batch: the caller wakes
     /// it, possibly later (the multiplexer wakes a run of consumers at once, see
     /// `Worker::flush_wakes`), which is fine since the batch is already queued.
+    #[cfg(test)]
     pub(crate) fn push(&self, batch: WatchBatch) -> std::result::Result<Option<Waker>, PushError> {
-        self.push_with(|| batch, false)
+        self.push_with(|| batch, Room::Events)
     }
 
     /// [`push`](Self::push) for a batch of events: the batch is built in the buffer, and
@@ -126,16 +144,19 @@ impl WatcherQueue {
         header: ResponseHeader,
         events: &mut Events,
     ) -> std::result::Result<Option<Waker>, PushError> {
-        self.push_with(|| WatchBatch::events_from(header, mem::take(events)), true)
+        self.push_with(
+            || WatchBatch::events_from(header, mem::take(events)),
+            Room::Events,
+        )
     }
 
-    /// Queue the batch `make` builds (only when there is room). A group member's batch that
-    /// does not fit records the member as paused in the group when `pauses`.
+    /// Queue the batch `make` builds (only when there is room). A batch of events that does
+    /// not fit pauses the watcher (a group member is recorded as paused in the group).
     #[inline]
     fn push_with(
         &self,
         make: impl FnOnce() -> WatchBatch,
-        pauses: bool,
+        room: Room,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut s = self.lock();
         if s.done {
@@ -145,29 +166,36 @@ impl WatcherQueue {
         let s = &mut *s;
         match &mut s.buf {
             Buf::Own(items) => {
-                if items.len() >= cap {
-                    s.paused = true;
+                if items.len() >= cap + room.spare() {
+                    if room == Room::Events {
+                        s.paused = true;
+                    }
                     return Err(PushError::Full);
                 }
                 items.push_back(Ok(make()));
                 Ok(s.waker.take())
             }
             Buf::Member { group, id, .. } => match cap {
-                0 => group.push(*id, make, pauses),
-                strip => group.push(*id, || make().strip_key_prefix(strip), pauses),
+                0 => group.push(*id, make, room),
+                strip => group.push(*id, || make().strip_key_prefix(strip), room),
             },
         }
     }
 
-    /// Queue a notification when there is room; dropped otherwise (it carries no events).
+    /// Queue a periodic progress notification when there is room; dropped otherwise (it
+    /// carries no events, and the next one says as much).
     pub(crate) fn push_notification(&self, batch: WatchBatch) {
-        match self.push(batch) {
-            Ok(Some(w)) => w.wake(),
-            Ok(None) => {}
-            Err(PushError::Full) => {
-                // `push` marked it paused; a notification must not pause the watcher.
-                self.lock().paused = false;
-            }
+        if let Ok(Some(w)) = self.push_with(|| batch, Room::Notification) {
+            w.wake();
+        }
+    }
+
+    /// Queue the answer to a requested progress notification: it may take one place beyond
+    /// the bound, so that a consumer that has fallen behind still gets it; it is dropped only
+    /// when that place is taken too (by an earlier answer the consumer has not read yet).
+    pub(crate) fn push_requested_progress(&self, batch: WatchBatch) {
+        if let Ok(Some(w)) = self.push_with(|| batch, Room::Requested) {
+            w.wake();
         }
     }
 
@@ -367,19 +395,19 @@ impl GroupQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queue member `id`'s batch (built by `make` only when there is room). When the buffer
-    /// is full, the member is recorded as paused if `pauses` (a batch of events; a
+    /// Queue member `id`'s batch (built by `make` only when there is room, see [`Room`]).
+    /// When the buffer is full, a member whose events did not fit is recorded as paused (a
     /// notification is just dropped).
     #[inline]
     fn push(
         &self,
         id: u64,
         make: impl FnOnce() -> WatchBatch,
-        pauses: bool,
+        room: Room,
     ) -> std::result::Result<Option<Waker>, PushError> {
         let mut g = self.lock();
-        if g.items.len() + g.taken >= g.cap {
-            if pauses {
+        if g.items.len() + g.taken >= g.cap + room.spare() {
+            if room == Room::Events {
                 g.paused.push(id);
             }
             return Err(PushError::Full);
@@ -614,6 +642,43 @@ mod tests {
     }
 
     /// `poll_pop` with the resume flag in the result.
+    /// Notifications never pause a watcher, and never undo a pause (a watcher whose pause
+    /// was undone would never send `Resume`); an answer to a progress request may take one
+    /// place beyond the bound.
+    #[test]
+    fn notifications_keep_the_pause_and_a_requested_one_has_a_spare_place() {
+        let progress = || WatchBatch::notification(ResponseHeader::default(), BatchKind::Progress);
+        let q = WatcherQueue::new(2);
+        assert!(q.push(batch()).is_ok());
+        assert!(q.push(batch()).is_ok());
+        // Full: a periodic notification is dropped, and pauses nothing.
+        q.push_notification(progress());
+        assert_eq!(q.len(), 2);
+        // A requested one takes the spare place; a second one is dropped.
+        q.push_requested_progress(progress());
+        assert_eq!(q.len(), 3);
+        q.push_requested_progress(progress());
+        assert_eq!(q.len(), 3);
+        // Events still pause it, and later notifications leave the pause alone.
+        assert!(matches!(q.push(batch()), Err(PushError::Full)));
+        q.push_notification(progress());
+        q.push_requested_progress(progress());
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut resumes = 0;
+        for _ in 0..3 {
+            match pop(&q, &mut cx) {
+                Poll::Ready((Some(Ok(_)), r)) => resumes += usize::from(r),
+                _ => panic!("expected an item"),
+            }
+        }
+        assert_eq!(
+            resumes, 1,
+            "the consumer that drains the buffer resumes the watcher"
+        );
+        assert!(pop(&q, &mut cx).is_pending());
+    }
+
     fn pop(q: &WatcherQueue, cx: &mut Context<'_>) -> Poll<(Option<Result<WatchBatch>>, bool)> {
         let mut resume = false;
         q.poll_pop(cx, || resume = true).map(|item| (item, resume))

@@ -278,8 +278,13 @@ pub(crate) struct Worker {
     inflight: VecDeque<i64>,
     /// Creations so far (the generation part of wire ids).
     creations: u64,
-    /// Watchers waiting for a requested progress notification.
-    progress_waiters: Vec<u64>,
+    /// Watchers waiting for a requested progress notification, each with the number of the
+    /// progress request on the current stream that answers it (0: none sent yet).
+    progress_waiters: Vec<(u64, u64)>,
+    /// Progress requests sent on the current stream, and answers received: etcd answers
+    /// them in order, so answer `n` is for request `n`.
+    progress_sent: u64,
+    progress_answered: u64,
     /// `Watcher::cancel` calls waiting for the server's confirmation, by wire id.
     cancel_acks: Vec<(i64, oneshot::Sender<()>)>,
     /// Stream failures since the last message received.
@@ -323,6 +328,8 @@ impl Worker {
             inflight: VecDeque::new(),
             creations: 0,
             progress_waiters: Vec::new(),
+            progress_sent: 0,
+            progress_answered: 0,
             cancel_acks: Vec::new(),
             failures: 0,
             pick: None,
@@ -461,7 +468,7 @@ impl Worker {
                 if let Some(slot) = self.slots.remove(id) {
                     slot.queue.finish(None);
                     if slot.progress_wanted {
-                        self.progress_waiters.retain(|w| *w != id);
+                        self.progress_waiters.retain(|(w, _)| *w != id);
                     }
                     let on_server = matches!(slot.state, SlotState::Creating | SlotState::Active);
                     if on_server && let Some(tx) = self.conn.tx() {
@@ -487,16 +494,16 @@ impl Worker {
                 let Some(slot) = self.slots.get_mut(id) else {
                     return;
                 };
-                if !slot.progress_wanted {
-                    slot.progress_wanted = true;
-                    self.progress_waiters.push(id);
+                slot.progress_wanted = true;
+                // Answered by the request sent now (a later request than any it waited for).
+                match self.progress_waiters.iter_mut().find(|(w, _)| *w == id) {
+                    Some(w) => w.1 = 0,
+                    None => self.progress_waiters.push((id, 0)),
                 }
                 match &self.conn {
                     Conn::Idle => self.open(),
                     Conn::Backoff(_) => {} // sent when the stream is back
-                    Conn::Opening { tx, .. } | Conn::Open { tx, .. } => {
-                        let _ = tx.send(progress_request());
-                    }
+                    Conn::Opening { .. } | Conn::Open { .. } => self.send_progress_request(),
                 }
             }
             Cmd::Resume(id) => {
@@ -584,7 +591,22 @@ impl Worker {
             self.send_create(id);
         }
         if !self.progress_waiters.is_empty() {
-            self.send(progress_request());
+            self.send_progress_request();
+        }
+    }
+
+    /// Send a progress request for the waiters no request on this stream answers yet.
+    fn send_progress_request(&mut self) {
+        let Some(tx) = self.conn.tx() else { return };
+        if tx.send(progress_request()).is_err() {
+            return; // the stream is gone; its failure is reported next
+        }
+        self.progress_sent += 1;
+        let n = self.progress_sent;
+        for w in &mut self.progress_waiters {
+            if w.1 == 0 {
+                w.1 = n;
+            }
         }
     }
 
@@ -593,6 +615,12 @@ impl Worker {
         self.resets = self.resets.wrapping_add(1);
         self.conn = Conn::Idle;
         self.inflight.clear();
+        // Requests sent on this stream will not be answered: the next stream asks again.
+        self.progress_sent = 0;
+        self.progress_answered = 0;
+        for w in &mut self.progress_waiters {
+            w.1 = 0;
+        }
         for slot in self.slots.values_mut() {
             if matches!(slot.state, SlotState::Creating | SlotState::Active) {
                 slot.state = SlotState::Unsent;
@@ -771,6 +799,14 @@ impl Worker {
         ok
     }
 
+    /// The server is done with wire id `sid`: a `Watcher::cancel` waiting on it returns.
+    fn answer_cancel(&mut self, sid: i64) {
+        if let Some(i) = self.cancel_acks.iter().position(|(s, _)| *s == sid) {
+            let (_, ack) = self.cancel_acks.swap_remove(i);
+            let _ = ack.send(());
+        }
+    }
+
     fn slot_mut(&mut self, sid: i64) -> Option<(u64, &mut Slot)> {
         if sid <= 0 {
             return None;
@@ -794,10 +830,7 @@ impl Worker {
             return true;
         }
         if r.canceled {
-            if let Some(i) = self.cancel_acks.iter().position(|(s, _)| *s == r.watch_id) {
-                let (_, ack) = self.cancel_acks.swap_remove(i);
-                let _ = ack.send(());
-            }
+            self.answer_cancel(r.watch_id);
             return self.on_canceled(r.watch_id, r.compact_revision, &r.cancel_reason);
         }
         let Some((id, slot)) = self.slot_mut(r.watch_id) else {
@@ -818,7 +851,7 @@ impl Worker {
             // as this watcher's events (and only once the watcher is in sync), so nothing
             // below its revision is still to come: the resume point may move up.
             if header.revision >= slot.next_rev {
-                slot.next_rev = header.revision + 1;
+                slot.next_rev = header.revision.saturating_add(1);
             }
             slot.queue
                 .push_notification(WatchBatch::notification(header, BatchKind::Progress));
@@ -840,7 +873,7 @@ impl Worker {
         let last = events.as_slice().last().map_or(next, Event::revision);
         match slot.queue.push_events(header, &mut events) {
             Ok(waker) => {
-                slot.next_rev = last + 1;
+                slot.next_rev = last.saturating_add(1);
                 self.wakes.extend(waker);
             }
             Err(PushError::Full) => self.pause(id),
@@ -873,7 +906,11 @@ impl Worker {
             }
         };
         let Some((id, slot)) = self.slot_mut(sid) else {
-            if !r.canceled {
+            if r.canceled {
+                // Refused, and its watcher was cancelled meanwhile: etcd does not answer a
+                // cancel for a watcher it never made, so the cancel is answered here.
+                self.answer_cancel(sid);
+            } else {
                 // Its watcher was cancelled or paused meanwhile.
                 self.send(cancel_request(sid));
             }
@@ -897,8 +934,20 @@ impl Worker {
         slot.state = SlotState::Active;
         if slot.next_rev == 0 {
             // Started at "now": from here on it resumes after the creation revision.
-            slot.next_rev = header.revision + 1;
+            slot.next_rev = header.revision.saturating_add(1);
         }
+        if slot.progress_wanted
+            && self
+                .progress_waiters
+                .iter()
+                .any(|&(w, n)| w == id && n == 0)
+        {
+            // Its progress request was answered while it was not on the server.
+            self.send_progress_request();
+        }
+        let Some((_, slot)) = self.slot_mut(sid) else {
+            return true;
+        };
         if !slot.confirmed {
             slot.confirmed = true;
             let first = slot
@@ -929,7 +978,7 @@ impl Worker {
         }
         if let Some(slot) = self.slots.remove(id) {
             if slot.progress_wanted {
-                self.progress_waiters.retain(|w| *w != id);
+                self.progress_waiters.retain(|(w, _)| *w != id);
             }
             slot.queue.finish(Some(err));
         }
@@ -943,11 +992,35 @@ impl Worker {
     fn on_requested_progress(&mut self, header: ResponseHeader) {
         // Never moves a resume point: on etcd < 3.4.25 / 3.5.8 this answer can overtake
         // events still in flight (etcd 15220).
-        for id in mem::take(&mut self.progress_waiters) {
-            if let Some(slot) = self.slots.get_mut(id) {
-                slot.progress_wanted = false;
-                slot.queue
-                    .push_notification(WatchBatch::notification(header, BatchKind::Progress));
+        self.progress_answered += 1;
+        let answered = self.progress_answered;
+        let mut i = 0;
+        while let Some(&(id, n)) = self.progress_waiters.get(i) {
+            if n == 0 || n > answered {
+                i += 1; // for a later request
+                continue;
+            }
+            match self.slots.get_mut(id) {
+                Some(slot) if slot.state == SlotState::Active => {
+                    slot.progress_wanted = false;
+                    slot.queue.push_requested_progress(WatchBatch::notification(
+                        header,
+                        BatchKind::Progress,
+                    ));
+                    self.progress_waiters.swap_remove(i);
+                }
+                Some(_) => {
+                    // Not on the server now (paused, or being re-created): the server did not
+                    // count it, so the answer says nothing of its events. It asks again once
+                    // it is created (`on_created`).
+                    if let Some(w) = self.progress_waiters.get_mut(i) {
+                        w.1 = 0;
+                    }
+                    i += 1;
+                }
+                None => {
+                    self.progress_waiters.swap_remove(i);
+                }
             }
         }
     }
