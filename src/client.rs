@@ -809,8 +809,8 @@ impl Shared {
             Some(t) => t.0,
             None => 0,
         };
-        let channel = self.transport.channel()?;
-        let mut client = pb::auth_client::AuthClient::new(channel);
+        let pick = self.transport.pick()?;
+        let mut client = pb::auth_client::AuthClient::new(pick.channel());
         let req = pb::AuthenticateRequest {
             name: auth.creds.user.clone(),
             password: auth.creds.password.clone(),
@@ -833,7 +833,19 @@ impl Shared {
                 })?,
             ),
             Err(e) if e.kind() == ErrorKind::AuthNotEnabled => None,
-            Err(e) => return Err(e),
+            Err(e) => {
+                let e = if e.endpoint().is_some() {
+                    e
+                } else {
+                    e.at_endpoint(pick.endpoint())
+                };
+                // As for any request: a member that cannot serve is left for another, so
+                // the retry authenticates elsewhere.
+                if is_endpoint_failure(&e) {
+                    self.transport.report_failure(&pick, &e);
+                }
+                return Err(e);
+            }
         };
         let fresh = (prev_gen + 1, value);
         if let Ok(mut g) = auth.token.write() {

@@ -501,3 +501,28 @@ async fn credentials_work_while_auth_is_disabled_and_after_it_is_enabled() {
     let e = admin.kv().get("k").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::UserEmpty, "{e:?}");
 }
+
+#[tokio::test]
+async fn authentication_fails_over_from_a_dead_endpoint() {
+    // The first endpoint refuses connections. Authenticating there fails as any request
+    // would: the endpoint is left for the next, and the request succeeds there.
+    let etcd = etcd().await;
+    let admin = client(&etcd).await;
+    enable_auth(&admin).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let c = Client::builder([format!("http://{dead}"), etcd.endpoints()[0].clone()])
+        .user("root", "rootpw")
+        .request_timeout(Duration::from_secs(10))
+        .connect_lazy()
+        .unwrap();
+    for i in 0..3 {
+        c.kv().put("af", format!("{i}")).await.unwrap();
+        assert_eq!(
+            c.kv().get("af").await.unwrap().kvs[0].value_str().unwrap(),
+            i.to_string()
+        );
+    }
+}
