@@ -1033,7 +1033,9 @@ impl Shared {
                     return Ok((resp, pick));
                 }
                 Ok(Err(status)) => Error::from_status(status),
-                Err(e) => e,
+                // The deadline passed with the request sent (or being sent): its outcome is
+                // unknown, as the user-layer path says too.
+                Err(e) => e.maybe_sent(true),
             };
             let err = if err.endpoint().is_some() {
                 err

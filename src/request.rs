@@ -112,7 +112,11 @@ where
                 require_leader: false,
             },
         };
-        match with_deadline(remaining, call(channel.clone(), request)).await? {
+        // A deadline passed with the request in flight leaves its outcome unknown.
+        let answer = with_deadline(remaining, call(channel.clone(), request))
+            .await
+            .map_err(|e| e.maybe_sent(true))?;
+        match answer {
             Ok(resp) => return Ok(resp.into_inner()),
             Err(status) => {
                 let err = Error::from_status(status);

@@ -214,6 +214,38 @@ async fn sigstopped_pinned_member_is_left_within_keepalive_and_used_again_after_
 }
 
 #[tokio::test]
+async fn a_put_that_times_out_in_flight_is_indeterminate() {
+    // The put leaves the client, the server answers late (after the deadline): whether it
+    // was applied is unknown, and the error says so.
+    let etcd = common::etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("late", "0").await.unwrap();
+    proxy.blackhole_direction(etcdv3::testkit::Direction::ServerToClient);
+    let e = c
+        .kv()
+        .put("late", "1")
+        .timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Deadline, "{e:?}");
+    assert!(e.is_indeterminate(), "{e:?}");
+    proxy.pass();
+    // It was in fact applied.
+    let observer = common::client(&etcd).await;
+    assert_eq!(
+        observer.kv().get("late").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "1"
+    );
+}
+
+#[tokio::test]
 async fn a_cut_put_is_indeterminate_and_never_retried_but_a_cut_range_is() {
     let etcd = common::etcd().await;
     let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
