@@ -253,7 +253,7 @@ impl ClientBuilder {
     /// 5 s by default). Pings go out while a request or stream is open on the connection (an
     /// idle connection is not pinged: etcd closes connections that ping without streams), so
     /// an open stream or a waiting request notices a dead or paused member within the interval
-    /// plus the [timeout](Self::keep_alive_timeout).
+    /// plus the [timeout](Self::keep_alive_timeout). Zero turns the pings off.
     pub fn keep_alive_interval(mut self, interval: Duration) -> Self {
         self.cfg.keep_alive_interval = interval;
         self
@@ -308,9 +308,10 @@ impl ClientBuilder {
     }
 
     /// Refresh the endpoint list from the cluster's member list every `interval` (client URLs
-    /// of started, non-learner members). Off by default; [`Client::sync`] does it on demand.
+    /// of started, non-learner members). Off by default, and with zero (as in Go's client);
+    /// [`Client::sync`] does it on demand.
     pub fn auto_sync_interval(mut self, interval: Duration) -> Self {
-        self.cfg.auto_sync_interval = Some(interval);
+        self.cfg.auto_sync_interval = (!interval.is_zero()).then_some(interval);
         self
     }
 
@@ -891,7 +892,8 @@ impl Shared {
             + 'static,
     {
         let timeout = opts.timeout.or(self.cfg.request_timeout);
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout too large for the clock (`Duration::MAX`) is no deadline.
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut policy = RetryState {
             policy: self.cfg.retry_policy.clone(),
             method: opts.method,

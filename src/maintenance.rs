@@ -521,7 +521,7 @@ impl Maintenance {
 
     async fn open_snapshot(&self, timeout: Option<std::time::Duration>) -> Result<SnapshotStream> {
         let shared = self.client.shared();
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut stale = None;
         loop {
             let (request, generation) = with_deadline(

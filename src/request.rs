@@ -98,7 +98,7 @@ where
     // `Closed` after `Client::close`, like every other request.
     shared.channel()?;
     let timeout = opts.timeout.or(shared.config().request_timeout);
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut stale = None;
     loop {
         let token = with_deadline(left(deadline)?, shared.token(stale)).await??;

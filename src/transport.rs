@@ -598,6 +598,10 @@ impl ConnTask {
 
     /// Returns when a ping went unanswered for the keep-alive timeout.
     async fn keep_alive(&self, control: &h2conn::Control) {
+        if self.interval.is_zero() {
+            // Zero turns pinging off (as in Go's client), rather than pinging nonstop.
+            return std::future::pending().await;
+        }
         loop {
             tokio::time::sleep(self.interval).await;
             if control.open_streams() == 0 {

@@ -269,3 +269,36 @@ async fn token_auth_and_wrong_password() {
         .unwrap();
     assert_eq!(lazy.kv().get("k").await.unwrap().count, 1);
 }
+
+#[tokio::test]
+async fn extreme_settings_are_taken_as_off_or_unbounded() {
+    // `Duration::MAX` as a timeout is no deadline (not a panic); a zero keep-alive interval
+    // turns pings off (not a ping storm, which etcd answers with GOAWAY), and a zero
+    // auto-sync interval turns auto-sync off (not a member-list loop).
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::MAX)
+        .keep_alive_interval(Duration::ZERO)
+        .auto_sync_interval(Duration::ZERO)
+        .connect()
+        .await
+        .unwrap();
+    c.kv().put("x", "1").await.unwrap();
+    let got = c.kv().get("x").timeout(Duration::MAX).await.unwrap();
+    assert_eq!(got.kvs[0].value_str().unwrap(), "1");
+    // With a stream open for a while, the one connection stays up.
+    let mut w = c.watch("x").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kv().put("x", "2").await.unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.events()[0].kv.value_str().unwrap(), "2");
+    assert_eq!(proxy.connections_total(), 1, "never reconnected");
+    assert_eq!(c.watch_stats().streams_opened, 1);
+}

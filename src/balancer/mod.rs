@@ -186,7 +186,8 @@ pub(crate) fn endpoint_backoff(failures: u32) -> Duration {
 /// `d` scaled by a random factor in [0.8, 1.2].
 pub(crate) fn jitter(d: Duration) -> Duration {
     let f: f64 = rand::random_range(0.8..1.2);
-    d.mul_f64(f)
+    // `mul_f64` panics past `Duration::MAX` (a user's huge back-off setting).
+    Duration::try_from_secs_f64(d.as_secs_f64() * f).unwrap_or(Duration::MAX)
 }
 
 /// The set of endpoints shared by every clone of a client.
@@ -488,6 +489,19 @@ pub(crate) type SharedTransport = Arc<Balancer>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_fifth_and_saturates() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10));
+            assert!(
+                j >= Duration::from_secs(8) && j <= Duration::from_secs(12),
+                "{j:?}"
+            );
+        }
+        // A user's huge back-off setting: no panic.
+        let _ = jitter(Duration::MAX);
+    }
     use crate::client::TokioExecutor;
 
     #[test]

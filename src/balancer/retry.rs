@@ -193,7 +193,11 @@ impl<T: Clone, R> tower::retry::Policy<Attempt<T>, R, Error> for RetryState {
 /// of the time left (at least 20 ms) must remain for the attempt.
 fn within_deadline(decision: Option<Duration>, remaining: Option<Duration>) -> Option<Duration> {
     match (decision, remaining) {
-        (Some(d), Some(left)) if d + (left / 10).max(Duration::from_millis(20)) < left => Some(d),
+        (Some(d), Some(left))
+            if d.saturating_add((left / 10).max(Duration::from_millis(20))) < left =>
+        {
+            Some(d)
+        }
         (_, Some(_)) => None,
         (d, None) => d,
     }
@@ -223,6 +227,8 @@ mod tests {
         // No deadline: the policy alone decides; no retry asked: none.
         assert_eq!(within_deadline(Some(ms(5)), None), Some(ms(5)));
         assert_eq!(within_deadline(None, Some(ms(2000))), None);
+        // A policy's huge delay does not overflow: it just does not fit.
+        assert_eq!(within_deadline(Some(Duration::MAX), Some(ms(2000))), None);
     }
 
     fn ctx<'a>(idempotent: bool, error: &'a Error, attempts: u32) -> RetryContext<'a> {
