@@ -99,9 +99,25 @@ impl Kv {
         let max = self.config().max_encoding_bytes();
         let guard = self.config().ordering_guard;
         let serializable = req.serializable;
+        // Re-reads elsewhere share the first read's deadline (only this rare setting reads
+        // the clock for it).
+        let deadline = (serializable && guard == OrderingGuard::RetryElsewhere)
+            .then(|| opts.timeout.or(self.config().request_timeout))
+            .flatten()
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let mut opts = opts;
+            if attempts > 1
+                && let Some(d) = deadline
+            {
+                let left = d.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(Error::new(ErrorKind::Deadline, "request deadline exceeded"));
+                }
+                opts.timeout = Some(left);
+            }
             let seen = shared.max_revision();
             let (resp, pick) = shared
                 .unary_at(req.clone(), opts, move |ch, r| {

@@ -556,6 +556,37 @@ async fn ordering_guard_refuses_a_serializable_read_from_the_past() {
         let r = retry.kv().get("k1").serializable().await.unwrap();
         assert_eq!(r.kvs[0].value_str().unwrap(), "fresh");
     }
+
+    // The re-read elsewhere shares the first read's deadline: with each read taking about
+    // 0.6 s (0.3 s each way), a 1 s timeout leaves the second read 0.4 s, and the whole
+    // read fails at the deadline instead of succeeding late.
+    let slow_behind = FaultProxy::start(behind.client_addr(0)).await.unwrap();
+    let slow_ahead = FaultProxy::start(ahead.client_addr(0)).await.unwrap();
+    let timed = Client::builder([slow_ahead.endpoint()])
+        .ordering_guard(OrderingGuard::RetryElsewhere)
+        .connect()
+        .await
+        .unwrap();
+    timed.kv().put("k1", "fresher").await.unwrap();
+    // Pinned to the server behind (connected), the other one next.
+    timed.set_endpoints([slow_behind.endpoint()]).unwrap();
+    timed.kv().get("k1").await.unwrap();
+    timed
+        .set_endpoints([slow_behind.endpoint(), slow_ahead.endpoint()])
+        .unwrap();
+    assert_eq!(timed.pinned_endpoint(), slow_behind.endpoint());
+    slow_behind.delay(Duration::from_millis(300));
+    slow_ahead.delay(Duration::from_millis(300));
+    let start = Instant::now();
+    let r = timed
+        .kv()
+        .get("k1")
+        .serializable()
+        .timeout(Duration::from_secs(1))
+        .await;
+    let took = start.elapsed();
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Deadline);
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
 }
 
 #[tokio::test]
