@@ -374,3 +374,92 @@ async fn background_tasks_end_with_their_handles() {
     drop(warm_watch);
     drop(warm);
 }
+
+#[tokio::test]
+async fn a_compacted_resume_point_is_read_again_and_the_difference_reported() {
+    // The watcher's connection is down while the service changes and the history is
+    // compacted past its resume point. The stream reads the instances again and yields the
+    // difference; the live cache follows; both go on afterwards.
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let watcher_client = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let writer = client(&etcd).await;
+    let wtk = Toolkit::new(watcher_client.clone());
+    let tk = Toolkit::new(writer.clone());
+    let mut regs = Vec::new();
+    for i in 0..3 {
+        regs.push(tk.register(info(i)).await.unwrap());
+    }
+    let mut w = wtk.watch_service("api").await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            next_event(&mut w, Duration::from_secs(5)).await,
+            ServiceEvent::Added(_)
+        ));
+    }
+    let cache = wtk.service_cache("api").await.unwrap();
+    assert_eq!(cache.len(), 3);
+
+    proxy.blackhole();
+    proxy.cut_all().await;
+    regs.push(tk.register(info(3)).await.unwrap());
+    regs[0].deregister().await.unwrap();
+    regs[1]
+        .update_metadata(BTreeMap::from([("version".into(), "2".into())]))
+        .await
+        .unwrap();
+    let last = writer
+        .kv()
+        .put("unrelated", "x")
+        .await
+        .unwrap()
+        .header
+        .revision;
+    writer.kv().compact(last).await.unwrap();
+    proxy.pass();
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_event(&mut w, Duration::from_secs(20)).await);
+    }
+    assert_eq!(
+        got,
+        [
+            ServiceEvent::Removed(info(0)),
+            ServiceEvent::Modified(info(1).metadata("version", "2")),
+            ServiceEvent::Added(info(3)),
+        ]
+    );
+    assert!(w.revision() >= last);
+    let ids = |c: &etcdv3::toolkit::ServiceCache| {
+        c.instances()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<BTreeSet<_>>()
+    };
+    let want: BTreeSet<String> = ["api-01", "api-02", "api-03"].map(String::from).into();
+    wait_until(Duration::from_secs(20), "the cache to follow", || {
+        let ok = ids(&cache) == want && cache.error().is_none();
+        async move { ok }
+    })
+    .await;
+
+    // Both go on.
+    regs[2].deregister().await.unwrap();
+    assert_eq!(
+        next_event(&mut w, Duration::from_secs(10)).await,
+        ServiceEvent::Removed(info(2))
+    );
+    wait_until(Duration::from_secs(10), "the cache to drop api-02", || {
+        let ok = cache.get("api-02").is_none() && cache.len() == 2;
+        async move { ok }
+    })
+    .await;
+}

@@ -1,14 +1,17 @@
 //! Discovery: snapshots, change streams and a live cache of a service's instances.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::registry::ServiceInfo;
 use super::{Toolkit, ToolkitError, ToolkitResult};
+use crate::error::ErrorKind;
 use crate::types::KeyValue;
 use crate::watch::{EventKind, Watcher};
 
@@ -25,31 +28,52 @@ impl Toolkit {
     /// then every change from revision R + 1 on. The watch resumes exactly where it was after
     /// a reconnect, so no change is missed. A lease expiry shows as
     /// [`ServiceEvent::Removed`] like a deregistration.
+    ///
+    /// Should the revision to resume from have been compacted meanwhile (a reconnect after a
+    /// quiet spell), the stream reads the instances again and yields the difference (what was
+    /// added, modified or removed since, each instance once), then goes on from there.
     pub async fn watch_service(&self, name: &str) -> ToolkitResult<ServiceWatch> {
-        let (known, revision) = self.snapshot(name).await?;
-        let prefix = self.section_key("services", name)?;
-        let watcher = self
-            .client
-            .watch(prefix.clone())
-            .prefix()
-            .start_revision(revision + 1)
-            .await?;
+        let (known, revision, watcher) = self.list_and_watch(name).await?;
         let pending = known
             .values()
             .map(|i| ServiceEvent::Added(i.clone()))
             .collect();
         Ok(ServiceWatch {
-            prefix,
+            toolkit: self.clone(),
+            name: name.to_owned(),
+            prefix: self.section_key("services", name)?,
             watcher,
             known,
             pending,
             revision,
+            relist: None,
             done: false,
         })
     }
 
+    /// The instances now, their revision, and a watch from the next revision on.
+    async fn list_and_watch(
+        &self,
+        name: &str,
+    ) -> ToolkitResult<(BTreeMap<String, ServiceInfo>, i64, Watcher)> {
+        let (known, revision) = self.snapshot(name).await?;
+        let prefix = self.section_key("services", name)?;
+        let watcher = self
+            .client
+            .watch(prefix)
+            .prefix()
+            .start_revision(revision + 1)
+            .await?;
+        Ok((known, revision, watcher))
+    }
+
     /// A live map of service `name`'s instances, kept up to date by a background task that
     /// ends when the last clone of the cache is dropped. Populated when this returns.
+    ///
+    /// Should its watch fail for good (not a compaction, which it handles by reading the
+    /// instances again), the cache keeps the last map, reports the error
+    /// ([`ServiceCache::error`]) and starts over (a new read and watch) with a growing
+    /// back-off, until it succeeds or the client is closed.
     pub async fn service_cache(&self, name: &str) -> ToolkitResult<ServiceCache> {
         let mut w = self.watch_service(name).await?;
         w.pending.clear();
@@ -58,27 +82,45 @@ impl Toolkit {
             revision: w.revision,
             error: None,
         });
+        let (toolkit, name) = (self.clone(), name.to_owned());
         self.client.shared().spawn(async move {
             loop {
                 let item = tokio::select! {
                     _ = tx.closed() => return,
                     item = w.next() => item,
                 };
-                match item {
-                    None => return,
+                let err = match item {
                     Some(Ok(_)) => {
-                        let instances = Arc::new(w.known.clone());
-                        let revision = w.revision;
-                        tx.send_modify(|s| {
-                            s.instances = instances;
-                            s.revision = revision;
-                        });
+                        publish(&tx, &w, false);
+                        continue;
                     }
-                    Some(Err(e)) => {
-                        let e = Arc::new(e);
-                        tx.send_modify(|s| s.error = Some(e));
+                    Some(Err(e)) => e,
+                    // Ends only after an error item.
+                    None => return,
+                };
+                let mut failures = 0u32;
+                let mut last = err;
+                w = loop {
+                    if matches!(&last, ToolkitError::Etcd(e) if e.kind() == ErrorKind::Closed) {
+                        tx.send_modify(|s| s.error = Some(Arc::new(last)));
+                        return;
                     }
-                }
+                    tx.send_modify(|s| s.error = Some(Arc::new(last)));
+                    failures = failures.saturating_add(1);
+                    let pause = Duration::from_millis(100u64 << failures.min(6));
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        () = tokio::time::sleep(crate::balancer::jitter(pause)) => {}
+                    }
+                    match toolkit.watch_service(&name).await {
+                        Ok(mut fresh) => {
+                            fresh.pending.clear();
+                            break fresh;
+                        }
+                        Err(e) => last = e,
+                    }
+                };
+                publish(&tx, &w, true);
             }
         });
         Ok(ServiceCache { rx })
@@ -141,15 +183,35 @@ impl ServiceEvent {
 
 /// The stream of [`ServiceEvent`]s of one service ([`Toolkit::watch_service`]); also readable
 /// with [`next`](Self::next). No background task: the events are produced as it is polled.
-/// It ends after a terminal watch error (e.g. compaction), which it yields first.
-#[derive(Debug)]
+/// A compacted resume point is handled by reading the instances again (see
+/// [`Toolkit::watch_service`]); the stream ends after any other terminal watch error (e.g.
+/// permission denied, a closed client), or an error while reading again, which it yields
+/// first.
 pub struct ServiceWatch {
+    toolkit: Toolkit,
+    name: String,
     prefix: String,
     watcher: Watcher,
     known: BTreeMap<String, ServiceInfo>,
     pending: VecDeque<ServiceEvent>,
     revision: i64,
+    /// Reading the instances again after a compaction.
+    relist: Option<Relist>,
     done: bool,
+}
+
+type Relist = Pin<
+    Box<dyn Future<Output = ToolkitResult<(BTreeMap<String, ServiceInfo>, i64, Watcher)>> + Send>,
+>;
+
+impl std::fmt::Debug for ServiceWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceWatch")
+            .field("name", &self.name)
+            .field("instances", &self.known.len())
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServiceWatch {
@@ -177,11 +239,33 @@ impl ServiceWatch {
             if self.done {
                 return Poll::Ready(None);
             }
+            if let Some(relist) = &mut self.relist {
+                match relist.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        self.relist = None;
+                        self.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Ready(Ok((now, revision, watcher))) => {
+                        self.relist = None;
+                        self.apply_relist(now, revision, watcher);
+                        continue;
+                    }
+                }
+            }
             match Pin::new(&mut self.watcher).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.done = true;
                     return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) if e.kind() == ErrorKind::Compacted => {
+                    // Changes since the resume point are gone from the history: read the
+                    // instances again and report the difference.
+                    let (toolkit, name) = (self.toolkit.clone(), self.name.clone());
+                    self.relist =
+                        Some(Box::pin(async move { toolkit.list_and_watch(&name).await }));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     self.done = true;
@@ -220,12 +304,49 @@ impl ServiceWatch {
     }
 }
 
+impl ServiceWatch {
+    /// Take the instances read again after a compaction: the difference with the known ones
+    /// becomes the pending events (in id order), and the watch goes on from the new read.
+    fn apply_relist(&mut self, now: BTreeMap<String, ServiceInfo>, revision: i64, w: Watcher) {
+        for (id, old) in &self.known {
+            if !now.contains_key(id) {
+                self.pending.push_back(ServiceEvent::Removed(old.clone()));
+            }
+        }
+        for (id, info) in &now {
+            match self.known.get(id) {
+                None => self.pending.push_back(ServiceEvent::Added(info.clone())),
+                Some(old) if old != info => {
+                    self.pending.push_back(ServiceEvent::Modified(info.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        self.known = now;
+        self.revision = self.revision.max(revision);
+        self.watcher = w;
+    }
+}
+
 impl futures_core::Stream for ServiceWatch {
     type Item = ToolkitResult<ServiceEvent>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_event(cx)
     }
+}
+
+/// Show `w`'s instances in the cache (and clear its error when `recovered`).
+fn publish(tx: &watch::Sender<CacheState>, w: &ServiceWatch, recovered: bool) {
+    let instances = Arc::new(w.known.clone());
+    let revision = w.revision;
+    tx.send_modify(|s| {
+        s.instances = instances;
+        s.revision = revision;
+        if recovered {
+            s.error = None;
+        }
+    });
 }
 
 #[derive(Debug)]
@@ -268,7 +389,8 @@ impl ServiceCache {
         self.rx.borrow().revision
     }
 
-    /// The error that stopped the cache's watch, if any (the map then stays as it was).
+    /// The error that interrupted the cache's watch, while it is starting over (the map stays
+    /// as it was meanwhile); `None` once it is back.
     pub fn error(&self) -> Option<ToolkitError> {
         self.rx.borrow().error.as_ref().map(|e| e.duplicate())
     }
