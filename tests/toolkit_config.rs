@@ -303,3 +303,60 @@ async fn the_watch_task_ends_when_the_watch_is_dropped() {
     .await;
     drop(warm);
 }
+
+#[tokio::test]
+async fn current_follows_without_reading_and_a_compaction_is_read_again() {
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let watching = etcdv3::Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let writer = client(&etcd).await;
+    let cfg = writer.config_source("app");
+    cfg.set("name", "one").await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
+    let mut w = watching
+        .config_source("app")
+        .watch::<AppConfig>()
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.unwrap().config.name, "one");
+
+    // Nobody reads the stream: `current()` still follows every change.
+    for i in 0..5 {
+        cfg.set("name", format!("n{i}")).await.unwrap();
+    }
+    wait_until(Duration::from_secs(10), "current() to reach n4", || {
+        let ok = w.current().is_some_and(|u| u.config.name == "n4");
+        async move { ok }
+    })
+    .await;
+    // The stream then reaches the newest config within two items (older ones were
+    // replaced; one may wait ahead of it).
+    let a = next(&mut w).await.unwrap().config.name;
+    if a != "n4" {
+        assert_eq!(next(&mut w).await.unwrap().config.name, "n4", "after {a}");
+    }
+
+    // Changes and a compaction while the watcher's connection is cut.
+    proxy.blackhole();
+    proxy.cut_all().await;
+    cfg.set("name", "after").await.unwrap();
+    let last = cfg.set("debug", true).await.unwrap();
+    writer.kv().compact(last).await.unwrap();
+    proxy.pass();
+    let u = next(&mut w).await.unwrap();
+    assert_eq!(u.config.name, "after");
+    assert!(u.config.debug);
+    assert!(u.revision >= last);
+    // And it goes on.
+    cfg.set("name", "later").await.unwrap();
+    assert_eq!(next(&mut w).await.unwrap().config.name, "later");
+}

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{Toolkit, ToolkitError, ToolkitResult};
 use crate::client::Client;
+use crate::error::ErrorKind;
 use crate::txn::Op;
 use crate::watch::{EventKind, WatchBatch, Watcher};
 
@@ -127,11 +128,17 @@ impl ConfigSource {
 
     /// Watch the config: the stream's first item is the config as read now (at revision R);
     /// then, from revision R + 1 on (so no change is missed), one new config after every
-    /// change. Changes that arrive together are coalesced into one new config. A value that is
-    /// not JSON, or a tree that does not fit `T`, is reported as an error item and does not
-    /// replace the last good config ([`ConfigWatch::current`]); the stream goes on. It ends
-    /// after a terminal watch error (e.g. [`ErrorKind::Compacted`](crate::ErrorKind)), which
-    /// it yields first.
+    /// change. Changes that arrive together are coalesced into one new config, and so are
+    /// changes made while the stream is not read: [`ConfigWatch::current`] is always the
+    /// newest config, and the stream holds at most one older config ahead of the newest (a
+    /// consumer that reads only `current()` never holds the watch back). A value that is not
+    /// JSON, or a tree that does not fit `T`, is reported as an error item and does not
+    /// replace the last good config; the stream goes on.
+    ///
+    /// Should the revision to resume from have been compacted meanwhile (a reconnect after a
+    /// quiet spell), the config is read again (a new config if it differs) and watched on
+    /// from there. The stream ends after any other terminal watch error (e.g. permission
+    /// denied, a closed client), or an error while reading again, which it yields first.
     ///
     /// The watch runs in a background task that ends when the [`ConfigWatch`] is dropped.
     pub async fn watch<T>(&self) -> ToolkitResult<ConfigWatch<T>>
@@ -153,6 +160,7 @@ impl ConfigSource {
         // The channel is new and has room for one item.
         let _ = tx.try_send(first);
         let task = WatchTask {
+            source: self.clone(),
             overlay,
             watcher,
             tx,
@@ -375,6 +383,7 @@ impl<T> futures_core::Stream for ConfigWatch<T> {
 }
 
 struct WatchTask<T> {
+    source: ConfigSource,
     overlay: Overlay,
     watcher: Watcher,
     tx: mpsc::Sender<ToolkitResult<ConfigUpdate<T>>>,
@@ -382,11 +391,27 @@ struct WatchTask<T> {
     _t: PhantomData<fn() -> T>,
 }
 
+type Item<T> = ToolkitResult<ConfigUpdate<T>>;
+
 impl<T: DeserializeOwned + Clone + Send + 'static> WatchTask<T> {
     async fn run(mut self) {
+        // The newest item the consumer has not taken: a newer one replaces it, so a consumer
+        // that reads only `current()` never holds the watch back.
+        let mut pending: Option<Item<T>> = None;
         loop {
             let first = tokio::select! {
                 _ = self.tx.closed() => return,
+                permit = self.tx.reserve(), if pending.is_some() => {
+                    match permit {
+                        Ok(p) => {
+                            if let Some(item) = pending.take() {
+                                p.send(item);
+                            }
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                }
                 b = self.watcher.next() => b,
             };
             let mut batches = Vec::new();
@@ -412,16 +437,65 @@ impl<T: DeserializeOwned + Clone + Send + 'static> WatchTask<T> {
                 }
             }
             if changed {
-                let item = publish::<T>(&self.overlay, revision, &self.last_good);
-                if self.tx.send(item).await.is_err() {
-                    return;
-                }
+                pending = Some(publish::<T>(&self.overlay, revision, &self.last_good));
             }
-            if let Some(e) = end {
-                let _ = self.tx.send(Err(ToolkitError::Etcd(e))).await;
+            let Some(e) = end else { continue };
+            let last = if e.kind() == ErrorKind::Compacted {
+                // Changes since the resume point are gone from the history: read again.
+                match self.reread().await {
+                    Ok(Some(item)) => {
+                        pending = Some(item);
+                        continue;
+                    }
+                    Ok(None) => continue,
+                    Err(e) => e,
+                }
+            } else {
+                ToolkitError::Etcd(e)
+            };
+            // The end: what is pending, then the error.
+            if let Some(item) = pending.take()
+                && self.tx.send(item).await.is_err()
+            {
                 return;
             }
+            let _ = self.tx.send(Err(last)).await;
+            return;
         }
+    }
+
+    /// Read the etcd values again and watch on from that read; the new config when it
+    /// differs from the one before.
+    async fn reread(&mut self) -> ToolkitResult<Option<Item<T>>> {
+        let prefix = self.source.key_prefix()?;
+        let resp = self
+            .source
+            .tk
+            .client
+            .kv()
+            .get(prefix.clone())
+            .prefix()
+            .await?;
+        let watcher = self
+            .source
+            .tk
+            .client
+            .watch(prefix.clone())
+            .prefix()
+            .start_revision(resp.header.revision + 1)
+            .await?;
+        let mut fresh = Overlay {
+            base: self.overlay.base.clone(),
+            prefix,
+            entries: BTreeMap::new(),
+        };
+        for kv in &resp.kvs {
+            fresh.put(kv.key(), kv.value());
+        }
+        let changed = fresh.entries != self.overlay.entries;
+        self.overlay = fresh;
+        self.watcher = watcher;
+        Ok(changed.then(|| publish::<T>(&self.overlay, resp.header.revision, &self.last_good)))
     }
 }
 
