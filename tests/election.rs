@@ -242,3 +242,35 @@ async fn dropped_observer_and_campaign_leave_no_task() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_cancelled_at_any_moment_then_retried_leads_with_its_key() {
+    // As for the mutex: a campaign cancelled around its round trip, then retried, leads with
+    // a key that exists (its create revision is the one it reports), and resigning leaves
+    // nothing behind.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = Session::new(&c).ttl(30).await.unwrap();
+    let e = Election::new(&s, "/race-el");
+    for i in 0..60u64 {
+        let cut = Duration::from_micros((i * 97) % 3000);
+        let first = tokio::time::timeout(cut, e.campaign("v")).await;
+        if !matches!(first, Ok(Ok(()))) {
+            e.campaign("v").await.unwrap();
+        }
+        let held = c
+            .kv()
+            .txn()
+            .when([e.is_leader_compare()])
+            .and_then([etcdv3::Op::put("/race-el-owned", i.to_string())])
+            .await
+            .unwrap();
+        assert!(held.succeeded, "round {i}: the leader key is gone");
+        e.resign().await.unwrap();
+        wait_until(Duration::from_secs(10), "no key left behind", || {
+            let c = c.clone();
+            async move { candidates(&c, "/race-el/").await == 0 }
+        })
+        .await;
+    }
+}

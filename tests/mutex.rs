@@ -361,3 +361,37 @@ async fn fencing_stops_a_paused_holder() {
     assert_eq!(r.kvs[0].value_str().unwrap(), "1", "no update lost");
     om.unlock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_cancelled_at_any_moment_then_retried_holds_its_key() {
+    // Cancel `lock()` at moments around its round trip (before, during and after the
+    // attempt's answer), then lock again with the same mutex: the retry must really hold
+    // the lock (its key there, with the create revision it reports), and nothing is left
+    // behind after unlocking. A cancelled attempt's cleanup must not delete the key the
+    // retry adopted, nor may a won key be lost with an answer nobody took.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = Session::new(&c).ttl(30).await.unwrap();
+    let m = Mutex::new(&s, "/race");
+    for i in 0..60u64 {
+        let cut = Duration::from_micros((i * 97) % 3000);
+        let first = tokio::time::timeout(cut, m.lock()).await;
+        if !matches!(first, Ok(Ok(()))) {
+            m.lock().await.unwrap();
+        }
+        let held = c
+            .kv()
+            .txn()
+            .when([m.is_owner()])
+            .and_then([Op::put("/race-owned", i.to_string())])
+            .await
+            .unwrap();
+        assert!(held.succeeded, "round {i}: the lock key is gone");
+        m.unlock().await.unwrap();
+        wait_until(Duration::from_secs(10), "no key left behind", || {
+            let c = c.clone();
+            async move { keys_under(&c, "/race/").await.is_empty() }
+        })
+        .await;
+    }
+}

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::mutex::{check_own_key, delete_if_created_at};
 use super::session::session_expired;
-use super::{Scope, Stop, lease_key, recipe_prefix, unless, wait_deletes};
+use super::{Scope, Stop, Won, lease_key, recipe_prefix, unless, wait_deletes};
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
 use crate::txn::{Compare, CompareOp, Op};
@@ -93,7 +93,8 @@ impl Election {
         self.scope.client.shared().spawn(c.run(tx));
         let rev = rx
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the campaign's task ended"))??;
+            .map_err(|_| Error::new(ErrorKind::Closed, "the campaign's task ended"))??
+            .take();
         self.set_rev(Some(rev));
         Ok(())
     }
@@ -208,7 +209,14 @@ struct Campaign {
 }
 
 impl Campaign {
-    async fn run(self, mut tx: oneshot::Sender<Result<i64>>) {
+    /// Behind the key's gate (see the mutex's attempt); the answer carries it to the caller,
+    /// and deletes the key if dropped untaken.
+    async fn run(self, mut tx: oneshot::Sender<Result<Won>>) {
+        let gate = self.session.gate(&self.key);
+        let gate = tokio::select! {
+            _ = tx.closed() => return,
+            g = gate.lock_owned() => g,
+        };
         let rev = match self.enqueue().await {
             Ok(rev) => rev,
             Err((e, rev)) => {
@@ -235,15 +243,16 @@ impl Campaign {
                 Err(e) => Err(e),
             }
         };
-        let failed = match result {
-            Ok(rev) => tx.send(Ok(rev)).is_err(),
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                true
+        match result {
+            Ok(rev) => {
+                let cleanup = Some((self.scope.clone(), self.key.clone()));
+                let _ = tx.send(Ok(Won::new(rev, cleanup, gate)));
             }
-        };
-        if failed {
-            let _ = delete_if_created_at(&self.scope, &self.key, rev).await;
+            Err(e) => {
+                let _ = delete_if_created_at(&self.scope, &self.key, rev).await;
+                let _ = tx.send(Err(e));
+                drop(gate);
+            }
         }
     }
 

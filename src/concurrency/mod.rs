@@ -136,6 +136,52 @@ pub(crate) async fn wait_deletes(
 
 use std::future::IntoFuture;
 
+/// A key an attempt (lock or campaign) won, on its way to the caller, with the attempt's
+/// gate ([`Session::gate`]). The caller takes the revision with [`take`](Self::take), which
+/// opens the gate. Dropped untaken (the caller went away after the attempt answered), it
+/// deletes the key it is armed with, still behind the gate.
+pub(crate) struct Won {
+    rev: i64,
+    /// What to delete when dropped untaken: the scope and the absolute key.
+    cleanup: Option<(Scope, Bytes)>,
+    gate: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Won {
+    pub(crate) fn new(
+        rev: i64,
+        cleanup: Option<(Scope, Bytes)>,
+        gate: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Self {
+        Won {
+            rev,
+            cleanup,
+            gate: Some(gate),
+        }
+    }
+
+    /// The won key's create revision; the caller has it now.
+    pub(crate) fn take(mut self) -> i64 {
+        self.cleanup = None;
+        self.gate = None;
+        self.rev
+    }
+}
+
+impl Drop for Won {
+    fn drop(&mut self) {
+        let (Some((scope, key)), gate) = (self.cleanup.take(), self.gate.take()) else {
+            return;
+        };
+        let rev = self.rev;
+        let shared = scope.client.shared().clone();
+        shared.spawn(async move {
+            let _gate = gate;
+            let _ = mutex::delete_if_created_at(&scope, &key, rev).await;
+        });
+    }
+}
+
 /// Wait for a delete of `key` at or after revision `rev`.
 async fn wait_delete(scope: &Scope, key: Bytes, rev: i64, stop: &mut Stop<'_>) -> Result<()> {
     let mut watcher = unless(

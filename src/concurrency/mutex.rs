@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::{
-    Scope, Stop, lease_key, recipe_prefix, session::session_expired, unless, wait_deletes,
+    Scope, Stop, Won, lease_key, recipe_prefix, session::session_expired, unless, wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -112,7 +112,8 @@ impl Mutex {
         self.scope.client.shared().spawn(attempt.run(tx));
         let rev = rx
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the lock attempt's task ended"))??;
+            .map_err(|_| Error::new(ErrorKind::Closed, "the lock attempt's task ended"))??
+            .take();
         *self.rev.lock().unwrap_or_else(|p| p.into_inner()) = rev;
         Ok(())
     }
@@ -178,8 +179,14 @@ struct Attempt {
 
 impl Attempt {
     /// The spawned task of one `lock()` / `try_lock()`: answers on `tx`, and deletes the key
-    /// it created if the caller went away or the attempt failed.
-    async fn run(self, mut tx: oneshot::Sender<Result<i64>>) {
+    /// it created if the caller went away or the attempt failed. Runs behind the key's gate
+    /// (an earlier attempt's cleanup finishes first), which the answer carries to the caller.
+    async fn run(self, mut tx: oneshot::Sender<Result<Won>>) {
+        let gate = self.session.gate(&self.key);
+        let gate = tokio::select! {
+            _ = tx.closed() => return,
+            g = gate.lock_owned() => g,
+        };
         // Not raced against cancellation: once sent, the transaction's outcome must be known
         // to clean up after it.
         let first = self.enqueue().await;
@@ -210,18 +217,17 @@ impl Attempt {
         };
         match result {
             Ok(rev) => {
-                if let Err(Ok(_)) = tx.send(Ok(rev))
-                    && created
-                {
-                    // Acquired after the caller went away: release at once.
-                    self.cleanup(my_rev).await;
-                }
+                // Should the caller be gone (now, or before it takes the answer), the key it
+                // created is deleted when the answer is dropped.
+                let cleanup = created.then(|| (self.scope.clone(), self.key.clone()));
+                let _ = tx.send(Ok(Won::new(rev, cleanup, gate)));
             }
             Err(e) => {
                 if created {
                     self.cleanup(my_rev).await;
                 }
                 let _ = tx.send(Err(e));
+                drop(gate);
             }
         }
     }

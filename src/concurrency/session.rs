@@ -1,7 +1,10 @@
 //! [`Session`]: a lease kept alive by the client's lease keeper, shared by recipes.
 
+use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::sync::{Arc, Mutex as StdMutex};
+
+use bytes::Bytes;
 
 use tokio::sync::watch;
 
@@ -44,6 +47,8 @@ struct Inner {
     ttl: i64,
     kept: StdMutex<Option<KeptLease>>,
     status: watch::Receiver<LeaseStatus>,
+    /// One lock/campaign attempt at a time per recipe key (see [`Session::gate`]).
+    gates: StdMutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -68,6 +73,20 @@ impl Session {
             ttl: DEFAULT_SESSION_TTL,
             lease: None,
         }
+    }
+
+    /// The gate of recipe key `key` (absolute): a lock or campaign attempt on the key holds
+    /// it until it has finished, cleanup included, so a retried attempt never finds (and
+    /// adopts) a key that a cancelled one is about to delete. Gates nobody holds are dropped
+    /// as new ones are made.
+    pub(crate) fn gate(&self, key: &Bytes) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self
+            .inner
+            .gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gates.retain(|k, g| k == key || Arc::strong_count(g) > 1);
+        gates.entry(key.clone()).or_default().clone()
     }
 
     /// The session's lease ID.
@@ -220,6 +239,7 @@ impl NewSession {
                 ttl: kept.ttl(),
                 kept: StdMutex::new(Some(kept)),
                 status,
+                gates: StdMutex::new(HashMap::new()),
             }),
         })
     }
