@@ -274,3 +274,36 @@ async fn a_campaign_cancelled_at_any_moment_then_retried_leads_with_its_key() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_goes_on_when_the_leaderless_moment_was_compacted() {
+    // The observer falls behind (its buffer full of proclamations); meanwhile the leader
+    // resigns, nobody leads, and the history is compacted past the resignation. Once read
+    // again, the observer must go on to the next leader rather than end with Compacted.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let sa = Session::new(&c).ttl(30).await.unwrap();
+    let sb = Session::new(&c).ttl(30).await.unwrap();
+    let ea = Election::new(&sa, "/obs-cmp");
+    let eb = Election::new(&sb, "/obs-cmp");
+    ea.campaign("a0").await.unwrap();
+    let mut o = ea.observe();
+    assert_eq!(next_value(&mut o).await, "a0");
+    // Once a proclamation has come through, the observer's watch is live (not catching
+    // up, which a compaction would cancel).
+    ea.proclaim("a1").await.unwrap();
+    assert_eq!(next_value(&mut o).await, "a1");
+    for i in 2..=30 {
+        ea.proclaim(format!("a{i}")).await.unwrap();
+    }
+    ea.resign().await.unwrap();
+    // Two more writes: the compaction passes the revision right after the resignation.
+    c.kv().put("unrelated", "x").await.unwrap();
+    let rev = c.kv().put("unrelated", "y").await.unwrap().header.revision;
+    c.kv().compact(rev).await.unwrap();
+    for i in 2..=30 {
+        assert_eq!(next_value(&mut o).await, format!("a{i}"));
+    }
+    eb.campaign("b").await.unwrap();
+    assert_eq!(next_value(&mut o).await, "b");
+}

@@ -360,15 +360,16 @@ impl Observe {
                 .revision(rev)
                 .into_future()
         };
-        let resp = match unless(stop, read(at)).await {
+        let (resp, as_of) = match unless(stop, read(at)).await {
             // History gone: the leader now.
-            Err(e) if e.kind() == ErrorKind::Compacted => unless(stop, read(0)).await?,
-            r => r?,
+            Err(e) if e.kind() == ErrorKind::Compacted => (unless(stop, read(0)).await?, 0),
+            r => (r?, at),
         };
-        // With `at`, the read answered as of `at` (its header is the current revision): watch
-        // from just after `at`, so no leader since then is missed.
-        let watch_from = if at > 0 {
-            at + 1
+        // A read as of `at` answered as of `at` (its header is the current revision): watch
+        // from just after `at`, so no leader since then is missed. A read of now: from just
+        // after its header.
+        let watch_from = if as_of > 0 {
+            as_of + 1
         } else {
             resp.header.revision + 1
         };
@@ -387,7 +388,12 @@ impl Observe {
                 .await?;
                 let mut found = None;
                 while found.is_none() {
-                    let batch = unless(stop, next_batch(&mut w)).await?;
+                    let batch = match unless(stop, next_batch(&mut w)).await {
+                        Ok(b) => b,
+                        // History gone while waiting: look for the leader again, now.
+                        Err(e) if e.kind() == ErrorKind::Compacted => return Ok(Some(0)),
+                        Err(e) => return Err(e),
+                    };
                     found = batch
                         .into_events()
                         .into_iter()
