@@ -86,6 +86,16 @@ pub enum TestkitError {
         log_tail: String,
     },
 
+    /// A port picked for a member is served by another process (it was taken between being
+    /// picked and the member binding it): what answered the health check was not the member.
+    #[error("member {index}: {addr} is served by another process, not the member")]
+    PortTaken {
+        /// The member's index.
+        index: usize,
+        /// The address.
+        addr: std::net::SocketAddr,
+    },
+
     /// The cluster's leader could not be determined in time.
     #[error("no leader found after {timeout:?}: {detail}")]
     NoLeader {

@@ -394,7 +394,11 @@ impl EtcdClusterBuilder {
             let deadline = Instant::now() + self.startup_timeout;
             match cluster.wait_all_healthy_until(deadline) {
                 Ok(()) => return Ok(cluster),
-                Err(e) if attempt < START_ATTEMPTS && cluster.port_clash() => {
+                Err(e)
+                    if attempt < START_ATTEMPTS
+                        && (cluster.port_clash()
+                            || matches!(e, TestkitError::PortTaken { .. })) =>
+                {
                     drop(e);
                     drop(cluster);
                 }
@@ -533,6 +537,48 @@ fn make_temp_dir(base: Option<&Path>) -> Result<TempDir, TestkitError> {
     builder
         .tempdir()
         .map_err(|e| TestkitError::io("creating a temp dir", e))
+}
+
+/// Whether the TCP listener on `addr` (IPv4 loopback) belongs to a process other than `pid`:
+/// its socket is not among `pid`'s open files (Linux `/proc`; elsewhere, or when there is no
+/// listener, false).
+fn listener_is_foreign(addr: SocketAddr, pid: u32) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let SocketAddr::V4(v4) = addr else {
+        return false;
+    };
+    // `/proc/net/tcp` writes the address as the 32-bit value in host order, in hex.
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local address, state (0A: listening), inode
+            (f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|s| (*s).to_owned()))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let ours = fds.filter_map(|e| e.ok()).any(|e| {
+        fs::read_link(e.path()).is_ok_and(|target| {
+            let t = target.to_string_lossy();
+            inodes.iter().any(|i| t == format!("socket:[{i}]"))
+        })
+    });
+    !ours
 }
 
 /// Picks `n` distinct free loopback ports (bound together, then released).
@@ -819,6 +865,21 @@ impl EtcdCluster {
         })
     }
 
+    /// After a health check passed: fails when one of member `index`'s addresses is served by
+    /// another process (then the check was answered by someone else's etcd).
+    fn check_owns_ports(&self, index: usize) -> Result<(), TestkitError> {
+        let m = self.member(index)?;
+        let Some(pid) = m.lock().child.as_ref().map(Child::id) else {
+            return Ok(());
+        };
+        for addr in [m.http_addr, m.client_addr, m.peer_addr] {
+            if listener_is_foreign(addr, pid) {
+                return Err(TestkitError::PortTaken { index, addr });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether some member's log says a port was taken.
     fn port_clash(&self) -> bool {
         self.members.iter().any(|m| {
@@ -871,7 +932,7 @@ impl EtcdCluster {
             let now = Instant::now();
             let per_request = deadline.saturating_duration_since(now).min(REQUEST_TIMEOUT);
             match http::interpret_health(http::request(addr, "GET", "/health", None, per_request)) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.check_owns_ports(index),
                 Err(reason) => last = reason,
             }
             let now = Instant::now();
@@ -898,7 +959,7 @@ impl EtcdCluster {
             let per_request = deadline.saturating_duration_since(now).min(REQUEST_TIMEOUT);
             let resp = http::request_async(addr, "GET", "/health", None, per_request).await;
             match http::interpret_health(resp) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.check_owns_ports(index),
                 Err(reason) => last = reason,
             }
             let now = Instant::now();
@@ -1453,6 +1514,47 @@ mod tests {
         );
         assert!(cluster.port_clash());
         assert!(!cluster.is_running(0));
+    }
+
+    /// A member whose ports are already served by another etcd never counts as healthy,
+    /// although the health check there is answered: `start` retries with new ports.
+    #[test]
+    fn a_member_on_another_etcds_ports_is_not_healthy() {
+        let binary = find_etcd_binary().unwrap();
+        let version = etcd_version(&binary).unwrap();
+        let caps = Capabilities::probe(&binary).unwrap();
+        let first = EtcdCluster::builder().start().unwrap();
+        let m = &first.members[0];
+        let ports = [m.client_addr.port(), m.peer_addr.port()];
+        let cfg = EtcdCluster::builder();
+        let second = EtcdCluster::spawn_on(&cfg, &binary, &version, caps, &ports).unwrap();
+        let err = second
+            .wait_all_healthy_until(Instant::now() + Duration::from_secs(20))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TestkitError::PortTaken { index: 0, .. } | TestkitError::Exited { index: 0, .. }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_listener_of_another_process_is_foreign() {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(!listener_is_foreign(addr, std::process::id()), "ours");
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(listener_is_foreign(addr, other.id()), "not the sleeper's");
+        let _ = other.kill();
+        let _ = other.wait();
+        drop(l);
+        // No listener at all: nothing foreign.
+        assert!(!listener_is_foreign(addr, std::process::id()));
     }
 
     #[test]
