@@ -120,3 +120,30 @@ async fn conflicts_are_retried_then_typed_and_errors_abort() {
     assert_eq!(got, (Some("7".to_owned()), None));
     assert!(c.kv().get("/stm/x").await.unwrap().kvs.is_empty());
 }
+
+#[tokio::test]
+async fn mod_revision_is_the_stored_one_also_after_a_write() {
+    // As Go's `Rev`: the stored key's mod revision, also once this transaction wrote it,
+    // and the read is checked at commit.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let stored = c.kv().put("/stm/r", "1").await.unwrap().header.revision;
+    let (before, after, absent) = stm(&c, |tx| async move {
+        tx.put("/stm/r", "2");
+        tx.put("/stm/new", "x");
+        Ok((
+            tx.mod_revision("/stm/r").await?,
+            tx.mod_revision("/stm/r").await?,
+            tx.mod_revision("/stm/new").await?,
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!((before, after, absent), (stored, stored, 0));
+    assert_eq!(
+        c.kv().get("/stm/r").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "2"
+    );
+}

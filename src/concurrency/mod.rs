@@ -85,7 +85,14 @@ pub(crate) fn recipe_prefix(prefix: &[u8]) -> Bytes {
 /// `prefix` followed by the lease ID in lowercase hex (Go's `fmt.Sprintf("%s%x", pfx, lease)`).
 pub(crate) fn lease_key(prefix: &[u8], lease: i64) -> Bytes {
     let mut v = prefix.to_vec();
-    v.extend_from_slice(format!("{lease:x}").as_bytes());
+    // As Go's `%x` writes an int64: a sign and the magnitude (a user-chosen negative ID
+    // makes the same key as a Go process using it).
+    let hex = if lease < 0 {
+        format!("-{:x}", lease.unsigned_abs())
+    } else {
+        format!("{lease:x}")
+    };
+    v.extend_from_slice(hex.as_bytes());
     Bytes::from(v)
 }
 
@@ -207,5 +214,22 @@ async fn wait_delete(scope: &Scope, key: Bytes, rev: i64, stop: &mut Stop<'_>) -
             Err(e) if e.kind() == ErrorKind::Compacted => return Ok(()),
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_keys_are_written_as_go_writes_them() {
+        assert_eq!(
+            &lease_key(b"/p/", 0x694d_77a2_c5a1_1f0a)[..],
+            b"/p/694d77a2c5a11f0a"
+        );
+        assert_eq!(&lease_key(b"/p/", 31)[..], b"/p/1f");
+        // Go's %x of a negative int64: a sign and the magnitude.
+        assert_eq!(&lease_key(b"/p/", -31)[..], b"/p/-1f");
+        assert_eq!(&lease_key(b"/p/", i64::MIN)[..], b"/p/-8000000000000000");
     }
 }

@@ -181,13 +181,19 @@ impl StmTxn {
     /// isolation), or `None` when the key does not exist.
     pub async fn get(&self, key: impl IntoBytes) -> Result<Option<Bytes>> {
         let key = key.into_bytes();
+        if let Some(w) = self.lock().writes.get(&key) {
+            return Ok(w.clone());
+        }
+        Ok(self.read(key).await?.1)
+    }
+
+    /// The stored mod revision and value of `key` (0 and `None` when it does not exist),
+    /// read once and remembered (the read set), whatever this transaction wrote.
+    async fn read(&self, key: Bytes) -> Result<(i64, Option<Bytes>)> {
         let rev = {
             let st = self.lock();
-            if let Some(w) = st.writes.get(&key) {
-                return Ok(w.clone());
-            }
-            if let Some((_, v)) = st.reads.get(&key) {
-                return Ok(v.clone());
+            if let Some(read) = st.reads.get(&key) {
+                return Ok(read.clone());
             }
             st.first_rev
         };
@@ -212,7 +218,7 @@ impl StmTxn {
             Some((m, v)) => (m, Some(v)),
             None => (0, None),
         });
-        Ok(entry.1.clone())
+        Ok(entry.clone())
     }
 
     /// [`get`](Self::get) as UTF-8 text (invalid UTF-8 fails with
@@ -226,11 +232,11 @@ impl StmTxn {
         }
     }
 
-    /// The mod revision of `key` as read by this transaction (0 when it does not exist).
+    /// The mod revision of `key` as stored (read by this transaction, 0 when it does not
+    /// exist), also after this transaction wrote it (as Go's `Rev`): the read is checked at
+    /// commit like any other.
     pub async fn mod_revision(&self, key: impl IntoBytes) -> Result<i64> {
-        let key = key.into_bytes();
-        self.get(key.clone()).await?;
-        Ok(self.lock().reads.get(&key).map_or(0, |(m, _)| *m))
+        Ok(self.read(key.into_bytes()).await?.0)
     }
 
     /// An error to return from the closure to abort the transaction without writing

@@ -283,7 +283,10 @@ fn grid(ttl: i64) -> Duration {
 }
 
 fn ttl_duration(ttl: i64) -> Duration {
-    Duration::from_secs(u64::try_from(ttl.max(0)).unwrap_or(0))
+    // etcd's largest TTL (`MaxLeaseTTL`): a larger one from a broken server must not
+    // overflow the instants computed from it.
+    const MAX_TTL: i64 = 9_000_000_000;
+    Duration::from_secs(u64::try_from(ttl.clamp(0, MAX_TTL)).unwrap_or(0))
 }
 
 /// How long a refresh of a lease with this TTL may go unanswered on a silent stream.
@@ -405,17 +408,24 @@ impl Worker {
                 reply,
             } => self.keep(id, token, known, reply),
             Command::Release { id, token, revoke } => {
-                if let Some(e) = self.leases.get_mut(&id)
-                    && let Some(pos) = e.holders.iter().position(|t| *t == token)
-                {
-                    e.holders.swap_remove(pos);
-                    if revoke {
-                        self.lose(id, LeaseLost::Revoked);
-                    } else if e.holders.is_empty() {
-                        self.lose(id, LeaseLost::Closed);
+                // Whether the lease is now kept for other handles only: a handle lost
+                // earlier (its keeping ended) whose lease was kept again since must not
+                // revoke it under the new handles.
+                let mut kept_by_others = false;
+                if let Some(e) = self.leases.get_mut(&id) {
+                    match e.holders.iter().position(|t| *t == token) {
+                        Some(pos) => {
+                            e.holders.swap_remove(pos);
+                            if revoke {
+                                self.lose(id, LeaseLost::Revoked);
+                            } else if e.holders.is_empty() {
+                                self.lose(id, LeaseLost::Closed);
+                            }
+                        }
+                        None => kept_by_others = true,
                     }
                 }
-                if revoke {
+                if revoke && !kept_by_others {
                     self.revoke_queue.push_back(id);
                 }
             }
@@ -914,6 +924,16 @@ mod tests {
             let g = grid(ttl);
             assert!(g <= ttl_duration(ttl) / 30 || g == Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_huge_ttl_from_the_server_does_not_overflow_the_deadline() {
+        let now = Instant::now();
+        for ttl in [i64::MAX, i64::MAX / 2, 9_000_000_001, -5] {
+            let _ = now + ttl_duration(ttl);
+        }
+        assert_eq!(ttl_duration(-5), Duration::ZERO);
+        assert_eq!(ttl_duration(60), Duration::from_secs(60));
     }
 
     #[test]
