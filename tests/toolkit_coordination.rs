@@ -168,3 +168,35 @@ async fn bad_names_and_ttls_are_typed_errors() {
         Err(ToolkitError::InvalidName { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_failed_resign_or_unlock_can_be_retried_and_a_huge_ttl_is_the_longest() {
+    let etcd = common::etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let c = etcdv3::Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let observer = client(&etcd).await.toolkit();
+    let tk = c.toolkit();
+    // `Duration::MAX` as "no expiry": etcd's longest TTL, not a panic.
+    let leadership = tk.campaign("retry", "me", Duration::MAX).await.unwrap();
+    let lock = tk.lock("retry", Duration::from_secs(30)).await.unwrap();
+    proxy.blackhole();
+    assert!(leadership.resign().await.is_err(), "cut off: resign fails");
+    assert!(lock.unlock().await.is_err(), "cut off: unlock fails");
+    assert_eq!(
+        observer.leader("retry").await.unwrap().as_deref(),
+        Some("me")
+    );
+    proxy.pass();
+    leadership.resign().await.unwrap();
+    lock.unlock().await.unwrap();
+    assert_eq!(observer.leader("retry").await.unwrap(), None);
+    let again = observer.try_lock("retry", Duration::from_secs(5)).await;
+    assert!(again.is_ok(), "the lock is free: {again:?}");
+}

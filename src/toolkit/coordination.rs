@@ -25,10 +25,17 @@ use crate::lease::LeaseLost;
 use crate::{Compare, KeyValue};
 
 fn ttl_secs(ttl: Duration) -> ToolkitResult<i64> {
+    // etcd's largest lease TTL (`MaxLeaseTTL`): a longer one (`Duration::MAX` as "no
+    // expiry") is that.
+    const MAX_TTL: u64 = 9_000_000_000;
     if ttl < Duration::from_secs(1) {
         return Err(ToolkitError::InvalidTtl { ttl });
     }
-    Ok(i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX))
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .min(MAX_TTL);
+    Ok(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// A lock held through [`Toolkit::lock`] or [`Toolkit::try_lock`], on a session of its own.
@@ -69,8 +76,9 @@ impl ToolkitLock {
         self.mutex.lost()
     }
 
-    /// Release the lock and revoke its lease.
-    pub async fn unlock(self) -> ToolkitResult<()> {
+    /// Release the lock and revoke its lease. On failure the lock is kept (and its lease
+    /// kept alive), so the call can be retried; drop the lock once done.
+    pub async fn unlock(&self) -> ToolkitResult<()> {
         self.mutex.unlock().await?;
         self.session.close().await?;
         Ok(())
@@ -121,8 +129,9 @@ impl Leadership {
     }
 
     /// Step down (another campaigner takes over) and revoke the lease. On failure the
-    /// leadership is kept, so the call can be retried.
-    pub async fn resign(self) -> ToolkitResult<()> {
+    /// leadership is kept (and its lease kept alive), so the call can be retried; drop the
+    /// leadership once done.
+    pub async fn resign(&self) -> ToolkitResult<()> {
         self.election.resign().await?;
         self.session.close().await?;
         Ok(())
