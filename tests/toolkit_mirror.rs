@@ -106,3 +106,20 @@ async fn the_mirror_task_ends_with_the_last_handle() {
     .await;
     drop(warm);
 }
+
+#[tokio::test]
+async fn an_empty_prefix_mirrors_every_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    c.kv().put("a", "1").await.unwrap();
+    c.kv().put("/z/b", "2").await.unwrap();
+    let mirror = c.mirror("").page(1).await.unwrap();
+    assert_eq!(mirror.len(), 2);
+    assert_eq!(mirror.get("a").unwrap(), Bytes::from("1"));
+    c.kv().put("\u{1}low", "3").await.unwrap();
+    wait_until(Duration::from_secs(10), "the new key in the mirror", || {
+        let ok = mirror.get("\u{1}low") == Some(Bytes::from("3"));
+        async move { ok }
+    })
+    .await;
+}

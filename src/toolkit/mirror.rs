@@ -75,6 +75,8 @@ impl IntoFuture for MirrorBuilder {
 #[derive(Debug, Default)]
 struct MirrorState {
     map: BTreeMap<Bytes, Bytes>,
+    /// The revision `map` reflects (kept with it, under the same lock).
+    revision: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -115,8 +117,7 @@ impl Mirror {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        // The revision is published while the write lock is held, so it matches the map.
-        (guard.map.clone(), self.rx.borrow().revision)
+        (guard.map.clone(), guard.revision)
     }
 
     /// The store revision the mirror reflects.
@@ -164,7 +165,12 @@ async fn base(
     let end = prefix_range_end(prefix);
     let kv = client.kv();
     let mut map = BTreeMap::new();
-    let mut from = prefix.clone();
+    // An empty prefix is every key (Go's convention): from the smallest key on.
+    let mut from = if prefix.is_empty() {
+        Bytes::from_static(b"\0")
+    } else {
+        prefix.clone()
+    };
     let mut revision = 0;
     loop {
         let mut get = kv.get(from.clone()).range(end.clone()).limit(page);
@@ -189,10 +195,12 @@ async fn base(
             _ => break,
         }
     }
-    match state.write() {
-        Ok(mut g) => g.map = map,
-        Err(p) => p.into_inner().map = map,
-    }
+    let mut g = match state.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    g.map = map;
+    g.revision = revision;
     Ok(revision)
 }
 
@@ -252,6 +260,7 @@ impl MirrorTask {
                             }
                             revision = revision.max(ev.kv.mod_revision());
                         }
+                        g.revision = revision;
                         self.tx.send_modify(|p| {
                             p.revision = revision;
                             p.error = None;

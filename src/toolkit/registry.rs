@@ -266,14 +266,21 @@ impl Registration {
     /// was closed).
     pub fn events(&self) -> RegistrationEvents {
         let (tx, rx) = mpsc::unbounded_channel();
+        // The lease is read under the subscribers' lock, which the task holds to announce a
+        // new lease (stored before): the stream starts with the lease current when it joins,
+        // and sees every later one.
+        let mut subs = self
+            .shared
+            .subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = tx.send(RegistrationEvent::Registered {
             lease_id: self.lease_id(),
         });
-        if let Ok(mut subs) = self.shared.subscribers.lock()
-            && let Some(subs) = subs.as_mut()
-        {
+        if let Some(subs) = subs.as_mut() {
             subs.push(tx);
         }
+        drop(subs);
         RegistrationEvents { rx }
     }
 
