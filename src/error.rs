@@ -618,6 +618,10 @@ fn kind_from_code(code: tonic::Code, msg: &str) -> ErrorKind {
         Code::Unauthenticated => ErrorKind::InvalidAuthToken,
         // gRPC's own size limit ("message larger than max") on either side.
         Code::ResourceExhausted if msg.contains("larger than max") => ErrorKind::RequestTooLarge,
+        // The client's own encoding limit (ours and tonic's): never sent.
+        Code::OutOfRange if msg.contains("encoded message length too large") => {
+            ErrorKind::RequestTooLarge
+        }
         Code::ResourceExhausted => ErrorKind::TooManyRequests,
         Code::InvalidArgument => ErrorKind::InvalidArgument,
         Code::Internal if msg.contains("decode") => ErrorKind::Protocol,
@@ -732,6 +736,11 @@ mod tests {
             (
                 tonic::Code::ResourceExhausted,
                 "trying to send message larger than max (10 vs. 5)",
+                ErrorKind::RequestTooLarge,
+            ),
+            (
+                tonic::Code::OutOfRange,
+                "Error, encoded message length too large: found 9 bytes, the limit is: 5 bytes",
                 ErrorKind::RequestTooLarge,
             ),
             (tonic::Code::Internal, "something odd", ErrorKind::Other),

@@ -184,7 +184,12 @@ impl Kv {
         opts: CallOpts,
     ) -> Result<crate::TxnResponse> {
         crate::txn::validate_txn(&req, self.config())?;
-        check_size(req.encoded_len(), self.config())?;
+        if txn_is_read_only(&req) {
+            // Not proposed through raft: etcd limits it only by its gRPC receive limit.
+            check_size_with(req.encoded_len(), self.config(), GRPC_OVERHEAD)?;
+        } else {
+            check_size(req.encoded_len(), self.config())?;
+        }
         let max = self.config().max_encoding_bytes();
         let resp = self
             .client
@@ -256,16 +261,37 @@ pub(crate) fn validate_delete(req: &pb::DeleteRangeRequest) -> Result<()> {
 }
 
 pub(crate) fn check_size(len: usize, cfg: &Config) -> Result<()> {
-    if len > cfg.max_request_bytes {
+    check_size_with(len, cfg, 0)
+}
+
+/// What etcd's gRPC server accepts beyond `max-request-bytes` (its receive limit).
+const GRPC_OVERHEAD: usize = 512 * 1024;
+
+fn check_size_with(len: usize, cfg: &Config, extra: usize) -> Result<()> {
+    let limit = cfg.max_request_bytes.saturating_add(extra);
+    if len > limit {
         return Err(Error::new(
             ErrorKind::RequestTooLarge,
             format!(
-                "request of {len} bytes exceeds the limit of {} bytes (max_request_bytes)",
-                cfg.max_request_bytes
+                "request of {len} bytes exceeds the limit of {limit} bytes (max_request_bytes{})",
+                if extra > 0 { " + gRPC's allowance" } else { "" }
             ),
         ));
     }
     Ok(())
+}
+
+/// Whether a transaction only reads (etcd serves it without raft, as `isTxnReadonly`).
+fn txn_is_read_only(req: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request;
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(_)) => true,
+            Some(Request::RequestTxn(t)) => txn_is_read_only(t),
+            _ => false,
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

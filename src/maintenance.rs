@@ -575,10 +575,13 @@ impl Maintenance {
             let mut part = path.clone().into_os_string();
             part.push(".part");
             let part = PathBuf::from(part);
+            // Removes the partial file unless the snapshot was saved: on an error, and also
+            // when this future is dropped midway (a caller's timeout).
+            let mut cleanup = RemoveOnDrop(Some(part.clone()));
             let result = with_deadline(timeout, this.write_snapshot(&path, &part)).await;
             let result = result.and_then(|r| r);
-            if result.is_err() {
-                let _ = tokio::fs::remove_file(&part).await;
+            if result.is_ok() {
+                cleanup.0 = None;
             }
             result
         })
@@ -893,14 +896,21 @@ impl Stream for SnapshotStream {
                 Poll::Ready(Some(Ok(msg))) => {
                     let len = msg.blob.len() as u64;
                     if this.total.is_none() {
-                        this.total = Some(msg.remaining_bytes + len);
+                        let Some(total) = msg.remaining_bytes.checked_add(len) else {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(Error::new(
+                                ErrorKind::Protocol,
+                                "snapshot stream announced an impossible size",
+                            ))));
+                        };
+                        this.total = Some(total);
                         this.header = Some(ResponseHeader::from_pb(msg.header));
                     }
                     if !msg.version.is_empty() && this.version.is_none() {
                         this.version = Some(msg.version);
                     }
-                    this.received += len;
-                    let cap = this.total.unwrap_or(0) + SHA256_LEN;
+                    this.received = this.received.saturating_add(len);
+                    let cap = this.total.unwrap_or(0).saturating_add(SHA256_LEN);
                     if this.received > cap {
                         this.done = true;
                         return Poll::Ready(Some(Err(Error::new(
@@ -914,6 +924,19 @@ impl Stream for SnapshotStream {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Removes the file at its path when dropped (unless the path was taken out).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // Synchronous: this may run where no runtime is left to run a task on. Removing
+            // a file is quick, and a missing file is fine.
+            let _ = std::fs::remove_file(p);
         }
     }
 }

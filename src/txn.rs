@@ -148,8 +148,12 @@ impl Compare {
         self
     }
 
-    /// Apply the compare to every key greater than or equal to the key.
+    /// Apply the compare to every key greater than or equal to the key (an empty key: to
+    /// every key, as [`with_prefix`](Self::with_prefix) of an empty key).
     pub fn with_from_key(mut self) -> Self {
+        if self.inner.key.is_empty() {
+            self.inner.key = Bytes::from_static(b"\0");
+        }
         self.inner.range_end = Bytes::from_static(b"\0");
         self
     }

@@ -122,6 +122,24 @@ async fn request_too_large_client_side_and_server_side() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RequestTooLarge, "{e}");
 
+    // Requests the client refuses to encode (over the limit plus gRPC's 512 KiB) are the
+    // same kind, and never sent: not indeterminate. A key-only request, and a call through
+    // a tonic client.
+    let huge = vec![b'k'; 2_200_000];
+    let e = c.kv().delete(huge.clone()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RequestTooLarge, "{e:?}");
+    assert!(!e.is_indeterminate(), "{e:?}");
+    let e = c
+        .auth()
+        .role_grant_permission(
+            "r",
+            etcdv3::Permission::new(etcdv3::PermissionType::Read, huge),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RequestTooLarge, "{e:?}");
+    assert!(!e.is_indeterminate(), "{e:?}");
+
     // Just under the limit works, and is read back whole (no 4 MiB decode cap either).
     let fits = vec![b'z'; 1400 * 1024];
     c.kv().put("fits", fits.clone()).await.unwrap();
@@ -134,6 +152,35 @@ async fn request_too_large_client_side_and_server_side() {
     }
     let all = c.kv().get("fits").prefix().await.unwrap();
     assert_eq!(all.kvs.len(), 5, "a >4 MiB range answer is received");
+
+    // A read-only transaction is not proposed through raft: etcd serves one over
+    // max-request-bytes (up to its gRPC receive limit), and so does the client.
+    let guard = vec![b'g'; 1600 * 1024];
+    let r = c
+        .kv()
+        .txn()
+        .when([Compare::value("fits", CompareOp::NotEqual, guard.clone())])
+        .and_then([Op::get("fits")])
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    // With a write in it, the raft limit holds.
+    let e = c
+        .kv()
+        .txn()
+        .when([Compare::value("fits", CompareOp::NotEqual, guard)])
+        .and_then([Op::put("w", "1")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RequestTooLarge);
+    // An empty key from-key compare is every key (as with_prefix of an empty key).
+    let r = c
+        .kv()
+        .txn()
+        .when([Compare::version("", CompareOp::Greater, 0).with_from_key()])
+        .await
+        .unwrap();
+    assert!(r.succeeded);
 }
 
 #[tokio::test]
