@@ -197,3 +197,28 @@ fn unreachable_endpoints_fail_fast_naming_each() {
         assert!(err.contains(d.as_str()), "{d} not named in: {err}");
     }
 }
+
+#[test]
+fn a_silent_endpoint_fails_fast_and_txn_ops_beyond_the_key_space_are_refused() {
+    // Accepts connections (the kernel completes them) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let t = Instant::now();
+    let out = bench()
+        .args(["--endpoints", &addr, "put", "--total", "10"])
+        .output()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not answer"), "{err}");
+
+    // Two puts per transaction need two keys.
+    let out = bench()
+        .args(["txn-put", "--txn-ops", "2", "--total", "5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--key-space-size"), "{err}");
+}

@@ -20,12 +20,13 @@ where
     let c = &bench.common;
     let next = Arc::new(AtomicU64::new(0));
     let deadline = c.duration.map(|d| Instant::now() + d);
+    let pacer = Pacer::new(c.rate);
     let meter = Meter::start();
     let mut workers = Vec::with_capacity(c.clients);
     for w in 0..c.clients {
         let (bench, next, op) = (bench.clone(), next.clone(), op.clone());
+        let pacer = pacer.clone();
         workers.push(tokio::spawn(async move {
-            let mut pacer = Pacer::new(bench.common.rate, bench.common.clients);
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let mut first_error = None;
@@ -34,7 +35,10 @@ where
                 if seq >= bench.common.total || deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                pacer.wait().await;
+                pacer.wait(deadline).await;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
                 let t = Instant::now();
                 match op(bench.clone(), w, seq).await {
                     Ok(()) => lat.push(t.elapsed()),
@@ -165,6 +169,13 @@ pub(crate) async fn txn_put(bench: &Arc<Bench>, a: &TxnPutArgs) -> Result<Report
         return Err("--txn-ops must be at least 1".into());
     }
     let n = a.txn_ops as u64;
+    let space = bench.common.key_space_size;
+    if space != 0 && space < n {
+        // etcd refuses a transaction that puts one key twice.
+        return Err(format!(
+            "--txn-ops {n} needs --key-space-size of at least {n} (the keys of one transaction must differ)"
+        ));
+    }
     let value = bytes::Bytes::from(bench.value());
     drive(bench, "txn-put", move |b, w, seq| {
         let value = value.clone();

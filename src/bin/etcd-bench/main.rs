@@ -120,7 +120,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("bad duration {s:?}"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    Duration::try_from_secs_f64(v * mult).map_err(|_| format!("duration {s:?} is too long"))
 }
 
 /// What a workload runs against: the clients, and the common flags.
@@ -182,26 +182,41 @@ fn key_bytes(mut n: u64, size: usize) -> Vec<u8> {
     k
 }
 
-/// Per-worker pacing for `--rate` (spread over the workers).
+/// Pacing for `--rate`, shared by every worker (as etcd's benchmark shares one limiter):
+/// each request takes the next slot, `1/rate` after the one before, so the total rate holds
+/// whatever the number of workers and no burst goes out at the start.
+#[derive(Clone)]
 pub(crate) struct Pacer {
-    interval: Option<tokio::time::Interval>,
+    slots: Option<(Arc<std::sync::Mutex<tokio::time::Instant>>, Duration)>,
 }
 
 impl Pacer {
-    pub(crate) fn new(rate: u64, workers: usize) -> Self {
-        let interval = (rate > 0).then(|| {
-            let per_worker = rate as f64 / workers.max(1) as f64;
-            let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / per_worker.max(1e-6)));
-            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            i
+    pub(crate) fn new(rate: u64) -> Self {
+        let slots = (rate > 0).then(|| {
+            let interval = Duration::from_secs_f64(1.0 / rate as f64);
+            (
+                Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+                interval,
+            )
         });
-        Pacer { interval }
+        Pacer { slots }
     }
 
-    pub(crate) async fn wait(&mut self) {
-        if let Some(i) = &mut self.interval {
-            i.tick().await;
-        }
+    /// Wait for this request's slot (or until `deadline`, the end of the run, if sooner).
+    pub(crate) async fn wait(&self, deadline: Option<std::time::Instant>) {
+        let Some((next, interval)) = &self.slots else {
+            return;
+        };
+        let slot = {
+            let mut next = next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + *interval;
+            slot
+        };
+        let until = deadline.map_or(slot, |d| slot.min(tokio::time::Instant::from_std(d)));
+        tokio::time::sleep_until(until).await;
     }
 }
 
@@ -244,6 +259,15 @@ async fn run(cli: Cli) -> Result<Report, String> {
             .await
             .map_err(|e| format!("cannot reach etcd: {e}"))?;
         clients.push(client);
+    }
+    // A member that accepts connections but never answers (stopped, or behind a black hole)
+    // would hold every request for the whole request timeout: check that etcd answers.
+    if let Some(c) = clients.first() {
+        c.maintenance()
+            .status()
+            .timeout(Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("etcd does not answer: {e}"))?;
     }
     let counted = matches!(
         cli.workload,
@@ -344,6 +368,10 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("3x").is_err());
+        assert!(
+            parse_duration("99999999999999999999").is_err(),
+            "too long: no panic"
+        );
         assert!(parse_duration("").is_err());
     }
 

@@ -161,18 +161,27 @@ impl Report {
                 n as f64 / secs(self.wall).max(1e-9)
             );
             let _ = writeln!(out, "\nResponse time histogram:");
+            // As etcd's benchmark: eleven rows labelled with their upper edge (the fastest,
+            // then tenths of the way to the slowest); a row counts the latencies above the
+            // row before and up to its label.
             let (lo, hi) = (secs(l[0]), secs(l[n - 1]));
             let buckets = 10;
-            let width = ((hi - lo) / buckets as f64).max(1e-9);
+            let width = (hi - lo) / buckets as f64;
+            let mut edges: Vec<f64> = (0..buckets).map(|i| lo + width * i as f64).collect();
+            edges.push(hi);
             let mut counts = vec![0usize; buckets + 1];
+            let mut b = 0;
             for d in l {
-                let b = (((secs(*d) - lo) / width) as usize).min(buckets);
+                let v = secs(*d);
+                while b < buckets && v > edges[b] {
+                    b += 1;
+                }
                 counts[b] += 1;
             }
             let max = counts.iter().copied().max().unwrap_or(1).max(1);
-            for (i, c) in counts.iter().enumerate() {
+            for (edge, c) in edges.iter().zip(&counts) {
                 let bar = "∎".repeat(c * 40 / max);
-                let _ = writeln!(out, "  {:.4} [{c}]\t|{bar}", lo + width * i as f64);
+                let _ = writeln!(out, "  {edge:.4} [{c}]\t|{bar}");
             }
             let _ = writeln!(out, "\nLatency distribution:");
             for p in PERCENTILES {
@@ -285,6 +294,25 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
         assert_eq!(percentile(&v, 100.0), Duration::from_millis(100));
         assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn histogram_rows_are_labelled_with_their_upper_edge_as_etcd_does() {
+        let mut r = Report::new("put");
+        // 1, 1, 2 and 11 ms: edges 1, 2, 3, ..., 10, 11 ms.
+        r.latencies = [1, 1, 2, 11].map(Duration::from_millis).to_vec();
+        r.wall = Duration::from_secs(1);
+        let t = r.text();
+        let rows: Vec<&str> = t
+            .lines()
+            .skip_while(|l| !l.starts_with("Response time histogram:"))
+            .skip(1)
+            .take(11)
+            .collect();
+        assert!(rows[0].trim_start().starts_with("0.0010 [2]"), "{rows:?}");
+        assert!(rows[1].trim_start().starts_with("0.0020 [1]"), "{rows:?}");
+        assert!(rows[2].trim_start().starts_with("0.0030 [0]"), "{rows:?}");
+        assert!(rows[10].trim_start().starts_with("0.0110 [1]"), "{rows:?}");
     }
 
     #[test]

@@ -171,6 +171,31 @@ async fn consume_group(mut group: WatchGroup, want: u64, mut tally: Tally) {
     tally.flush();
 }
 
+/// Wait for the put process for up to `grace` (it is done or stuck by now: the watchers have
+/// their events or the run timed out), then stop it; without blocking the runtime.
+async fn wait_child(
+    child: &mut std::process::Child,
+    grace: Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let until = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the put process did not end within {grace:?}: stopped"
+                ));
+            }
+            Err(e) => return Err(format!("waiting for the put process: {e}")),
+        }
+    }
+}
+
 /// Run this very program as a separate process doing the puts, so that the watch side's
 /// CPU figures are the watch side's alone.
 fn spawn_putter(b: &Bench, total: u64, rate: u64) -> Result<std::process::Child, String> {
@@ -217,9 +242,13 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
 
     let events = Arc::new(AtomicU64::new(0));
     let responses = Arc::new(AtomicU64::new(0));
+    // Each watcher with the number of events it is to receive: the puts of its key (key
+    // `i % space` for put `i`), worked out before the meter starts.
+    let want_of = |k: u64| {
+        let (q, r) = (a.put_total / space, a.put_total % space);
+        q + u64::from(k < r)
+    };
     let meter = Meter::start();
-    // Each watcher with the number of events it is to receive.
-    let want_of = |k: u64| (0..a.put_total).filter(|i| i % space == k).count() as u64;
     let consumers = if a.consumers == 0 {
         watchers
             .into_iter()
@@ -258,9 +287,7 @@ pub(crate) async fn watch(b: &Arc<Bench>, a: &WatchArgs) -> Result<Report, Strin
     let all = futures_util::future::join_all(consumers);
     let timed_out = tokio::time::timeout(limit, all).await.is_err();
     let (wall, user, sys, switches) = meter.finish();
-    let status = putter
-        .wait()
-        .map_err(|e| format!("waiting for the put process: {e}"))?;
+    let status = wait_child(&mut putter, Duration::from_secs(10)).await?;
     if !status.success() {
         return Err(format!("the put process failed: {status}"));
     }
@@ -375,9 +402,9 @@ pub(crate) async fn watch_latency(b: &Arc<Bench>, a: &WatchArgs) -> Result<Repor
         }));
     }
     let writer = b.client(0).clone();
-    let mut pacer = crate::Pacer::new(a.put_rate, 1);
+    let pacer = crate::Pacer::new(a.put_rate);
     for i in 0..a.put_total {
-        pacer.wait().await;
+        pacer.wait(None).await;
         let pad = "v".repeat(b.common.val_size);
         writer
             .kv()
@@ -472,9 +499,12 @@ pub(crate) async fn watch_catchup(b: &Arc<Bench>, a: &CatchupArgs) -> Result<Rep
         w.await.map_err(|e| format!("writer: {e}"))??;
     }
     let meter = Meter::start();
+    // Every key of the key space (fixed-width numbers): from the first to just past the last.
+    let mut end = b.key(space - 1);
+    end.push(0);
     let mut w = c
         .watch(b.key(0))
-        .prefix()
+        .range(end)
         .start_revision(first)
         .await
         .map_err(|e| format!("watch: {e}"))?;
