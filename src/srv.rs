@@ -97,8 +97,13 @@ impl SrvDiscovery {
                     records
                         .sort_by(|a, b| a.priority.cmp(&b.priority).then(b.weight.cmp(&a.weight)));
                     for srv in records {
-                        let target = srv.target.to_utf8();
+                        // ASCII (punycode) names: what a URI takes.
+                        let target = srv.target.to_ascii();
                         let host = target.trim_end_matches('.');
+                        if host.is_empty() {
+                            // "." : the service is decidedly not available (RFC 2782).
+                            continue;
+                        }
                         let url = format!("{scheme}://{host}:{}", srv.port);
                         if !endpoints.contains(&url) {
                             endpoints.push(url);

@@ -28,7 +28,8 @@ impl Drop for DnsServer {
 }
 
 fn encode_name(name: &str, out: &mut Vec<u8>) {
-    for label in name.trim_end_matches('.').split('.') {
+    // (The root, ".", has no label at all.)
+    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
@@ -119,6 +120,11 @@ async fn discovers_endpoints_from_srv_records_and_connects() {
         "_etcd-client-prod._tcp.etcd.test.".to_owned(),
         vec![(0, 0, ports[1], "localhost.")],
     );
+    // A target of "." says the service is not available there (RFC 2782): skipped.
+    zone.insert(
+        "_etcd-client-partly._tcp.etcd.test.".to_owned(),
+        vec![(0, 0, ports[0], "."), (0, 0, ports[2], "localhost.")],
+    );
     let dns = dns_server(zone).await;
 
     let eps = SrvDiscovery::new("etcd.test")
@@ -151,6 +157,13 @@ async fn discovers_endpoints_from_srv_records_and_connects() {
         .await
         .unwrap();
     assert_eq!(named, vec![format!("http://localhost:{}", ports[1])]);
+    let partly = SrvDiscovery::new("etcd.test")
+        .service_name("partly")
+        .nameserver(dns.addr)
+        .discover()
+        .await
+        .unwrap();
+    assert_eq!(partly, vec![format!("http://localhost:{}", ports[2])]);
 
     // No records: a typed error naming what was looked up.
     let e = SrvDiscovery::new("nothing.test")
