@@ -128,8 +128,16 @@ impl Config {
         }
         self.endpoints
             .iter()
-            .map(|e| balancer::parse_endpoint(e))
+            .map(|e| balancer::parse_endpoint_with(e, self.has_tls()))
             .collect()
+    }
+
+    /// Whether TLS settings were given (then `host:port` endpoints use TLS).
+    pub(crate) fn has_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        return false;
     }
 
     /// The gRPC encoder's limit: the request limit plus room for the envelope, as etcd's
@@ -315,7 +323,8 @@ impl ClientBuilder {
         self
     }
 
-    /// TLS settings for `https://` endpoints (CA, client certificate, server name).
+    /// TLS settings for `https://` endpoints (CA, client certificate, server name). With
+    /// them, endpoints given as `host:port` (no scheme) use TLS too, as in Go's client.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::tls::TlsOptions) -> Self {
         self.cfg.tls = Some(tls);

@@ -93,6 +93,14 @@ impl ConnectSettings {
         }
     }
 
+    /// Whether TLS settings were given (then `host:port` endpoints use TLS).
+    pub(crate) fn has_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls_options.is_some();
+        #[cfg(not(feature = "tls"))]
+        return false;
+    }
+
     #[cfg(feature = "tls")]
     fn tls(&self, endpoint: &ParsedEndpoint) -> Result<crate::tls::ClientTls> {
         let built = self.tls.get_or_init(|| {

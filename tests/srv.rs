@@ -29,7 +29,11 @@ impl Drop for DnsServer {
 
 fn encode_name(name: &str, out: &mut Vec<u8>) {
     // (The root, ".", has no label at all.)
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }

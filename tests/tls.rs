@@ -46,6 +46,24 @@ async fn three_member_tls_cluster_works_and_fails_over() {
     let r = c.kv().get("secure").await.unwrap();
     assert_eq!(r.kvs[0].value_str().unwrap(), "yes");
     assert_ne!(c.pinned_endpoint(), cluster.endpoint(pinned));
+
+    // With TLS settings, `host:port` endpoints (no scheme) use TLS too, as in Go's client.
+    let bare: Vec<String> = (0..3)
+        .filter(|&i| i != pinned)
+        .map(|i| cluster.client_addr(i).to_string())
+        .collect();
+    let c = Client::builder(bare)
+        .tls(TlsOptions::new().ca_pem(&certs.ca_pem))
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        c.kv().get("secure").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "yes"
+    );
 }
 
 #[tokio::test]

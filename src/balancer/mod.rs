@@ -37,7 +37,14 @@ pub(crate) struct ParsedEndpoint {
 /// Parse one endpoint as etcd users write them: `http://host:port`, `host:port`,
 /// `unix:///path` or `unix://name:port` (etcd's unix listener form: a socket file named
 /// `name:port` in the working directory).
+#[cfg(test)]
 pub(crate) fn parse_endpoint(s: &str) -> Result<ParsedEndpoint> {
+    parse_endpoint_with(s, false)
+}
+
+/// [`parse_endpoint`], with `host:port` (no scheme) taken as `https://` when `tls` (TLS
+/// settings were given, as Go's client dials such endpoints with its credentials).
+pub(crate) fn parse_endpoint_with(s: &str, tls: bool) -> Result<ParsedEndpoint> {
     let t = s.trim();
     if t.is_empty() {
         return Err(Error::invalid_argument("empty endpoint"));
@@ -73,7 +80,11 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<ParsedEndpoint> {
         )));
     } else {
         check_host_port(s, t)?;
-        format!("http://{t}")
+        if tls {
+            format!("https://{t}")
+        } else {
+            format!("http://{t}")
+        }
     };
     Ok(ParsedEndpoint {
         original: s.trim().to_owned(),
@@ -362,7 +373,7 @@ impl Balancer {
         }
         let parsed = endpoints
             .iter()
-            .map(|e| parse_endpoint(e))
+            .map(|e| parse_endpoint_with(e, self.settings.has_tls()))
             .collect::<Result<Vec<_>>>()?;
         let old = self.read().slots.clone();
         let mut slots = Vec::with_capacity(parsed.len());
@@ -438,7 +449,7 @@ pub(crate) fn member_channel(
     endpoint: &str,
     exec: &ExecutorAdapter,
 ) -> Result<Channel> {
-    let ep = parse_endpoint(endpoint)?;
+    let ep = parse_endpoint_with(endpoint, cfg.has_tls())?;
     Channel::new(&ep, &ConnectSettings::new(cfg, exec))
 }
 
