@@ -463,3 +463,31 @@ async fn a_compacted_resume_point_is_read_again_and_the_difference_reported() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_deregister_that_timed_out_is_answered_to_the_next_call() {
+    // The first call gives up while its revoke hangs (the connection held); the revoke goes
+    // through once the connection is back, and the next call gets that outcome (before,
+    // it asked a task that had already ended, and failed with Closed).
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let observer = Toolkit::new(client(&etcd).await);
+    let reg = Toolkit::new(c).register(info(7)).await.unwrap();
+    assert_eq!(observer.discover("api").await.unwrap().len(), 1);
+    proxy.blackhole();
+    let first = tokio::time::timeout(Duration::from_millis(300), reg.deregister()).await;
+    assert!(first.is_err(), "the first call gave up");
+    proxy.pass();
+    tokio::time::timeout(Duration::from_secs(10), reg.deregister())
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(observer.discover("api").await.unwrap().is_empty());
+}

@@ -140,6 +140,7 @@ impl Register {
             shared,
             cmds,
             deregistered: OnceCell::new(),
+            pending: tokio::sync::Mutex::new(None),
         })
     }
 }
@@ -235,6 +236,9 @@ pub struct Registration {
     shared: Arc<RegShared>,
     cmds: mpsc::UnboundedSender<Cmd>,
     deregistered: OnceCell<Result<(), Error>>,
+    /// The answer to the deregistration asked for, while awaited: a call that gave up (a
+    /// timeout) leaves it here for the next call.
+    pending: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), Error>>>>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -302,10 +306,17 @@ impl Registration {
         let r = self
             .deregistered
             .get_or_init(|| async {
-                let (tx, rx) = oneshot::channel();
-                self.cmds
-                    .send(Cmd::Deregister(tx))
-                    .map_err(|_| stopped().summary())?;
+                let mut pending = self.pending.lock().await;
+                if pending.is_none() {
+                    let (tx, rx) = oneshot::channel();
+                    self.cmds
+                        .send(Cmd::Deregister(tx))
+                        .map_err(|_| stopped().summary())?;
+                    *pending = Some(rx);
+                }
+                let Some(rx) = pending.as_mut() else {
+                    return Err(stopped().summary());
+                };
                 rx.await.map_err(|_| stopped().summary())?
             })
             .await;
