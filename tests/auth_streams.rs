@@ -95,3 +95,62 @@ async fn a_kept_lease_and_a_watch_survive_token_expiry_and_reconnects() {
         "the keeper reconnected"
     );
 }
+
+#[tokio::test]
+async fn cancelling_a_watcher_whose_re_creation_is_refused_returns() {
+    // A watcher is being re-created (after a cut connection) and its user lost the right to
+    // read meanwhile: etcd refuses the create. A cancel sent in between must still return
+    // (etcd answers no cancel for a watcher it never made).
+    let etcd = auth_etcd().await;
+    let admin = Client::builder(etcd.endpoints())
+        .user("root", "rootpw")
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let auth = admin.auth();
+    auth.user_add("alice", "alicepw").await.unwrap();
+    auth.role_add("reader").await.unwrap();
+    auth.role_grant_permission("reader", etcdv3::Permission::read("w/").prefix())
+        .await
+        .unwrap();
+    auth.role_grant_permission("reader", etcdv3::Permission::read("keep/").prefix())
+        .await
+        .unwrap();
+    auth.user_grant_role("alice", "reader").await.unwrap();
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .user("alice", "alicepw")
+        .request_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let w = c.watch("w/x").await.unwrap();
+    // Another watcher keeps the stream open after the cancel (an empty multiplexer closes its
+    // stream, which would answer the cancel anyway).
+    let _keep = c.watch("keep/x").await.unwrap();
+    let creates = c.watch_stats().creates_sent;
+
+    // Hold everything, cut the connection, take the right away.
+    proxy.blackhole();
+    proxy.cut_all().await;
+    auth.role_revoke_permission("reader", "w/")
+        .prefix()
+        .await
+        .unwrap();
+    // The re-creation is sent (and held in the proxy)...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.watch_stats().creates_sent == creates {
+        assert!(Instant::now() < deadline, "no re-creation sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...then the cancel, behind it; then let both through.
+    let cancel = tokio::spawn(async move { w.cancel().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.pass();
+    tokio::time::timeout(Duration::from_secs(10), cancel)
+        .await
+        .expect("cancel() returned")
+        .unwrap();
+}
