@@ -194,8 +194,16 @@ async fn a_failed_resign_or_unlock_can_be_retried_and_a_huge_ttl_is_the_longest(
         Some("me")
     );
     proxy.pass();
-    leadership.resign().await.unwrap();
-    lock.unlock().await.unwrap();
+    // Retried until they go through (the connection is being re-established).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = leadership.resign().await {
+        assert!(Instant::now() < deadline, "resign kept failing: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while let Err(e) = lock.unlock().await {
+        assert!(Instant::now() < deadline, "unlock kept failing: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(observer.leader("retry").await.unwrap(), None);
     let again = observer.try_lock("retry", Duration::from_secs(5)).await;
     assert!(again.is_ok(), "the lock is free: {again:?}");
