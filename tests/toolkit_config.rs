@@ -307,15 +307,7 @@ async fn the_watch_task_ends_when_the_watch_is_dropped() {
 #[tokio::test]
 async fn current_follows_without_reading_and_a_compaction_is_read_again() {
     let etcd = etcd().await;
-    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
-        .await
-        .unwrap();
-    let watching = etcdv3::Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, watching) = common::proxied_client(&etcd).await;
     let writer = client(&etcd).await;
     let cfg = writer.config_source("app");
     cfg.set("name", "one").await.unwrap();

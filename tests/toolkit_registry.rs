@@ -381,15 +381,7 @@ async fn a_compacted_resume_point_is_read_again_and_the_difference_reported() {
     // compacted past its resume point. The stream reads the instances again and yields the
     // difference; the live cache follows; both go on afterwards.
     let etcd = etcd().await;
-    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
-        .await
-        .unwrap();
-    let watcher_client = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, watcher_client) = common::proxied_client(&etcd).await;
     let writer = client(&etcd).await;
     let wtk = Toolkit::new(watcher_client.clone());
     let tk = Toolkit::new(writer.clone());
@@ -470,14 +462,7 @@ async fn a_deregister_that_timed_out_is_answered_to_the_next_call() {
     // through once the connection is back, and the next call gets that outcome (before,
     // it asked a task that had already ended, and failed with Closed).
     let etcd = etcd().await;
-    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
-        .await
-        .unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, c) = common::proxied_client(&etcd).await;
     let observer = Toolkit::new(client(&etcd).await);
     let reg = Toolkit::new(c).register(info(7)).await.unwrap();
     assert_eq!(observer.discover("api").await.unwrap().len(), 1);

@@ -35,6 +35,21 @@ pub(crate) async fn client(cluster: &EtcdCluster) -> Client {
         .expect("connect to test etcd")
 }
 
+/// A fault proxy in front of member 0, and a client that reaches the cluster only through
+/// it (10 s request timeout, 2 s connect timeout).
+pub(crate) async fn proxied_client(cluster: &EtcdCluster) -> (etcdv3::testkit::FaultProxy, Client) {
+    let proxy = etcdv3::testkit::FaultProxy::start(cluster.client_addr(0))
+        .await
+        .expect("start the fault proxy");
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    (proxy, c)
+}
+
 /// Wait until `cond` returns true, polling every 20 ms, for at most `timeout`.
 pub(crate) async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where
