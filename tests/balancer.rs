@@ -220,12 +220,7 @@ async fn a_put_that_times_out_in_flight_is_indeterminate() {
     // The put leaves the client, the server answers late (after the deadline): whether it
     // was applied is unknown, and the error says so.
     let etcd = common::etcd().await;
-    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, c) = common::proxied_client(&etcd).await;
     c.kv().put("late", "0").await.unwrap();
     proxy.blackhole_direction(etcdv3::testkit::Direction::ServerToClient);
     let e = c
@@ -250,12 +245,7 @@ async fn a_put_that_times_out_in_flight_is_indeterminate() {
 #[tokio::test]
 async fn a_cut_put_is_indeterminate_and_never_retried_but_a_cut_range_is() {
     let etcd = common::etcd().await;
-    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let (proxy, c) = common::proxied_client(&etcd).await;
     let observer = common::client(&etcd).await;
     let mut indeterminate = 0;
     for i in 0..15 {
