@@ -958,6 +958,8 @@ struct Track {
     /// Events per revision.
     counts: BTreeMap<i64, usize>,
     batches_per_rev: BTreeMap<i64, usize>,
+    /// The stream ended (it must not, before the test drops it).
+    ended: bool,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1013,12 +1015,14 @@ async fn hundred_watchers_resume_exactly_once_across_member_restarts() {
             revs: Vec::new(),
             counts: BTreeMap::new(),
             batches_per_rev: BTreeMap::new(),
+            ended: false,
         });
     }
     assert_eq!(streams_on_server(cluster.client_addr(leader)).await, 1);
 
     // Readers: one task reads every watcher (no per-watcher task in the test either).
     let (done_tx, mut done_rx) = tokio::sync::watch::channel(i64::MAX);
+    let stats_client = c.clone();
     let reader = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(120);
         let t0 = Instant::now();
@@ -1027,7 +1031,11 @@ async fn hundred_watchers_resume_exactly_once_across_member_restarts() {
             let target = *done_rx.borrow();
             let mut all = true;
             for t in tracks.iter_mut() {
-                while let Some(Some(item)) = t.w.next().now_or_never() {
+                while let Some(next) = t.w.next().now_or_never() {
+                    let Some(item) = next else {
+                        t.ended = true;
+                        break;
+                    };
                     let b = item.unwrap_or_else(|e| panic!("watcher {} failed: {e:?}", t.w.id()));
                     let mut in_batch = BTreeMap::new();
                     for e in b.events() {
@@ -1070,7 +1078,22 @@ async fn hundred_watchers_resume_exactly_once_across_member_restarts() {
                     .max();
                 eprintln!("diag t={:?} min={min:?} max={max:?}", t0.elapsed());
             }
-            assert!(Instant::now() < deadline, "watchers did not catch up");
+            if Instant::now() >= deadline {
+                // Which watchers lag, and where they stopped.
+                let lagging: Vec<String> = tracks
+                    .iter()
+                    .filter(|t| t.revs.last().is_none_or(|r| *r < target))
+                    .map(|t| {
+                        let end = if t.ended { " (ended)" } else { "" };
+                        format!("{}@{:?}{end}", t.w.id(), t.revs.last())
+                    })
+                    .collect();
+                panic!(
+                    "watchers did not catch up to {target}: {} lag: {lagging:?}; {:?}",
+                    lagging.len(),
+                    stats_client.watch_stats()
+                );
+            }
             if done_rx.has_changed().unwrap_or(false) {
                 let _ = done_rx.borrow_and_update();
             }
