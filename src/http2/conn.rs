@@ -1846,16 +1846,23 @@ mod peer {
         server.await.unwrap();
     }
 
+    /// A connection whose peer the test plays by hand (writing raw frames), with stream 1
+    /// open (a one-byte request sent).
+    async fn raw_peer() -> (Conn, tokio::io::DuplexStream, ResponseStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (conn, _control, driver) = handshake(ours);
+        tokio::spawn(driver);
+        let s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        (conn, theirs, s)
+    }
+
     /// A peer breaking the protocol (here a CONTINUATION with no header block before it)
     /// fails the connection with a GOAWAY, and its open streams with it; so does a driver
     /// that is dropped (or panics) instead of ending.
     #[tokio::test]
     async fn protocol_errors_and_a_dropped_driver_fail_the_streams() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
-        let (conn, _control, driver) = handshake(ours);
-        tokio::spawn(driver);
-        let s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        let (conn, mut theirs, s) = raw_peer().await;
         // The server: its SETTINGS, then a CONTINUATION on stream 1 out of the blue.
         let mut out = BytesMut::new();
         frame::write_settings(&mut out, &[]);
@@ -1911,10 +1918,7 @@ mod peer {
     #[tokio::test]
     async fn an_initial_window_change_that_overflows_a_stream_window_fails_the_connection() {
         use tokio::io::AsyncWriteExt;
-        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
-        let (conn, _control, driver) = handshake(ours);
-        tokio::spawn(driver);
-        let s = open(&conn, Bytes::from_static(b"x")).await.unwrap();
+        let (_conn, mut theirs, s) = raw_peer().await;
         let mut out = BytesMut::new();
         frame::write_settings(&mut out, &[]);
         // Stream 1's window: 65,535 less the request sent (a byte), plus 2^31-1 - 65,535:
