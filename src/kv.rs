@@ -184,9 +184,13 @@ impl Kv {
         opts: CallOpts,
     ) -> Result<crate::TxnResponse> {
         crate::txn::validate_txn(&req, self.config())?;
+        let mut opts = opts;
         if txn_is_read_only(&req) {
             // Not proposed through raft: etcd limits it only by its gRPC receive limit.
             check_size_with(req.encoded_len(), self.config(), GRPC_OVERHEAD)?;
+            // Nothing to apply twice: retried like a range even once it may have been sent
+            // (Go's client retries a transaction only when it was never sent).
+            opts.idempotent = true;
         } else {
             check_size(req.encoded_len(), self.config())?;
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcdv3::testkit::{EtcdCluster, FaultProxy};
-use etcdv3::{Client, ErrorKind, OrderingGuard};
+use etcdv3::{Client, Compare, CompareOp, ErrorKind, Op, OrderingGuard};
 
 /// A 3-member cluster whose members accept HTTP/2 pings every 500 ms (etcd's default policy
 /// closes connections that ping more often than every 5 s).
@@ -279,6 +279,29 @@ async fn a_cut_put_is_indeterminate_and_never_retried_but_a_cut_range_is() {
         let r = c.kv().get("cut/").prefix().count_only().await.unwrap();
         assert_eq!(r.count, 15);
     }
+
+    // So is a read-only transaction (nested ones included) ...
+    for _ in 0..5 {
+        proxy.cut_after_next_request();
+        let r = c
+            .kv()
+            .txn()
+            .when([Compare::version("cut/0", CompareOp::Equal, 1)])
+            .and_then([Op::from(Op::get("cut/").prefix().count_only())])
+            .or_else([Op::from(Op::txn().and_then([Op::get("cut/1")]))])
+            .await
+            .unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.responses.len(), 1);
+    }
+    // ... but never one that writes.
+    proxy.cut_after_next_request();
+    let r = c
+        .kv()
+        .txn()
+        .and_then([Op::from(Op::get("cut/0")), Op::from(Op::put("cut/w", "v"))])
+        .await;
+    assert!(r.as_ref().is_err_and(|e| e.is_indeterminate()), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

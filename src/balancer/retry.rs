@@ -1,8 +1,9 @@
 //! When a failed request is tried again: the [`RetryPolicy`] and its tower adapter.
 //!
 //! The default policy follows etcd's Go client (`retry.go`): read-only RPCs (Range, status and
-//! list calls, LeaseTimeToLive) are retried on transient, "unavailable"-class errors, on the next
-//! endpoint; mutations (Put, DeleteRange, Txn, Compact, LeaseGrant, member and auth changes) are
+//! list calls, LeaseTimeToLive, and, beyond Go, transactions whose every operation is a read)
+//! are retried on transient, "unavailable"-class errors, on the next endpoint; mutations (Put,
+//! DeleteRange, a Txn that writes, Compact, LeaseGrant, member and auth changes) are
 //! retried only when the request certainly never reached a server (the connection could not be
 //! made), so a write is never applied twice. Retries happen inside the request's deadline, with
 //! exponential back-off and jitter.
