@@ -6,10 +6,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{client, etcd, etcd_with, version_of};
-use etcdv3::raw::etcdserverpb as pb;
+use common::{client, etcd, etcd_with, version_of, wait_for_token_expiry};
 use etcdv3::testkit::EtcdCluster;
 use etcdv3::{Client, ErrorKind, Permission, PermissionType};
 
@@ -340,65 +339,6 @@ fn authenticate_calls(addr: SocketAddr) -> u64 {
     }
     assert!(seen, "no Authenticate metric in /metrics");
     total
-}
-
-/// A fresh simple token for `user`, from a raw Authenticate call.
-async fn raw_token(anon: &Client, user: &str, password: &str) -> String {
-    anon.raw()
-        .unwrap()
-        .auth()
-        .authenticate(pb::AuthenticateRequest {
-            name: user.into(),
-            password: password.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
-
-/// Whether `token` is still valid (using it resets its TTL, so each token is asked once).
-async fn token_valid(anon: &Client, token: &str) -> bool {
-    let mut req = tonic::Request::new(pb::RangeRequest {
-        key: "probe".into(),
-        ..Default::default()
-    });
-    req.metadata_mut().insert("token", token.parse().unwrap());
-    match anon.raw().unwrap().kv().range(req).await {
-        Ok(_) => true,
-        Err(s) => {
-            assert!(
-                s.message().contains("invalid auth token"),
-                "unexpected answer for a probe token: {s:?}"
-            );
-            false
-        }
-    }
-}
-
-/// Wait until every simple token last used before now has expired on the server, without
-/// touching them: authenticate fresh probe tokens now and ask one probe per poll (asking
-/// resets only that probe's TTL); a token unused since before the probes expires no later than
-/// they do, and the server drops expired tokens together.
-async fn wait_for_token_expiry(anon: &Client, ttl: Duration) {
-    let probes: Vec<String> = {
-        let mut v = Vec::new();
-        for _ in 0..12 {
-            v.push(raw_token(anon, "root", "rootpw").await);
-        }
-        v
-    };
-    // A token cannot expire before its TTL has passed: no point asking earlier.
-    tokio::time::sleep(ttl).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for probe in &probes {
-        if !token_valid(anon, probe).await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "tokens did not expire");
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
-    panic!("tokens did not expire after {} probes", probes.len());
 }
 
 #[tokio::test]

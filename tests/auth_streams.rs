@@ -50,11 +50,12 @@ async fn a_kept_lease_and_a_watch_survive_token_expiry_and_reconnects() {
         .revision;
     let mut w = c.watch("a/").prefix().start_revision(first).await.unwrap();
     let streams = c.lease().keeper_streams_opened();
+    let anon = common::client(&etcd).await;
 
     for round in 1..=2 {
-        // Let the client's token expire on the server (TTL plus its 1 s resolution), then
-        // cut every connection: the keeper and the watch must reconnect with a fresh token.
-        tokio::time::sleep(Duration::from_secs(TOKEN_TTL) + Duration::from_millis(1500)).await;
+        // Wait until the client's token has expired on the server, then cut every
+        // connection: the keeper and the watch must reconnect with a fresh token.
+        common::wait_for_token_expiry(&anon, Duration::from_secs(TOKEN_TTL)).await;
         proxy.cut_all().await;
         let rev = observer
             .kv()

@@ -583,9 +583,9 @@ async fn expired_token_on_the_stream_is_renewed_without_losing_events() {
     let mut first = root.watch("t/").prefix().await.unwrap();
     let r1 = writer.kv().put("t/1", "a").await.unwrap().header.revision;
     assert_eq!(next_events(&mut first).await.events()[0].revision(), r1);
-    // Let the watch client's token expire on the server (the TTL plus its 1 s resolution);
-    // there is nothing to poll for without using, and so refreshing, the token.
-    tokio::time::sleep(Duration::from_secs(TTL_S) + Duration::from_millis(1500)).await;
+    // Wait until the watch client's token has expired on the server (probed with newer
+    // tokens: asking with the client's own would refresh it).
+    common::wait_for_token_expiry(&client(&etcd).await, Duration::from_secs(TTL_S)).await;
     let r2 = writer.kv().put("t/2", "b").await.unwrap().header.revision;
     // A new create on the old stream is refused; the client re-authenticates, reconnects and
     // re-creates both watchers: no error, nothing lost, nothing twice.

@@ -112,3 +112,62 @@ pub(crate) async fn watchers_on_server(addr: SocketAddr) -> u64 {
 pub(crate) async fn streams_on_server(addr: SocketAddr) -> u64 {
     metric(addr, "etcd_debugging_mvcc_watch_stream_total").await as u64
 }
+
+/// A fresh simple token for `user`, from a raw Authenticate call.
+pub(crate) async fn raw_token(anon: &Client, user: &str, password: &str) -> String {
+    anon.raw()
+        .unwrap()
+        .auth()
+        .authenticate(etcdv3::raw::etcdserverpb::AuthenticateRequest {
+            name: user.into(),
+            password: password.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// Whether `token` is still valid (using it resets its TTL, so each token is asked once).
+pub(crate) async fn token_valid(anon: &Client, token: &str) -> bool {
+    let mut req = tonic::Request::new(etcdv3::raw::etcdserverpb::RangeRequest {
+        key: "probe".into(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert("token", token.parse().unwrap());
+    match anon.raw().unwrap().kv().range(req).await {
+        Ok(_) => true,
+        Err(s) => {
+            assert!(
+                s.message().contains("invalid auth token"),
+                "unexpected answer for a probe token: {s:?}"
+            );
+            false
+        }
+    }
+}
+
+/// Wait until every simple token last used before now has expired on the server, without
+/// touching them: authenticate fresh probe tokens now and ask one probe per poll (asking
+/// resets only that probe's TTL); a token unused since before the probes expires no later than
+/// they do, and the server drops expired tokens together.
+pub(crate) async fn wait_for_token_expiry(anon: &Client, ttl: Duration) {
+    let probes: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..12 {
+            v.push(raw_token(anon, "root", "rootpw").await);
+        }
+        v
+    };
+    // A token cannot expire before its TTL has passed: no point asking earlier.
+    tokio::time::sleep(ttl).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for probe in &probes {
+        if !token_valid(anon, probe).await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tokens did not expire");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    panic!("tokens did not expire after {} probes", probes.len());
+}
