@@ -476,3 +476,66 @@ async fn a_deregister_that_timed_out_is_answered_to_the_next_call() {
         .unwrap();
     assert!(observer.discover("api").await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn an_events_stream_joining_while_the_lease_is_replaced_starts_with_the_loss() {
+    let etcd = etcd().await;
+    let (proxy, c) = common::proxied_client(&etcd).await;
+    let reg = Toolkit::new(c)
+        .register(info(8))
+        .ttl(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let first = reg.lease_id();
+    let mut before = reg.events();
+    assert_eq!(
+        before.next().await,
+        Some(RegistrationEvent::Registered { lease_id: first })
+    );
+    // Cut off, the lease is lost by its TTL and cannot be replaced.
+    proxy.blackhole();
+    let ev = tokio::time::timeout(Duration::from_secs(10), before.next())
+        .await
+        .expect("the loss reported")
+        .unwrap();
+    assert!(
+        matches!(ev, RegistrationEvent::Lost { lease_id, .. } if lease_id == first),
+        "{ev:?}"
+    );
+    // A stream joining now starts with the loss, not with the lost lease as if it were
+    // current (it did before).
+    let mut during = reg.events();
+    let ev = during.next().await.unwrap();
+    assert!(
+        matches!(ev, RegistrationEvent::Lost { lease_id, .. } if lease_id == first),
+        "{ev:?}"
+    );
+    proxy.pass();
+    let mut seconds = Vec::new();
+    for s in [&mut before, &mut during] {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(30), s.next())
+                .await
+                .expect("registered again")
+                .unwrap();
+            match ev {
+                RegistrationEvent::RetryFailed { .. } => {}
+                RegistrationEvent::Reregistered { lease_id } => {
+                    seconds.push(lease_id);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(seconds[0], seconds[1]);
+    assert_ne!(seconds[0], first);
+    // Once registered again, a new stream starts with the new lease.
+    let mut after = reg.events();
+    assert_eq!(
+        after.next().await,
+        Some(RegistrationEvent::Registered {
+            lease_id: seconds[0]
+        })
+    );
+}

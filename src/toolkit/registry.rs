@@ -125,7 +125,12 @@ impl Register {
         let shared = Arc::new(RegShared {
             info: Mutex::new(self.info),
             lease_id: AtomicI64::new(kept.id()),
-            subscribers: Mutex::new(Some(Vec::new())),
+            subscribers: Mutex::new(Some(Subscribers {
+                senders: Vec::new(),
+                first: RegistrationEvent::Registered {
+                    lease_id: kept.id(),
+                },
+            })),
         });
         let (cmds, rx) = mpsc::unbounded_channel();
         let task = RegTask {
@@ -205,7 +210,15 @@ struct RegShared {
     info: Mutex<ServiceInfo>,
     lease_id: AtomicI64,
     /// `None` once the task has stopped: the events streams end.
-    subscribers: Mutex<Option<Vec<mpsc::UnboundedSender<RegistrationEvent>>>>,
+    subscribers: Mutex<Option<Subscribers>>,
+}
+
+/// The events streams, and the event a new one starts with (the registration's state).
+struct Subscribers {
+    senders: Vec<mpsc::UnboundedSender<RegistrationEvent>>,
+    /// `Registered` on the current lease, or `Lost` while the instance is being registered
+    /// again.
+    first: RegistrationEvent,
 }
 
 impl RegShared {
@@ -213,7 +226,14 @@ impl RegShared {
         if let Ok(mut subs) = self.subscribers.lock()
             && let Some(subs) = subs.as_mut()
         {
-            subs.retain(|s| s.send(ev.clone()).is_ok());
+            match ev {
+                RegistrationEvent::Lost { .. } => subs.first = ev.clone(),
+                RegistrationEvent::Reregistered { lease_id } => {
+                    subs.first = RegistrationEvent::Registered { lease_id };
+                }
+                _ => {}
+            }
+            subs.senders.retain(|s| s.send(ev.clone()).is_ok());
         }
     }
 }
@@ -264,25 +284,30 @@ impl Registration {
         self.shared.lease_id.load(Ordering::SeqCst)
     }
 
-    /// A stream of what happens to the registration, starting with
-    /// [`RegistrationEvent::Registered`] for the current lease. It ends when the
-    /// registration's task stops (after [`deregister`](Self::deregister), or when the client
-    /// was closed).
+    /// A stream of what happens to the registration, starting with its state:
+    /// [`RegistrationEvent::Registered`] for the current lease, or, while a lost lease is
+    /// being replaced, the [`RegistrationEvent::Lost`] that started it (then `Reregistered`
+    /// follows). It ends when the registration's task stops (after
+    /// [`deregister`](Self::deregister), or when the client was closed).
     pub fn events(&self) -> RegistrationEvents {
         let (tx, rx) = mpsc::unbounded_channel();
-        // The lease is read under the subscribers' lock, which the task holds to announce a
-        // new lease (stored before): the stream starts with the lease current when it joins,
-        // and sees every later one.
+        // The state is read under the subscribers' lock, which the task holds to announce a
+        // change: the stream starts with the state when it joins, and sees every later change.
         let mut subs = self
             .shared
             .subscribers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = tx.send(RegistrationEvent::Registered {
-            lease_id: self.lease_id(),
-        });
-        if let Some(subs) = subs.as_mut() {
-            subs.push(tx);
+        match subs.as_mut() {
+            Some(subs) => {
+                let _ = tx.send(subs.first.clone());
+                subs.senders.push(tx);
+            }
+            None => {
+                let _ = tx.send(RegistrationEvent::Registered {
+                    lease_id: self.lease_id(),
+                });
+            }
         }
         drop(subs);
         RegistrationEvents { rx }
