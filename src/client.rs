@@ -1063,6 +1063,8 @@ impl Shared {
             }
             if is_endpoint_failure(&err) {
                 self.transport.report_failure(&pick, &err);
+            } else if err.is_retryable() {
+                self.transport.move_on(&pick);
             }
             return Err(err);
         }

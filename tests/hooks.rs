@@ -174,3 +174,106 @@ async fn a_tower_layer_sees_every_attempt() {
             .all(|e| *e == etcd.endpoint(0))
     );
 }
+
+/// Answers every attempt sent to `endpoint` with etcd's "request timed out" (what a member
+/// that cannot get its proposals or reads through in time says), and logs every attempt.
+#[derive(Clone)]
+struct TimesOut {
+    endpoint: String,
+    attempts: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+impl tower::Layer<RpcService> for TimesOut {
+    type Service = TimesOutService;
+    fn layer(&self, inner: RpcService) -> TimesOutService {
+        TimesOutService {
+            inner,
+            t: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TimesOutService {
+    inner: RpcService,
+    t: TimesOut,
+}
+
+impl tower::Service<RpcRequest> for TimesOutService {
+    type Response = ();
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: RpcRequest) -> Self::Future {
+        self.t
+            .attempts
+            .lock()
+            .unwrap()
+            .push((req.method, req.endpoint.clone()));
+        if req.endpoint == self.t.endpoint {
+            return Box::pin(async {
+                Err(Error::from(tonic::Status::unavailable(
+                    "etcdserver: request timed out",
+                )))
+            });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[tokio::test]
+async fn a_member_that_times_out_is_left_for_another_on_retry() {
+    let cluster = etcdv3::testkit::EtcdCluster::builder()
+        .members(3)
+        .start_async()
+        .await
+        .unwrap();
+    let layer = TimesOut {
+        endpoint: cluster.endpoint(0),
+        attempts: Default::default(),
+    };
+    let c = Client::builder(cluster.endpoints())
+        .layer(layer.clone())
+        .request_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let attempts = || layer.attempts.lock().unwrap().clone();
+    // A read pinned to the member that times out is retried on the next member.
+    layer.attempts.lock().unwrap().clear();
+    let r = c.kv().get("k").await.unwrap();
+    assert_eq!(r.count, 0);
+    let seen = attempts();
+    assert_eq!(
+        seen,
+        [
+            ("Range", cluster.endpoint(0)),
+            ("Range", cluster.endpoint(1))
+        ],
+        "{seen:?}"
+    );
+    // The pin stays there; the member is not backed off (a later read could go back to it).
+    layer.attempts.lock().unwrap().clear();
+    c.kv().put("k", "v").await.unwrap();
+    assert_eq!(attempts(), [("Put", cluster.endpoint(1))]);
+    // A write that times out is not retried (it may be applied), but the next request goes
+    // to another member.
+    let c2 = Client::builder(cluster.endpoints())
+        .layer(layer.clone())
+        .request_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    layer.attempts.lock().unwrap().clear();
+    let e = c2.kv().put("k", "w").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}");
+    c2.kv().put("k", "w").await.unwrap();
+    assert_eq!(
+        attempts(),
+        [("Put", cluster.endpoint(0)), ("Put", cluster.endpoint(1))]
+    );
+}

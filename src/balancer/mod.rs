@@ -336,6 +336,13 @@ impl Balancer {
     /// The endpoint failed at the connection level: back it off and move the pin on.
     pub(crate) fn report_failure(&self, pick: &Pick, err: &Error) {
         self.mark_failed_slot(&pick.slot, &err.to_string());
+        self.move_on(pick);
+    }
+
+    /// The member refused a request for a passing reason of its own (a request timed out, a
+    /// leader change, too many requests): move the pin on, so a retry goes to another member
+    /// (as Go's round robin would), without backing the member off.
+    pub(crate) fn move_on(&self, pick: &Pick) {
         let mut st = self.write();
         let n = st.slots.len();
         if n > 1
