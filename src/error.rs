@@ -369,14 +369,15 @@ impl Error {
 
     /// True when the outcome of the request is unknown: it may have reached a server and been
     /// applied, but no answer arrived (connection lost mid-request, deadline, server-side
-    /// timeout, leader change). A mutation that failed this way must not be blindly repeated
-    /// if applying it twice matters; read the key to find out.
+    /// timeout, leader change, a member stopping with the request proposed). A mutation that
+    /// failed this way must not be blindly repeated if applying it twice matters; read the
+    /// key to find out.
     pub fn is_indeterminate(&self) -> bool {
         use ErrorKind::*;
         self.inner.maybe_sent
             && matches!(
                 self.inner.kind,
-                Unavailable | Deadline | Canceled | Timeout | LeaderChanged | Other
+                Unavailable | Deadline | Canceled | Timeout | LeaderChanged | Stopped | Other
             )
     }
 
@@ -796,5 +797,20 @@ mod tests {
         assert_eq!(e.to_string(), "required revision has been compacted: x");
         let e = Error::new(ErrorKind::EmptyKey, "key is not provided");
         assert_eq!(e.to_string(), "key is not provided");
+    }
+
+    #[test]
+    fn a_member_stopping_after_the_proposal_leaves_the_outcome_unknown() {
+        // etcd answers "server stopped" also when it stops with the request already
+        // proposed: the write may still commit.
+        let e = Error::from_status(tonic::Status::unavailable("etcdserver: server stopped"));
+        assert_eq!(e.kind(), ErrorKind::Stopped);
+        assert!(e.is_indeterminate());
+        assert!(!e.maybe_sent(false).is_indeterminate());
+        assert!(
+            !Error::new(ErrorKind::PermissionDenied, "")
+                .maybe_sent(true)
+                .is_indeterminate()
+        );
     }
 }

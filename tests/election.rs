@@ -307,3 +307,37 @@ async fn observe_goes_on_when_the_leaderless_moment_was_compacted() {
     eb.campaign("b").await.unwrap();
     assert_eq!(next_value(&mut o).await, "b");
 }
+
+#[tokio::test]
+async fn a_campaign_whose_enqueue_answer_was_lost_leaves_no_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let pc = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let s = Session::new(&pc).ttl(60).await.unwrap();
+    let e = Election::new(&s, "/elect/lost");
+    // The campaign's key is put, but the answer never comes back: the campaign fails, finds
+    // out that it put the key, and deletes it (before, the key stayed: a leader that nobody
+    // knew about, for as long as the session lived).
+    proxy.cut_after_next_request();
+    let err = e.campaign("v").await.unwrap_err();
+    assert!(err.is_indeterminate(), "{err:?}");
+    assert!(!e.is_leader());
+    wait_candidates(&c, "/elect/lost/", 0).await;
+    // A campaign afterwards wins with its own key.
+    tokio::time::timeout(Duration::from_secs(5), e.campaign("w"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(e.is_leader());
+    let leader = Election::new(&Session::new(&c).ttl(60).await.unwrap(), "/elect/lost")
+        .leader()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(leader.value_str().unwrap(), "w");
+}

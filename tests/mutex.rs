@@ -395,3 +395,102 @@ async fn a_lock_cancelled_at_any_moment_then_retried_holds_its_key() {
         .await;
     }
 }
+
+/// The waiter's side of the next two tests: a client reaching the member only through a
+/// fault proxy, with a short request timeout, and a session that outlives the faults.
+async fn proxied_waiter(etcd: &EtcdCluster) -> (FaultProxy, Client, Session) {
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let s = Session::new(&c).ttl(60).await.unwrap();
+    (proxy, c, s)
+}
+
+#[tokio::test]
+async fn a_lock_whose_enqueue_answer_was_lost_leaves_no_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let holder = Session::new(&c).ttl(60).await.unwrap();
+    let held = Mutex::new(&holder, "/mutex/lost");
+    held.lock().await.unwrap();
+    let (proxy, _wc, ws) = proxied_waiter(&etcd).await;
+    let waiter = Mutex::new(&ws, "/mutex/lost");
+    // The enqueue reaches the server (the key is put) but its answer never comes back.
+    proxy.cut_after_next_request();
+    let e = waiter.lock().await.unwrap_err();
+    assert!(e.is_indeterminate(), "{e:?}");
+    // The attempt finds out that it put the key and deletes it (before, the key stayed in
+    // the queue for as long as the session lived, holding up everyone behind it).
+    wait_until(
+        Duration::from_secs(10),
+        "the lost enqueue's key removed",
+        || {
+            let c = c.clone();
+            async move { keys_under(&c, "/mutex/lost/").await.len() == 1 }
+        },
+    )
+    .await;
+    // So the next contender gets the lock as soon as the holder lets go.
+    let third = Session::new(&c).ttl(60).await.unwrap();
+    let next = Mutex::new(&third, "/mutex/lost");
+    held.unlock().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), next.lock())
+        .await
+        .expect("not held up by a stale key")
+        .unwrap();
+    // The waiter can still queue for the lock afterwards.
+    let again = tokio::spawn(async move { waiter.lock().await });
+    next.unlock().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), again)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_waiter_whose_cleanup_fails_once_still_leaves_no_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let holder = Session::new(&c).ttl(60).await.unwrap();
+    let held = Mutex::new(&holder, "/mutex/retry");
+    held.lock().await.unwrap();
+    let (proxy, _wc, ws) = proxied_waiter(&etcd).await;
+    let waiter = Mutex::new(&ws, "/mutex/retry");
+    let r = tokio::time::timeout(Duration::from_millis(500), async {
+        let lock = waiter.lock();
+        tokio::pin!(lock);
+        // Queued: then cut off, and given up while cut off, so the first delete of its key
+        // times out.
+        tokio::select! {
+            r = &mut lock => panic!("the lock is held elsewhere: {r:?}"),
+            () = wait_until(Duration::from_secs(5), "the waiter queued", || {
+                let c = c.clone();
+                async move { keys_under(&c, "/mutex/retry/").await.len() == 2 }
+            }) => {}
+        }
+        proxy.blackhole();
+        std::future::pending::<()>().await
+    })
+    .await;
+    assert!(r.is_err());
+    // Longer than the request timeout: the first delete has failed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(keys_under(&c, "/mutex/retry/").await.len(), 2);
+    // Dropped with the connection, the held delete never reaches the server.
+    proxy.cut_all().await;
+    proxy.pass();
+    wait_until(
+        Duration::from_secs(10),
+        "the given-up waiter's key removed",
+        || {
+            let c = c.clone();
+            async move { keys_under(&c, "/mutex/retry/").await.len() == 1 }
+        },
+    )
+    .await;
+}

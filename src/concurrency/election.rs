@@ -10,7 +10,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::mutex::{check_own_key, delete_if_created_at};
 use super::session::session_expired;
-use super::{Scope, Stop, Won, lease_key, recipe_prefix, unless, wait_deletes};
+use super::{
+    Removal, Scope, Stop, Won, lease_key, recipe_prefix, remove_key, remove_lost_put, try_remove,
+    unless, wait_deletes,
+};
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
 use crate::txn::{Compare, CompareOp, Op};
@@ -217,13 +220,20 @@ impl Campaign {
             _ = tx.closed() => return,
             g = gate.lock_owned() => g,
         };
+        let floor = self.scope.client.shared().max_revision();
         let rev = match self.enqueue().await {
             Ok(rev) => rev,
-            Err((e, rev)) => {
-                if let Some(rev) = rev {
-                    let _ = delete_if_created_at(&self.scope, &self.key, rev).await;
-                }
+            Err((e, Some(rev))) => {
+                self.fail(tx, e, rev).await;
+                return;
+            }
+            Err((e, None)) => {
+                let unknown = e.is_indeterminate();
                 let _ = tx.send(Err(e));
+                if unknown {
+                    // Still behind the gate: a retry waits for this.
+                    remove_lost_put(&self.scope, &self.session, &self.key, floor).await;
+                }
                 return;
             }
         };
@@ -245,14 +255,24 @@ impl Campaign {
         };
         match result {
             Ok(rev) => {
-                let cleanup = Some((self.scope.clone(), self.key.clone()));
+                let cleanup = Some((self.scope.clone(), self.session.clone(), self.key.clone()));
                 let _ = tx.send(Ok(Won::new(rev, cleanup, gate)));
             }
             Err(e) => {
-                let _ = delete_if_created_at(&self.scope, &self.key, rev).await;
-                let _ = tx.send(Err(e));
+                self.fail(tx, e, rev).await;
                 drop(gate);
             }
+        }
+    }
+
+    /// Answer `e` and delete the key at `rev`: one try first; should it fail, the answer goes
+    /// out and the removal goes on (the caller holds the gate meanwhile).
+    async fn fail(&self, tx: oneshot::Sender<Result<Won>>, e: Error, rev: i64) {
+        if try_remove(&self.scope, &self.key, rev).await == Removal::Retry {
+            let _ = tx.send(Err(e));
+            remove_key(&self.scope, &self.session, &self.key, rev).await;
+        } else {
+            let _ = tx.send(Err(e));
         }
     }
 

@@ -32,6 +32,7 @@ pub use stm::{Isolation, Stm, StmTxn, stm};
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -143,21 +144,96 @@ pub(crate) async fn wait_deletes(
 
 use std::future::IntoFuture;
 
+/// Whether a failed cleanup request is worth trying again (the member or the network, not
+/// the request, was the problem).
+fn passing(e: &Error) -> bool {
+    e.is_retryable() || e.kind() == ErrorKind::Deadline
+}
+
+/// Whether a key removal is finished ([`try_remove`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// Deleted, already gone (or re-created), or impossible (a lasting error).
+    Done,
+    /// Failed for a passing reason: [`remove_key`] tries again.
+    Retry,
+}
+
+/// One try at deleting `key` if it still has create revision `rev`.
+pub(crate) async fn try_remove(scope: &Scope, key: &Bytes, rev: i64) -> Removal {
+    match mutex::delete_if_created_at(scope, key, rev).await {
+        Err(e) if passing(&e) => Removal::Retry,
+        _ => Removal::Done,
+    }
+}
+
+/// Delete the queue key `key` if it still has create revision `rev`, trying again with
+/// back-off while the failure is passing: a key left behind would hold up the whole queue
+/// for as long as its session lives (Go tries once). Stops when the session ends (its lease,
+/// and so the key, goes with it) or the client is closed.
+pub(crate) async fn remove_key(scope: &Scope, session: &Session, key: &Bytes, rev: i64) {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if try_remove(scope, key, rev).await == Removal::Done {
+            return;
+        }
+        if !session.is_alive() || scope.client.shared().is_closed() {
+            return;
+        }
+        tokio::select! {
+            _ = session.done() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// After an enqueue whose outcome is unknown (its answer was lost): find out whether it put
+/// the key (a key with a create revision above `floor`, the newest revision this client had
+/// seen before sending it; an older key was there before, and is not this attempt's to
+/// delete), and if so delete it, retrying as [`remove_key`] does.
+pub(crate) async fn remove_lost_put(scope: &Scope, session: &Session, key: &Bytes, floor: i64) {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match scope.kv().get(key.clone()).await {
+            Ok(resp) => {
+                if let Some(kv) = resp.kvs.first()
+                    && kv.create_revision() > floor
+                    && kv.lease() == session.lease_id()
+                {
+                    remove_key(scope, session, key, kv.create_revision()).await;
+                }
+                return;
+            }
+            Err(e) if !passing(&e) => return,
+            Err(_) => {}
+        }
+        if !session.is_alive() || scope.client.shared().is_closed() {
+            return;
+        }
+        tokio::select! {
+            _ = session.done() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// A key an attempt (lock or campaign) won, on its way to the caller, with the attempt's
 /// gate ([`Session::gate`]). The caller takes the revision with [`take`](Self::take), which
 /// opens the gate. Dropped untaken (the caller went away after the attempt answered), it
 /// deletes the key it is armed with, still behind the gate.
 pub(crate) struct Won {
     rev: i64,
-    /// What to delete when dropped untaken: the scope and the absolute key.
-    cleanup: Option<(Scope, Bytes)>,
+    /// What to delete when dropped untaken: the scope, the session and the absolute key.
+    cleanup: Option<(Scope, Session, Bytes)>,
     gate: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Won {
     pub(crate) fn new(
         rev: i64,
-        cleanup: Option<(Scope, Bytes)>,
+        cleanup: Option<(Scope, Session, Bytes)>,
         gate: tokio::sync::OwnedMutexGuard<()>,
     ) -> Self {
         Won {
@@ -177,14 +253,14 @@ impl Won {
 
 impl Drop for Won {
     fn drop(&mut self) {
-        let (Some((scope, key)), gate) = (self.cleanup.take(), self.gate.take()) else {
+        let (Some((scope, session, key)), gate) = (self.cleanup.take(), self.gate.take()) else {
             return;
         };
         let rev = self.rev;
         let shared = scope.client.shared().clone();
         shared.spawn(async move {
             let _gate = gate;
-            let _ = mutex::delete_if_created_at(&scope, &key, rev).await;
+            remove_key(&scope, &session, &key, rev).await;
         });
     }
 }

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::{
-    Scope, Stop, Won, lease_key, recipe_prefix, session::session_expired, unless, wait_deletes,
+    Removal, Scope, Stop, Won, lease_key, recipe_prefix, remove_key, remove_lost_put,
+    session::session_expired, try_remove, unless, wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -189,11 +190,17 @@ impl Attempt {
         };
         // Not raced against cancellation: once sent, the transaction's outcome must be known
         // to clean up after it.
+        let floor = self.scope.client.shared().max_revision();
         let first = self.enqueue().await;
         let (my_rev, created, owner_rev) = match first {
             Ok(v) => v,
             Err(e) => {
+                let unknown = e.is_indeterminate();
                 let _ = tx.send(Err(e));
+                if unknown {
+                    // Still behind the gate: a retry waits for this.
+                    remove_lost_put(&self.scope, &self.session, &self.key, floor).await;
+                }
                 return;
             }
         };
@@ -219,14 +226,19 @@ impl Attempt {
             Ok(rev) => {
                 // Should the caller be gone (now, or before it takes the answer), the key it
                 // created is deleted when the answer is dropped.
-                let cleanup = created.then(|| (self.scope.clone(), self.key.clone()));
+                let cleanup =
+                    created.then(|| (self.scope.clone(), self.session.clone(), self.key.clone()));
                 let _ = tx.send(Ok(Won::new(rev, cleanup, gate)));
             }
             Err(e) => {
-                if created {
-                    self.cleanup(my_rev).await;
+                // One try before answering; should it fail, the answer goes out and the
+                // removal goes on behind the gate.
+                if created && try_remove(&self.scope, &self.key, my_rev).await == Removal::Retry {
+                    let _ = tx.send(Err(e));
+                    remove_key(&self.scope, &self.session, &self.key, my_rev).await;
+                } else {
+                    let _ = tx.send(Err(e));
                 }
-                let _ = tx.send(Err(e));
                 drop(gate);
             }
         }
@@ -281,10 +293,6 @@ impl Attempt {
         )
         .await?;
         Ok(())
-    }
-
-    async fn cleanup(&self, my_rev: i64) {
-        let _ = delete_if_created_at(&self.scope, &self.key, my_rev).await;
     }
 }
 
