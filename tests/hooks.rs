@@ -62,13 +62,16 @@ async fn a_custom_connector_replaces_tcp() {
     assert!(!e.is_indeterminate(), "never sent");
 }
 
-/// Counts attempts per method and endpoint; refuses RPCs named in `refuse`.
-#[derive(Clone)]
+/// Counts attempts per method and logs each one's method and endpoint; refuses RPCs named in
+/// `refuse`; answers every attempt sent to `times_out_at` with etcd's "request timed out"
+/// (what a member that cannot get its proposals or reads through in time says).
+#[derive(Clone, Default)]
 struct Metrics {
     seen: Arc<Mutex<HashMap<&'static str, usize>>>,
-    endpoints: Arc<Mutex<Vec<String>>>,
+    attempts: Arc<Mutex<Vec<(&'static str, String)>>>,
     errors: Arc<AtomicUsize>,
     refuse: &'static str,
+    times_out_at: Option<String>,
 }
 
 impl tower::Layer<RpcService> for Metrics {
@@ -98,9 +101,20 @@ impl tower::Service<RpcRequest> for MetricsService {
 
     fn call(&mut self, req: RpcRequest) -> Self::Future {
         *self.m.seen.lock().unwrap().entry(req.method).or_default() += 1;
-        self.m.endpoints.lock().unwrap().push(req.endpoint.clone());
+        self.m
+            .attempts
+            .lock()
+            .unwrap()
+            .push((req.method, req.endpoint.clone()));
         if req.method == self.m.refuse {
             return Box::pin(async { Err(etcdv3_test_error()) });
+        }
+        if self.m.times_out_at.as_ref() == Some(&req.endpoint) {
+            return Box::pin(async {
+                Err(Error::from(tonic::Status::unavailable(
+                    "etcdserver: request timed out",
+                )))
+            });
         }
         let fut = self.inner.call(req);
         let errors = self.m.errors.clone();
@@ -131,10 +145,8 @@ fn etcdv3_test_error() -> Error {
 async fn a_tower_layer_sees_every_attempt() {
     let etcd = common::etcd().await;
     let m = Metrics {
-        seen: Default::default(),
-        endpoints: Default::default(),
-        errors: Default::default(),
         refuse: "Compact",
+        ..Default::default()
     };
     let c = Client::builder(etcd.endpoints())
         .layer(m.clone())
@@ -167,62 +179,12 @@ async fn a_tower_layer_sees_every_attempt() {
     assert_eq!(seen.get("Compact"), Some(&1));
     assert_eq!(m.errors.load(Ordering::Relaxed), 1);
     assert!(
-        m.endpoints
+        m.attempts
             .lock()
             .unwrap()
             .iter()
-            .all(|e| *e == etcd.endpoint(0))
+            .all(|(_, e)| *e == etcd.endpoint(0))
     );
-}
-
-/// Answers every attempt sent to `endpoint` with etcd's "request timed out" (what a member
-/// that cannot get its proposals or reads through in time says), and logs every attempt.
-#[derive(Clone)]
-struct TimesOut {
-    endpoint: String,
-    attempts: Arc<Mutex<Vec<(&'static str, String)>>>,
-}
-
-impl tower::Layer<RpcService> for TimesOut {
-    type Service = TimesOutService;
-    fn layer(&self, inner: RpcService) -> TimesOutService {
-        TimesOutService {
-            inner,
-            t: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct TimesOutService {
-    inner: RpcService,
-    t: TimesOut,
-}
-
-impl tower::Service<RpcRequest> for TimesOutService {
-    type Response = ();
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: RpcRequest) -> Self::Future {
-        self.t
-            .attempts
-            .lock()
-            .unwrap()
-            .push((req.method, req.endpoint.clone()));
-        if req.endpoint == self.t.endpoint {
-            return Box::pin(async {
-                Err(Error::from(tonic::Status::unavailable(
-                    "etcdserver: request timed out",
-                )))
-            });
-        }
-        Box::pin(self.inner.call(req))
-    }
 }
 
 #[tokio::test]
@@ -232,9 +194,9 @@ async fn a_member_that_times_out_is_left_for_another_on_retry() {
         .start_async()
         .await
         .unwrap();
-    let layer = TimesOut {
-        endpoint: cluster.endpoint(0),
-        attempts: Default::default(),
+    let layer = Metrics {
+        times_out_at: Some(cluster.endpoint(0)),
+        ..Default::default()
     };
     let c = Client::builder(cluster.endpoints())
         .layer(layer.clone())

@@ -174,48 +174,94 @@ pub(crate) async fn try_remove(scope: &Scope, key: &Bytes, rev: i64) -> Removal 
 pub(crate) async fn remove_key(scope: &Scope, session: &Session, key: &Bytes, rev: i64) {
     let mut wait = Duration::from_millis(50);
     loop {
-        if try_remove(scope, key, rev).await == Removal::Done {
+        if try_remove(scope, key, rev).await == Removal::Done
+            || !back_off(scope, session, &mut wait).await
+        {
             return;
         }
-        if !session.is_alive() || scope.client.shared().is_closed() {
-            return;
-        }
-        tokio::select! {
-            _ = session.done() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(Duration::from_secs(1));
     }
 }
 
+/// Wait `wait` (doubled for next time, up to a second) before trying again; false when there
+/// is no point: the session ended (its keys go with its lease) or the client was closed.
+async fn back_off(scope: &Scope, session: &Session, wait: &mut Duration) -> bool {
+    if !session.is_alive() || scope.client.shared().is_closed() {
+        return false;
+    }
+    tokio::select! {
+        _ = session.done() => return false,
+        () = tokio::time::sleep(*wait) => {}
+    }
+    *wait = (*wait * 2).min(Duration::from_secs(1));
+    true
+}
+
 /// After an enqueue whose outcome is unknown (its answer was lost): find out whether it put
-/// the key (a key with a create revision above `floor`, the newest revision this client had
-/// seen before sending it; an older key was there before, and is not this attempt's to
-/// delete), and if so delete it, retrying as [`remove_key`] does.
+/// the key, and if so delete it, retrying as [`remove_key`] does. A put of the key on this
+/// session's lease at a revision above `floor` (the newest revision this client had seen
+/// before sending it) is this attempt's; an older key was there before, and is not its to
+/// delete.
+///
+/// The put may still be on its way through the server when its answer is lost, so the key's
+/// history is watched from `floor`: for as long as the request could still be proposed (its
+/// deadline, which the server enforces too, plus a margin; 10 s without one).
 pub(crate) async fn remove_lost_put(scope: &Scope, session: &Session, key: &Bytes, floor: i64) {
+    let window = scope
+        .client
+        .config()
+        .request_timeout
+        .unwrap_or(Duration::from_secs(10))
+        .min(Duration::from_secs(60))
+        + Duration::from_secs(1);
+    let until = tokio::time::Instant::now() + window;
+    let lease = session.lease_id();
     let mut wait = Duration::from_millis(50);
     loop {
-        match scope.kv().get(key.clone()).await {
-            Ok(resp) => {
-                if let Some(kv) = resp.kvs.first()
+        let watched = tokio::time::timeout_at(until, async {
+            let mut w = scope
+                .client
+                .watch(key.clone())
+                .start_revision(floor.saturating_add(1))
+                .await?;
+            loop {
+                let Some(batch) = w.next().await else {
+                    return Err(Error::new(ErrorKind::Closed, "the watch ended"));
+                };
+                for e in batch?.events() {
+                    if e.kind == EventKind::Put
+                        && e.kv.lease() == lease
+                        && e.kv.create_revision() > floor
+                    {
+                        return Ok(e.kv.create_revision());
+                    }
+                }
+            }
+        })
+        .await;
+        match watched {
+            // The window passed without the put: it was never applied.
+            Err(_elapsed) => return,
+            Ok(Ok(rev)) => {
+                remove_key(scope, session, key, rev).await;
+                return;
+            }
+            // History from `floor` is gone: what is there now tells.
+            Ok(Err(e)) if e.is_compacted() => {
+                if let Ok(resp) = scope.kv().get(key.clone()).await
+                    && let Some(kv) = resp.kvs.first()
+                    && kv.lease() == lease
                     && kv.create_revision() > floor
-                    && kv.lease() == session.lease_id()
                 {
                     remove_key(scope, session, key, kv.create_revision()).await;
                 }
                 return;
             }
-            Err(e) if !passing(&e) => return,
-            Err(_) => {}
+            Ok(Err(e)) if !passing(&e) && e.kind() != ErrorKind::Closed => return,
+            Ok(Err(_)) => {}
         }
-        if !session.is_alive() || scope.client.shared().is_closed() {
+        if tokio::time::Instant::now() >= until || !back_off(scope, session, &mut wait).await {
             return;
         }
-        tokio::select! {
-            _ = session.done() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(Duration::from_secs(1));
     }
 }
 
