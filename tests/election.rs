@@ -341,3 +341,87 @@ async fn a_campaign_whose_enqueue_answer_was_lost_leaves_no_key() {
         .unwrap();
     assert_eq!(leader.value_str().unwrap(), "w");
 }
+
+/// When armed, lets `skip` Txn attempts through, then fails the next one with etcd's "request
+/// timed out" and disarms.
+#[derive(Clone, Default)]
+struct FailTxn {
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    skip: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for FailTxn {
+    type Service = FailTxnService;
+    fn layer(&self, inner: etcdv3::RpcService) -> FailTxnService {
+        FailTxnService {
+            inner,
+            f: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct FailTxnService {
+    inner: etcdv3::RpcService,
+    f: FailTxn,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for FailTxnService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        if req.method == "Txn" && self.f.armed.load(SeqCst) {
+            if self.f.skip.load(SeqCst) > 0 {
+                self.f.skip.fetch_sub(1, SeqCst);
+            } else {
+                self.f.armed.store(false, SeqCst);
+                return Box::pin(async {
+                    Err(etcdv3::Error::from(tonic::Status::unavailable(
+                        "etcdserver: request timed out",
+                    )))
+                });
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[tokio::test]
+async fn a_leader_whose_new_campaign_fails_is_no_longer_leader() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let etcd = etcd().await;
+    let fail = FailTxn::default();
+    let c = Client::builder(etcd.endpoints())
+        .layer(fail.clone())
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let s = Session::new(&c).ttl(60).await.unwrap();
+    let e = Election::new(&s, "/elect/again");
+    e.campaign("a").await.unwrap();
+    assert!(e.is_leader());
+    // Campaigning again with another value re-proclaims it: the enqueue (a Txn) finds the
+    // key, the proclamation (the next Txn) fails, and the campaign gives up its key, as Go's
+    // resigns. Before, the election still called itself leader, with its key gone.
+    fail.skip.store(1, SeqCst);
+    fail.armed.store(true, SeqCst);
+    let err = e.campaign("b").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    wait_candidates(&client(&etcd).await, "/elect/again/", 0).await;
+    assert!(!e.is_leader(), "the leader key is gone: no longer leader");
+    // And it can campaign again.
+    e.campaign("c").await.unwrap();
+    assert!(e.is_leader());
+}

@@ -94,12 +94,23 @@ impl Election {
         };
         let (tx, rx) = oneshot::channel();
         self.scope.client.shared().spawn(c.run(tx));
-        let rev = rx
+        let answer = rx
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the campaign's task ended"))??
-            .take();
-        self.set_rev(Some(rev));
-        Ok(())
+            .map_err(|_| Error::new(ErrorKind::Closed, "the campaign's task ended"))?;
+        match answer {
+            Ok(won) => {
+                self.set_rev(Some(won.take()));
+                Ok(())
+            }
+            Err((e, removed)) => {
+                // A campaign from a leader (re-proclaiming, say) that failed removes the
+                // leader key: leadership is over (Go resigns too).
+                if removed.is_some() && removed == self.rev() {
+                    self.set_rev(None);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Set the election's value, only while leader (a guarded write: the leader key must
@@ -203,6 +214,10 @@ fn not_leader() -> Error {
     Error::new(ErrorKind::ElectionNotLeader, "election: not leader")
 }
 
+/// A campaign's answer: the won key, or the error and the create revision of the key the
+/// attempt removed (if it removed one).
+type CampaignAnswer = oneshot::Sender<std::result::Result<Won, (Error, Option<i64>)>>;
+
 struct Campaign {
     scope: Scope,
     session: Session,
@@ -214,7 +229,7 @@ struct Campaign {
 impl Campaign {
     /// Behind the key's gate (see the mutex's attempt); the answer carries it to the caller,
     /// and deletes the key if dropped untaken.
-    async fn run(self, mut tx: oneshot::Sender<Result<Won>>) {
+    async fn run(self, mut tx: CampaignAnswer) {
         let gate = self.session.gate(&self.key);
         let gate = tokio::select! {
             _ = tx.closed() => return,
@@ -229,7 +244,7 @@ impl Campaign {
             }
             Err((e, None)) => {
                 let unknown = e.is_indeterminate();
-                let _ = tx.send(Err(e));
+                let _ = tx.send(Err((e, None)));
                 if unknown {
                     // Still behind the gate: a retry waits for this.
                     remove_lost_put(&self.scope, &self.session, &self.key, floor).await;
@@ -267,12 +282,12 @@ impl Campaign {
 
     /// Answer `e` and delete the key at `rev`: one try first; should it fail, the answer goes
     /// out and the removal goes on (the caller holds the gate meanwhile).
-    async fn fail(&self, tx: oneshot::Sender<Result<Won>>, e: Error, rev: i64) {
+    async fn fail(&self, tx: CampaignAnswer, e: Error, rev: i64) {
         if try_remove(&self.scope, &self.key, rev).await == Removal::Retry {
-            let _ = tx.send(Err(e));
+            let _ = tx.send(Err((e, Some(rev))));
             remove_key(&self.scope, &self.session, &self.key, rev).await;
         } else {
-            let _ = tx.send(Err(e));
+            let _ = tx.send(Err((e, Some(rev))));
         }
     }
 

@@ -172,28 +172,50 @@ pub(crate) async fn try_remove(scope: &Scope, key: &Bytes, rev: i64) -> Removal 
 /// for as long as its session lives (Go tries once). Stops when the session ends (its lease,
 /// and so the key, goes with it) or the client is closed.
 pub(crate) async fn remove_key(scope: &Scope, session: &Session, key: &Bytes, rev: i64) {
-    let mut wait = Duration::from_millis(50);
+    let mut retry = Retry::new(session);
     loop {
         if try_remove(scope, key, rev).await == Removal::Done
-            || !back_off(scope, session, &mut wait).await
+            || !retry.back_off(scope, session).await
         {
             return;
         }
     }
 }
 
-/// Wait `wait` (doubled for next time, up to a second) before trying again; false when there
-/// is no point: the session ended (its keys go with its lease) or the client was closed.
-async fn back_off(scope: &Scope, session: &Session, wait: &mut Duration) -> bool {
-    if !session.is_alive() || scope.client.shared().is_closed() {
-        return false;
+/// The back-off of a cleanup's retries, and its end: one TTL of the session after the
+/// start (this task holds a handle of the session, so it could otherwise keep the lease,
+/// and itself, alive against a cluster that refuses writes but answers keep-alives).
+struct Retry {
+    wait: Duration,
+    until: tokio::time::Instant,
+}
+
+impl Retry {
+    fn new(session: &Session) -> Self {
+        let ttl = u64::try_from(session.ttl()).unwrap_or(0).max(5);
+        Retry {
+            wait: Duration::from_millis(50),
+            until: tokio::time::Instant::now() + Duration::from_secs(ttl.min(3600)),
+        }
     }
-    tokio::select! {
-        _ = session.done() => return false,
-        () = tokio::time::sleep(*wait) => {}
+
+    /// Wait before trying again (doubling, up to a second); false when there is no point:
+    /// the session ended (its keys go with its lease), the client was closed, or the
+    /// retries are over.
+    async fn back_off(&mut self, scope: &Scope, session: &Session) -> bool {
+        if !session.is_alive()
+            || scope.client.shared().is_closed()
+            || tokio::time::Instant::now() >= self.until
+        {
+            return false;
+        }
+        tokio::select! {
+            _ = session.done() => return false,
+            () = tokio::time::sleep(self.wait) => {}
+        }
+        self.wait = (self.wait * 2).min(Duration::from_secs(1));
+        true
     }
-    *wait = (*wait * 2).min(Duration::from_secs(1));
-    true
 }
 
 /// After an enqueue whose outcome is unknown (its answer was lost): find out whether it put
@@ -215,52 +237,82 @@ pub(crate) async fn remove_lost_put(scope: &Scope, session: &Session, key: &Byte
         + Duration::from_secs(1);
     let until = tokio::time::Instant::now() + window;
     let lease = session.lease_id();
-    let mut wait = Duration::from_millis(50);
+    let ours = |kv: &KeyValue| kv.lease() == lease && kv.create_revision() > floor;
+    let mut from = floor.saturating_add(1);
+    let mut retry = Retry::new(session);
     loop {
-        let watched = tokio::time::timeout_at(until, async {
-            let mut w = scope
-                .client
-                .watch(key.clone())
-                .start_revision(floor.saturating_add(1))
-                .await?;
-            loop {
-                let Some(batch) = w.next().await else {
-                    return Err(Error::new(ErrorKind::Closed, "the watch ended"));
-                };
-                for e in batch?.events() {
-                    if e.kind == EventKind::Put
-                        && e.kv.lease() == lease
-                        && e.kv.create_revision() > floor
-                    {
-                        return Ok(e.kv.create_revision());
-                    }
-                }
-            }
-        })
-        .await;
+        let watched = tokio::select! {
+            _ = session.done() => return,
+            r = tokio::time::timeout_at(until, find_put(scope, key, from, &ours)) => r,
+        };
         match watched {
-            // The window passed without the put: it was never applied.
-            Err(_elapsed) => return,
+            Err(_elapsed) => break,
             Ok(Ok(rev)) => {
                 remove_key(scope, session, key, rev).await;
                 return;
             }
-            // History from `floor` is gone: what is there now tells.
-            Ok(Err(e)) if e.is_compacted() => {
-                if let Ok(resp) = scope.kv().get(key.clone()).await
-                    && let Some(kv) = resp.kvs.first()
-                    && kv.lease() == lease
-                    && kv.create_revision() > floor
+            // The history from `from` is gone: what is there now tells about the past, and
+            // the watch goes on from there.
+            Ok(Err(e)) if e.is_compacted() => match scope.kv().get(key.clone()).await {
+                Ok(resp) => match resp.kvs.first() {
+                    Some(kv) if ours(kv) => {
+                        remove_key(scope, session, key, kv.create_revision()).await;
+                        return;
+                    }
+                    _ => {
+                        from = resp.header.revision.saturating_add(1);
+                        continue;
+                    }
+                },
+                Err(e) if !passing(&e) => return,
+                Err(_) => {}
+            },
+            Ok(Err(e)) if !passing(&e) && e.kind() != ErrorKind::Closed => return,
+            Ok(Err(_)) => {}
+        }
+        if tokio::time::Instant::now() >= until || !retry.back_off(scope, session).await {
+            break;
+        }
+    }
+    // The request can no longer be applied now: a read tells (the watch could not, with the
+    // cluster unreachable all along, say).
+    loop {
+        match scope.kv().get(key.clone()).await {
+            Ok(resp) => {
+                if let Some(kv) = resp.kvs.first()
+                    && ours(kv)
                 {
                     remove_key(scope, session, key, kv.create_revision()).await;
                 }
                 return;
             }
-            Ok(Err(e)) if !passing(&e) && e.kind() != ErrorKind::Closed => return,
-            Ok(Err(_)) => {}
+            Err(e) if !passing(&e) => return,
+            Err(_) => {}
         }
-        if tokio::time::Instant::now() >= until || !back_off(scope, session, &mut wait).await {
+        if !retry.back_off(scope, session).await {
             return;
+        }
+    }
+}
+
+/// Watch `key` from revision `from` for a put that `ours` recognizes; its create revision.
+async fn find_put(
+    scope: &Scope,
+    key: &Bytes,
+    from: i64,
+    ours: &impl Fn(&KeyValue) -> bool,
+) -> Result<i64> {
+    let mut w = scope.client.watch(key.clone()).start_revision(from).await?;
+    loop {
+        let Some(batch) = w.next().await else {
+            return Err(Error::new(ErrorKind::Closed, "the watch ended"));
+        };
+        if let Some(e) = batch?
+            .events()
+            .iter()
+            .find(|e| e.kind == EventKind::Put && ours(&e.kv))
+        {
+            return Ok(e.kv.create_revision());
         }
     }
 }
