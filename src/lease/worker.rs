@@ -561,10 +561,6 @@ impl Worker {
 
     fn on_answer(&mut self, answer: pb::LeaseKeepAliveResponse, now: Instant) {
         self.last_answer = Some(now);
-        // A revision the client has now seen (the recipes tell their own keys by it).
-        if let Some(h) = &answer.header {
-            self.shared.observe_revision(h.revision);
-        }
         self.attempt = 0;
         let id = answer.id;
         if let Some(n) = self.orphans.get_mut(&id) {
