@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::mutex::{check_own_key, delete_if_created_at};
 use super::session::session_expired;
 use super::{
-    Removal, Scope, Stop, Won, lease_key, recipe_prefix, remove_key, remove_lost_put, try_remove,
-    unless, wait_deletes,
+    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_key, recipe_prefix, unless,
+    wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -243,12 +243,17 @@ impl Campaign {
                 return;
             }
             Err((e, None)) => {
-                let unknown = e.is_indeterminate();
-                let _ = tx.send(Err((e, None)));
-                if unknown {
-                    // Still behind the gate: a retry waits for this.
-                    remove_lost_put(&self.scope, &self.session, &self.key, floor).await;
-                }
+                let maybe_put = e.is_indeterminate();
+                answer_failed_enqueue(
+                    tx,
+                    Err((e, None)),
+                    maybe_put,
+                    &self.scope,
+                    &self.session,
+                    &self.key,
+                    floor,
+                )
+                .await;
                 return;
             }
         };
@@ -280,15 +285,10 @@ impl Campaign {
         }
     }
 
-    /// Answer `e` and delete the key at `rev`: one try first; should it fail, the answer goes
-    /// out and the removal goes on (the caller holds the gate meanwhile).
+    /// Answer `e` and delete the key at `rev` (see [`answer_and_remove`]).
     async fn fail(&self, tx: CampaignAnswer, e: Error, rev: i64) {
-        if try_remove(&self.scope, &self.key, rev).await == Removal::Retry {
-            let _ = tx.send(Err((e, Some(rev))));
-            remove_key(&self.scope, &self.session, &self.key, rev).await;
-        } else {
-            let _ = tx.send(Err((e, Some(rev))));
-        }
+        let answer = Err((e, Some(rev)));
+        answer_and_remove(tx, answer, &self.scope, &self.session, &self.key, Some(rev)).await;
     }
 
     /// Put the key with the value if absent (else re-proclaim the value on it); returns the

@@ -34,6 +34,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use bytes::Bytes;
 
 use crate::client::Client;
@@ -150,9 +152,49 @@ fn passing(e: &Error) -> bool {
     e.is_retryable() || e.kind() == ErrorKind::Deadline
 }
 
+/// Answer a failed attempt on `tx`, then delete its key at `rev` (if it has one to delete):
+/// one try first, so the caller usually finds the queue clean; should it fail, the answer
+/// goes out and the removal goes on (behind the attempt's gate, which the caller holds).
+pub(crate) async fn answer_and_remove<T>(
+    tx: oneshot::Sender<T>,
+    answer: T,
+    scope: &Scope,
+    session: &Session,
+    key: &Bytes,
+    rev: Option<i64>,
+) {
+    match rev {
+        Some(rev) if try_remove(scope, key, rev).await == Removal::Retry => {
+            let _ = tx.send(answer);
+            remove_key(scope, session, key, rev).await;
+        }
+        _ => {
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+/// Answer a failed enqueue on `tx`; when its outcome is unknown (`maybe_put`), then find out
+/// whether it put the key, and delete it ([`remove_lost_put`]; the caller holds the gate, so
+/// a retry waits for this).
+pub(crate) async fn answer_failed_enqueue<T>(
+    tx: oneshot::Sender<T>,
+    answer: T,
+    maybe_put: bool,
+    scope: &Scope,
+    session: &Session,
+    key: &Bytes,
+    floor: i64,
+) {
+    let _ = tx.send(answer);
+    if maybe_put {
+        remove_lost_put(scope, session, key, floor).await;
+    }
+}
+
 /// Whether a key removal is finished ([`try_remove`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Removal {
+enum Removal {
     /// Deleted, already gone (or re-created), or impossible (a lasting error).
     Done,
     /// Failed for a passing reason: [`remove_key`] tries again.
@@ -160,7 +202,7 @@ pub(crate) enum Removal {
 }
 
 /// One try at deleting `key` if it still has create revision `rev`.
-pub(crate) async fn try_remove(scope: &Scope, key: &Bytes, rev: i64) -> Removal {
+async fn try_remove(scope: &Scope, key: &Bytes, rev: i64) -> Removal {
     match mutex::delete_if_created_at(scope, key, rev).await {
         Err(e) if passing(&e) => Removal::Retry,
         _ => Removal::Done,
@@ -227,7 +269,7 @@ impl Retry {
 /// The put may still be on its way through the server when its answer is lost, so the key's
 /// history is watched from `floor`: for as long as the request could still be proposed (its
 /// deadline, which the server enforces too, plus a margin; 10 s without one).
-pub(crate) async fn remove_lost_put(scope: &Scope, session: &Session, key: &Bytes, floor: i64) {
+async fn remove_lost_put(scope: &Scope, session: &Session, key: &Bytes, floor: i64) {
     let window = scope
         .client
         .config()

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::{
-    Removal, Scope, Stop, Won, lease_key, recipe_prefix, remove_key, remove_lost_put,
-    session::session_expired, try_remove, unless, wait_deletes,
+    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_key, recipe_prefix,
+    session::session_expired, unless, wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -195,12 +195,17 @@ impl Attempt {
         let (my_rev, created, owner_rev) = match first {
             Ok(v) => v,
             Err(e) => {
-                let unknown = e.is_indeterminate();
-                let _ = tx.send(Err(e));
-                if unknown {
-                    // Still behind the gate: a retry waits for this.
-                    remove_lost_put(&self.scope, &self.session, &self.key, floor).await;
-                }
+                let maybe_put = e.is_indeterminate();
+                answer_failed_enqueue(
+                    tx,
+                    Err(e),
+                    maybe_put,
+                    &self.scope,
+                    &self.session,
+                    &self.key,
+                    floor,
+                )
+                .await;
                 return;
             }
         };
@@ -231,14 +236,8 @@ impl Attempt {
                 let _ = tx.send(Ok(Won::new(rev, cleanup, gate)));
             }
             Err(e) => {
-                // One try before answering; should it fail, the answer goes out and the
-                // removal goes on behind the gate.
-                if created && try_remove(&self.scope, &self.key, my_rev).await == Removal::Retry {
-                    let _ = tx.send(Err(e));
-                    remove_key(&self.scope, &self.session, &self.key, my_rev).await;
-                } else {
-                    let _ = tx.send(Err(e));
-                }
+                let rev = created.then_some(my_rev);
+                answer_and_remove(tx, Err(e), &self.scope, &self.session, &self.key, rev).await;
                 drop(gate);
             }
         }
