@@ -149,12 +149,14 @@ impl Kv {
         validate_put(&req)?;
         check_size(req.encoded_len(), self.config())?;
         let max = self.config().max_encoding_bytes();
+        let (lease, sent) = (req.lease, std::time::Instant::now());
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
                 crate::grpc::unary(ch, "/etcdserverpb.KV/Put", r, max, usize::MAX)
             })
-            .await?;
+            .await
+            .inspect_err(|e| crate::lease::note_write_error(&self.client, e, lease, sent))?;
         let resp = PutResponse::from_pb(resp);
         self.client.shared().observe_revision(resp.header.revision);
         Ok(resp)
@@ -185,6 +187,9 @@ impl Kv {
     ) -> Result<crate::TxnResponse> {
         crate::txn::validate_txn(&req, self.config())?;
         let mut opts = opts;
+        // The lease of the transaction's puts, when they all have the same one: a "lease not
+        // found" answer is about it (etcd checks the leases of the branch it takes).
+        let mut lease = 0;
         if txn_is_read_only(&req) {
             // Not proposed through raft: etcd limits it only by its gRPC receive limit.
             check_size_with(req.encoded_len(), self.config(), GRPC_OVERHEAD)?;
@@ -193,14 +198,17 @@ impl Kv {
             opts.idempotent = true;
         } else {
             check_size(req.encoded_len(), self.config())?;
+            lease = txn_lease(&req).unwrap_or(0);
         }
         let max = self.config().max_encoding_bytes();
+        let sent = std::time::Instant::now();
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
                 crate::grpc::unary(ch, "/etcdserverpb.KV/Txn", r, max, usize::MAX)
             })
-            .await?;
+            .await
+            .inspect_err(|e| crate::lease::note_write_error(&self.client, e, lease, sent))?;
         let resp = crate::TxnResponse::from_pb(resp);
         self.client.shared().observe_revision(resp.header.revision);
         Ok(resp)
@@ -296,6 +304,27 @@ fn txn_is_read_only(req: &pb::TxnRequest) -> bool {
             Some(Request::RequestTxn(t)) => txn_is_read_only(t),
             _ => false,
         })
+}
+
+/// The one lease the puts of a transaction (both branches, nested ones included) attach
+/// keys to: `Some(0)` for no lease or no put, `None` when they use different leases.
+fn txn_lease(req: &pb::TxnRequest) -> Option<i64> {
+    use pb::request_op::Request;
+    let mut found = 0;
+    for op in req.success.iter().chain(&req.failure) {
+        let lease = match &op.request {
+            Some(Request::RequestPut(p)) => p.lease,
+            Some(Request::RequestTxn(t)) => txn_lease(t)?,
+            _ => 0,
+        };
+        if lease != 0 {
+            if found != 0 && found != lease {
+                return None;
+            }
+            found = lease;
+        }
+    }
+    Some(found)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,4 +796,53 @@ pub struct CompactResponse {
 /// How many attempts the ordering guard may make: one per endpoint.
 fn shared_len(shared: &Shared) -> usize {
     shared.endpoint_count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::request_op::Request;
+
+    fn put(lease: i64) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(Request::RequestPut(pb::PutRequest {
+                key: b"k".to_vec().into(),
+                lease,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn nested(ops: Vec<pb::RequestOp>) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(Request::RequestTxn(pb::TxnRequest {
+                success: ops,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn txn(success: Vec<pb::RequestOp>, failure: Vec<pb::RequestOp>) -> pb::TxnRequest {
+        pb::TxnRequest {
+            success,
+            failure,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_transaction_s_lease_is_the_one_all_its_puts_use() {
+        assert_eq!(txn_lease(&txn(vec![], vec![])), Some(0));
+        assert_eq!(txn_lease(&txn(vec![put(0)], vec![put(0)])), Some(0));
+        assert_eq!(txn_lease(&txn(vec![put(7), put(0)], vec![put(7)])), Some(7));
+        assert_eq!(
+            txn_lease(&txn(vec![put(0)], vec![nested(vec![put(7)])])),
+            Some(7)
+        );
+        assert_eq!(txn_lease(&txn(vec![put(7)], vec![put(8)])), None);
+        assert_eq!(
+            txn_lease(&txn(vec![put(7), nested(vec![put(8)])], vec![])),
+            None
+        );
+    }
 }

@@ -425,3 +425,35 @@ async fn a_leader_whose_new_campaign_fails_is_no_longer_leader() {
     e.campaign("c").await.unwrap();
     assert!(e.is_leader());
 }
+
+#[tokio::test]
+async fn a_campaign_on_a_lease_revoked_elsewhere_fails_as_session_expired() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let other = client(&etcd).await;
+
+    // A campaign on a lease revoked behind the session's back (TTL 60: the keeper's next
+    // refresh is 20 s away, so only the refused enqueue can tell the session).
+    let s = Session::new(&c).ttl(60).await.unwrap();
+    other.lease().revoke(s.lease_id()).await.unwrap();
+    let e = Election::new(&s, "/election/lease-gone");
+    let err = e.campaign("one").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired, "{err}");
+    assert!(!e.is_leader());
+    let reason = tokio::time::timeout(Duration::from_secs(5), s.done())
+        .await
+        .expect("the session ended with the refused campaign");
+    assert_eq!(reason, etcdv3::LeaseLost::Expired);
+    assert_eq!(candidates(&c, "/election/lease-gone/").await, 0);
+
+    // A leader whose lease is revoked that way lost its key with the lease: a proclamation
+    // finds no key of its own (as in Go), and the election is no longer leader.
+    let s = Session::new(&c).ttl(60).await.unwrap();
+    let e = Election::new(&s, "/election/lease-gone");
+    e.campaign("two").await.unwrap();
+    assert!(e.is_leader());
+    other.lease().revoke(s.lease_id()).await.unwrap();
+    let err = e.proclaim("three").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ElectionNotLeader, "{err}");
+    assert!(!e.is_leader());
+}

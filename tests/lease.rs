@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{client, etcd, wait_until};
 use etcdv3::testkit::{EtcdCluster, FaultProxy};
-use etcdv3::{Client, ErrorKind, KeptLease, LeaseLost};
+use etcdv3::{Client, ErrorKind, KeptLease, LeaseLost, Op};
 
 /// Waits (bounded) until the runtime's live task count is back at `baseline`.
 async fn wait_for_tasks(baseline: usize) {
@@ -222,6 +222,75 @@ async fn revoke_reports_the_loss() {
     assert_eq!(other.kv().get("rv2").await.unwrap().count, 0);
     let t = other.lease().time_to_live(kept.id()).await.unwrap();
     assert_eq!(t.ttl, -1);
+}
+
+#[tokio::test]
+async fn a_write_refused_for_a_missing_lease_reports_the_loss_at_once() {
+    let etcd = etcd().await;
+    let owner = client(&etcd).await;
+    let other = client(&etcd).await;
+
+    // TTL 60: the keeper's next refresh is 20 s away, so only the refused put can tell it.
+    let kept = owner.lease().grant(60).keep_alive().await.unwrap();
+    other.lease().revoke(kept.id()).await.unwrap();
+    assert!(kept.lost_reason().is_none(), "the keeper cannot know yet");
+    let err = owner
+        .kv()
+        .put("gone/put", "v")
+        .lease(kept.id())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LeaseNotFound);
+    let reason = tokio::time::timeout(Duration::from_secs(5), kept.lost())
+        .await
+        .expect("the refused put reported the loss");
+    assert_eq!(reason, LeaseLost::Expired);
+    assert_eq!(kept.ttl(), 0);
+
+    // The same through a transaction whose puts all use the lease (a nested one included).
+    let kept = owner.lease().grant(60).keep_alive().await.unwrap();
+    other.lease().revoke(kept.id()).await.unwrap();
+    let err = owner
+        .kv()
+        .txn()
+        .and_then([
+            Op::from(Op::get("gone/txn")),
+            Op::from(Op::txn().and_then([Op::put("gone/txn", "v").lease(kept.id())])),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LeaseNotFound);
+    let reason = tokio::time::timeout(Duration::from_secs(5), kept.lost())
+        .await
+        .expect("the refused transaction reported the loss");
+    assert_eq!(reason, LeaseLost::Expired);
+
+    // A transaction with puts on two leases does not say which is gone: both stay kept
+    // until their own refresh says otherwise.
+    let a = owner.lease().grant(60).keep_alive().await.unwrap();
+    let b = owner.lease().grant(60).keep_alive().await.unwrap();
+    other.lease().revoke(a.id()).await.unwrap();
+    let err = owner
+        .kv()
+        .txn()
+        .and_then([
+            Op::put("gone/a", "v").lease(a.id()),
+            Op::put("gone/b", "v").lease(b.id()),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LeaseNotFound);
+    // The keeper handles commands in order: a lease kept after the error was handled.
+    let probe = owner.lease().grant(60).keep_alive().await.unwrap();
+    assert!(probe.lost_reason().is_none());
+    assert!(
+        b.lost_reason().is_none(),
+        "a lease that still exists was reported lost"
+    );
+    assert!(
+        a.lost_reason().is_none(),
+        "the keeper learns of `a` at its next refresh, not from this"
+    );
 }
 
 #[tokio::test]

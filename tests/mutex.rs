@@ -242,6 +242,30 @@ async fn waiter_whose_session_is_revoked_stops_waiting() {
 }
 
 #[tokio::test]
+async fn a_lock_on_a_lease_revoked_elsewhere_fails_as_session_expired() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    // TTL 60: the keeper would learn of the revoke only at its refresh, 20 s away.
+    let s = Session::new(&c).ttl(60).await.unwrap();
+    let other = client(&etcd).await;
+    other.lease().revoke(s.lease_id()).await.unwrap();
+    let m = Mutex::new(&s, "/mutex/lease-gone");
+    let err = m.lock().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired, "{err}");
+    assert_eq!(m.fencing_revision(), None);
+    // The session learnt it too, from the refused enqueue.
+    let reason = tokio::time::timeout(Duration::from_secs(5), s.done())
+        .await
+        .expect("the session ended with the refused enqueue");
+    assert_eq!(reason, LeaseLost::Expired);
+    assert!(!s.is_alive());
+    assert!(keys_under(&c, "/mutex/lease-gone/").await.is_empty());
+    // try_lock says the same.
+    let err = m.try_lock().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionExpired, "{err}");
+}
+
+#[tokio::test]
 async fn cancelled_lock_leaves_no_key_and_no_task() {
     let etcd = etcd().await;
     let metrics = tokio::runtime::Handle::current().metrics();

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::mutex::{check_own_key, delete_if_created_at};
 use super::session::session_expired;
 use super::{
-    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_key, recipe_prefix, unless,
-    wait_deletes,
+    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_gone, lease_key,
+    recipe_prefix, unless, wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -83,7 +83,8 @@ impl Election {
     /// Campaign with `value` and wait until elected. If this session already campaigns
     /// (its key exists), the campaign continues with it (re-proclaiming `value` if it
     /// differs). Fails with [`ErrorKind::SessionExpired`] when the session ends while
-    /// waiting; a failed or cancelled (dropped) campaign deletes its key.
+    /// waiting, or its lease is found gone (the session then ends too, without waiting for
+    /// the keeper's next refresh); a failed or cancelled (dropped) campaign deletes its key.
     pub async fn campaign(&self, value: impl IntoBytes) -> Result<()> {
         let c = Campaign {
             scope: self.scope.clone(),
@@ -307,7 +308,7 @@ impl Campaign {
             .and_then([Op::put(self.key.clone(), self.value.clone()).lease(lease)])
             .or_else([Op::get(self.key.clone())])
             .await
-            .map_err(|e| (e, None))?;
+            .map_err(|e| (lease_gone(e, &self.session), None))?;
         if resp.succeeded {
             return Ok(resp.header.revision);
         }

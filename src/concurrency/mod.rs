@@ -41,8 +41,10 @@ use bytes::Bytes;
 use crate::client::Client;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kv::Kv;
+use crate::lease::LeaseLost;
 use crate::types::{KeyValue, ResponseHeader};
 use crate::{EventKind, SortOrder, SortTarget};
+use session::session_expired;
 
 /// Where a recipe's keys live: a client plus a namespace prefix (empty without one). Keys
 /// handed to the user are relative to the namespace; keys sent to the server are absolute.
@@ -97,6 +99,17 @@ pub(crate) fn lease_key(prefix: &[u8], lease: i64) -> Bytes {
     };
     v.extend_from_slice(hex.as_bytes());
     Bytes::from(v)
+}
+
+/// A recipe's write refused because the session's lease is gone (the server answered "lease
+/// not found"): the session has expired, and says so ([`ErrorKind::SessionExpired`], as a
+/// wait that outlives the session does). Other errors are returned as they are.
+pub(crate) fn lease_gone(e: Error, session: &Session) -> Error {
+    if e.kind() == ErrorKind::LeaseNotFound {
+        session_expired(session.lease_id(), LeaseLost::Expired)
+    } else {
+        e
+    }
 }
 
 /// What stops a wait: the caller went away, or the session ended.

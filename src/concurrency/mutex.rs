@@ -7,8 +7,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::{
-    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_key, recipe_prefix,
-    session::session_expired, unless, wait_deletes,
+    Scope, Stop, Won, answer_and_remove, answer_failed_enqueue, lease_gone, lease_key,
+    recipe_prefix, session::session_expired, unless, wait_deletes,
 };
 use crate::concurrency::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -86,7 +86,9 @@ impl Mutex {
     }
 
     /// Wait until the lock is held. Fails with [`ErrorKind::SessionExpired`] when the session
-    /// ends while waiting (the wait stops at once, it does not outlive the session).
+    /// ends while waiting (the wait stops at once, it does not outlive the session), or when
+    /// its lease is found gone as the key is put (the session then ends too, without waiting
+    /// for the keeper's next refresh).
     ///
     /// Dropping the future before it completes gives up the attempt: the key it created is
     /// deleted (by a task that lives only until then), so a cancelled waiter never blocks the
@@ -265,7 +267,8 @@ impl Attempt {
                 Op::from(owner.clone()),
             ])
             .or_else([Op::from(Op::get(self.key.clone())), Op::from(owner)])
-            .await?;
+            .await
+            .map_err(|e| lease_gone(e, &self.session))?;
         let my_rev = if resp.succeeded {
             resp.header.revision
         } else {

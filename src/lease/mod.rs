@@ -218,6 +218,18 @@ impl Lease {
     }
 }
 
+/// A write sent at `sent` that attaches keys to lease `lease` (0: none) failed with `e`: when
+/// the server said the lease does not exist, `client`'s keeper (if it keeps the lease) reports
+/// it lost now, instead of at its next refresh (up to a third of the TTL later).
+pub(crate) fn note_write_error(client: &Client, e: &Error, lease: i64, sent: Instant) {
+    if lease != 0
+        && e.kind() == ErrorKind::LeaseNotFound
+        && let Some(k) = client.lease_keeper().get()
+    {
+        k.send(Command::NotFound { id: lease, sent });
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The RPCs, shared by the builders and the keeper.
 
@@ -670,8 +682,9 @@ impl IntoFuture for KeepAlive {
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LeaseLost {
-    /// The server answered a refresh with TTL 0: the lease no longer exists (it expired, or
-    /// another client revoked it).
+    /// The server answered a refresh with TTL 0, or a write attaching a key to the lease
+    /// with [`ErrorKind::LeaseNotFound`]: the lease no longer exists (it expired, or another
+    /// client revoked it).
     Expired,
     /// No refresh was acknowledged before the lease's deadline (the send time of the last
     /// acknowledged refresh plus the TTL). The server may have expired the lease by now, or

@@ -79,6 +79,9 @@ pub(crate) enum Command {
     Release { id: i64, token: u64, revoke: bool },
     /// Lease `id` was revoked through this client.
     Revoked { id: i64 },
+    /// The server answered a request sent at `sent` that attaches a key to lease `id` with
+    /// "lease not found".
+    NotFound { id: i64, sent: std::time::Instant },
 }
 
 /// Counters shared between the worker and the client.
@@ -432,6 +435,18 @@ impl Worker {
             Command::Revoked { id } => {
                 if self.leases.contains_key(&id) {
                     self.lose(id, LeaseLost::Revoked);
+                }
+            }
+            Command::NotFound { id, sent } => {
+                // Only a request sent after the server last said the lease was alive: it was
+                // applied after that, so the lease is gone since. (One sent before may have
+                // been applied before a lease granted again with the same ID.)
+                if self
+                    .leases
+                    .get(&id)
+                    .is_some_and(|e| sent >= e.status.borrow().acknowledged_at)
+                {
+                    self.lose(id, LeaseLost::Expired);
                 }
             }
         }
