@@ -476,7 +476,13 @@ struct Inner {
     lease_keeper: std::sync::OnceLock<crate::lease::KeeperHandle>,
     /// The watch multiplexers, started on first use.
     watch: crate::watch::WatchMuxes,
+    /// The gates of the recipes' keys (see [`Client::recipe_gate`]).
+    recipe_gates: RecipeGates,
 }
+
+/// One gate per recipe key, shared by every session of the client.
+type RecipeGates =
+    std::sync::Mutex<std::collections::HashMap<bytes::Bytes, Arc<tokio::sync::Mutex<()>>>>;
 
 /// An etcd v3 client.
 ///
@@ -551,6 +557,7 @@ impl Client {
                 _auto_sync_stop: stop,
                 lease_keeper: std::sync::OnceLock::new(),
                 watch: crate::watch::WatchMuxes::default(),
+                recipe_gates: RecipeGates::default(),
             }),
         }
     }
@@ -558,6 +565,21 @@ impl Client {
     /// The state shared with background workers.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// The gate of recipe key `key` (absolute): a lock or campaign attempt on the key holds
+    /// it until it has finished, cleanup included, so a retried attempt never finds (and
+    /// adopts) a key that a cancelled one is about to delete. Per client, not per session:
+    /// two sessions on one lease write the same keys. Gates nobody holds are dropped as new
+    /// ones are made.
+    pub(crate) fn recipe_gate(&self, key: &bytes::Bytes) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self
+            .inner
+            .recipe_gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gates.retain(|k, g| k == key || Arc::strong_count(g) > 1);
+        gates.entry(key.clone()).or_default().clone()
     }
 
     /// The lease keeper slot (see `crate::lease`).

@@ -420,6 +420,40 @@ async fn a_lock_cancelled_at_any_moment_then_retried_holds_its_key() {
     }
 }
 
+#[tokio::test]
+async fn a_lock_cancelled_through_one_session_then_taken_through_another_on_its_lease_holds() {
+    // Two sessions on one lease (the second made with `NewSession::lease`) write the same
+    // lock key: an attempt through the second must wait for the cleanup of an attempt
+    // through the first that was cancelled, or it adopts a key about to be deleted.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let first = Session::new(&c).ttl(30).await.unwrap();
+    let second = Session::new(&c).lease(first.lease_id()).await.unwrap();
+    let via_first = Mutex::new(&first, "/race2");
+    let via_second = Mutex::new(&second, "/race2");
+    assert_eq!(via_first.key(), via_second.key());
+    for i in 0..60u64 {
+        let cut = Duration::from_micros((i * 97) % 3000);
+        let _ = tokio::time::timeout(cut, via_first.lock()).await;
+        via_second.lock().await.unwrap();
+        let held = c
+            .kv()
+            .txn()
+            .when([via_second.is_owner()])
+            .and_then([Op::put("/race2-owned", i.to_string())])
+            .await
+            .unwrap();
+        assert!(held.succeeded, "round {i}: the lock key is gone");
+        via_second.unlock().await.unwrap();
+        via_first.unlock().await.unwrap();
+        wait_until(Duration::from_secs(10), "no key left behind", || {
+            let c = c.clone();
+            async move { keys_under(&c, "/race2/").await.is_empty() }
+        })
+        .await;
+    }
+}
+
 /// The waiter's side of the next two tests: a client reaching the member only through a
 /// fault proxy, with a short request timeout, and a session that outlives the faults.
 async fn proxied_waiter(etcd: &EtcdCluster) -> (FaultProxy, Client, Session) {

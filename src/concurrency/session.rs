@@ -1,6 +1,5 @@
 //! [`Session`]: a lease kept alive by the client's lease keeper, shared by recipes.
 
-use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::sync::{Arc, Mutex as StdMutex};
 
@@ -47,8 +46,6 @@ struct Inner {
     ttl: i64,
     kept: StdMutex<Option<KeptLease>>,
     status: watch::Receiver<LeaseStatus>,
-    /// One lock/campaign attempt at a time per recipe key (see [`Session::gate`]).
-    gates: StdMutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -75,18 +72,10 @@ impl Session {
         }
     }
 
-    /// The gate of recipe key `key` (absolute): a lock or campaign attempt on the key holds
-    /// it until it has finished, cleanup included, so a retried attempt never finds (and
-    /// adopts) a key that a cancelled one is about to delete. Gates nobody holds are dropped
-    /// as new ones are made.
+    /// The gate of recipe key `key` (absolute): see `Client::recipe_gate` (shared by the
+    /// client's sessions, since two sessions on one lease write the same keys).
     pub(crate) fn gate(&self, key: &Bytes) -> Arc<tokio::sync::Mutex<()>> {
-        let mut gates = self
-            .inner
-            .gates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        gates.retain(|k, g| k == key || Arc::strong_count(g) > 1);
-        gates.entry(key.clone()).or_default().clone()
+        self.inner.client.recipe_gate(key)
     }
 
     /// The session's lease ID.
@@ -239,7 +228,6 @@ impl NewSession {
                 ttl: kept.ttl(),
                 kept: StdMutex::new(Some(kept)),
                 status,
-                gates: StdMutex::new(HashMap::new()),
             }),
         })
     }
