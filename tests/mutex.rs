@@ -510,6 +510,159 @@ async fn a_lock_whose_enqueue_answer_was_lost_leaves_no_key() {
         .unwrap();
 }
 
+/// A client layer that, once armed, runs the next `Txn` (the server applies it), then calls
+/// `after` and fails the attempt as if its answer had been lost ("request timed out").
+#[derive(Clone)]
+struct LoseTxnAnswer {
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    after: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for LoseTxnAnswer {
+    type Service = LoseTxnAnswerService;
+    fn layer(&self, inner: etcdv3::RpcService) -> LoseTxnAnswerService {
+        LoseTxnAnswerService {
+            inner,
+            l: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct LoseTxnAnswerService {
+    inner: etcdv3::RpcService,
+    l: LoseTxnAnswer,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for LoseTxnAnswerService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        let lose = req.method == "Txn" && self.l.armed.swap(false, SeqCst);
+        let fut = self.inner.call(req);
+        if !lose {
+            return Box::pin(fut);
+        }
+        let after = self.l.after.clone();
+        Box::pin(async move {
+            fut.await?;
+            after();
+            Err(etcdv3::Error::from(tonic::Status::unavailable(
+                "etcdserver: request timed out",
+            )))
+        })
+    }
+}
+
+/// A client through `proxy` whose next `Txn` after arming loses its answer (see
+/// [`LoseTxnAnswer`]), then `after` runs.
+async fn losing_client(
+    proxy: &FaultProxy,
+    after: impl Fn() + Send + Sync + 'static,
+) -> (Client, Arc<std::sync::atomic::AtomicBool>) {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = Client::builder([proxy.endpoint()])
+        .layer(LoseTxnAnswer {
+            armed: armed.clone(),
+            after: Arc::new(after),
+        })
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    (c, armed)
+}
+
+#[tokio::test]
+async fn a_lock_whose_enqueue_answer_was_lost_while_cut_off_leaves_no_key() {
+    // The enqueue is applied, its answer lost, and the cluster stays out of reach for longer
+    // than the request could still be applied: the attempt cannot watch for its put in time,
+    // and must still find it (a read once reachable again) and delete it.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let holder = Session::new(&c).ttl(60).await.unwrap();
+    let held = Mutex::new(&holder, "/mutex/cutoff");
+    held.lock().await.unwrap();
+    let proxy = Arc::new(FaultProxy::start(etcd.client_addr(0)).await.unwrap());
+    let p = proxy.clone();
+    let (wc, armed) = losing_client(&proxy, move || p.blackhole()).await;
+    let ws = Session::new(&wc).ttl(60).await.unwrap();
+    let waiter = Mutex::new(&ws, "/mutex/cutoff");
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = waiter.lock().await.unwrap_err();
+    assert!(e.is_indeterminate(), "{e:?}");
+    assert_eq!(
+        keys_under(&c, "/mutex/cutoff/").await.len(),
+        2,
+        "the put was applied"
+    );
+    // Out of reach for 3 s: past the window in which the request could still be applied
+    // (the request timeout, 1 s, plus 1 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(keys_under(&c, "/mutex/cutoff/").await.len(), 2);
+    proxy.pass();
+    wait_until(
+        Duration::from_secs(15),
+        "the lost enqueue's key removed once reachable",
+        || {
+            let c = c.clone();
+            async move { keys_under(&c, "/mutex/cutoff/").await.len() == 1 }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_lock_whose_enqueue_answer_was_lost_on_a_compacted_history_leaves_no_key() {
+    // The revisions the attempt would watch from (those after the newest it had seen) are
+    // compacted away: it reads the key instead, then watches on from the read.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let holder = Session::new(&c).ttl(60).await.unwrap();
+    let held = Mutex::new(&holder, "/mutex/compacted");
+    held.lock().await.unwrap();
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let (wc, armed) = losing_client(&proxy, || {}).await;
+    let ws = Session::new(&wc).ttl(60).await.unwrap();
+    let waiter = Mutex::new(&ws, "/mutex/compacted");
+    // Writes the waiter's client does not see, then a compaction of all of them.
+    let mut last = 0;
+    for i in 0..5 {
+        last = c
+            .kv()
+            .put(format!("/other/{i}"), "v")
+            .await
+            .unwrap()
+            .header
+            .revision;
+    }
+    c.kv().compact(last).await.unwrap();
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = waiter.lock().await.unwrap_err();
+    assert!(e.is_indeterminate(), "{e:?}");
+    wait_until(
+        Duration::from_secs(10),
+        "the lost enqueue's key removed",
+        || {
+            let c = c.clone();
+            async move { keys_under(&c, "/mutex/compacted/").await.len() == 1 }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_cancelled_waiter_whose_cleanup_fails_once_still_leaves_no_key() {
     let etcd = etcd().await;
