@@ -457,3 +457,59 @@ async fn a_campaign_on_a_lease_revoked_elsewhere_fails_as_session_expired() {
     assert_eq!(err.kind(), ErrorKind::ElectionNotLeader, "{err}");
     assert!(!e.is_leader());
 }
+
+#[tokio::test]
+async fn an_observer_cut_off_while_leaderless_finds_the_leader_after_a_compaction() {
+    // An observer waits for a leader (nobody campaigns); cut off meanwhile, it misses a
+    // leader that comes and goes and the next one, and the history is compacted past where
+    // it waits from: it must look for the leader again and report the current one, not end.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let oc = Client::builder([proxy.endpoint()])
+        .request_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let os = Session::new(&oc).ttl(60).await.unwrap();
+    let mut observer = Election::new(&os, "/elect/compacted").observe();
+    // Its read found no leader, and it is watching for one.
+    wait_until(Duration::from_secs(5), "the observer watching", || {
+        let n = oc.watch_stats().creates_sent;
+        async move { n >= 1 }
+    })
+    .await;
+    proxy.blackhole();
+    proxy.cut_all().await;
+
+    let s1 = Session::new(&c).ttl(60).await.unwrap();
+    let first = Election::new(&s1, "/elect/compacted");
+    first.campaign("gone").await.unwrap();
+    first.resign().await.unwrap();
+    let s2 = Session::new(&c).ttl(60).await.unwrap();
+    let second = Election::new(&s2, "/elect/compacted");
+    second.campaign("now").await.unwrap();
+    let rev = c.kv().put("/elect-other", "v").await.unwrap().header.revision;
+    c.kv().compact(rev).await.unwrap();
+
+    proxy.pass();
+    assert_eq!(next_value(&mut observer).await, "now");
+    // And it follows that leader on.
+    second.proclaim("later").await.unwrap();
+    assert_eq!(next_value(&mut observer).await, "later");
+
+    // Cut off again while following that leader: it proclaims and resigns, a third one wins,
+    // and the history is compacted past where the observer follows from.
+    proxy.blackhole();
+    proxy.cut_all().await;
+    second.proclaim("missed").await.unwrap();
+    second.resign().await.unwrap();
+    let s3 = Session::new(&c).ttl(60).await.unwrap();
+    let third = Election::new(&s3, "/elect/compacted");
+    third.campaign("third").await.unwrap();
+    let rev = c.kv().put("/elect-other", "v").await.unwrap().header.revision;
+    c.kv().compact(rev).await.unwrap();
+    proxy.pass();
+    assert_eq!(next_value(&mut observer).await, "third");
+}
