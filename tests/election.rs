@@ -490,7 +490,13 @@ async fn an_observer_cut_off_while_leaderless_finds_the_leader_after_a_compactio
     let s2 = Session::new(&c).ttl(60).await.unwrap();
     let second = Election::new(&s2, "/elect/compacted");
     second.campaign("now").await.unwrap();
-    let rev = c.kv().put("/elect-other", "v").await.unwrap().header.revision;
+    let rev = c
+        .kv()
+        .put("/elect-other", "v")
+        .await
+        .unwrap()
+        .header
+        .revision;
     c.kv().compact(rev).await.unwrap();
 
     proxy.pass();
@@ -508,7 +514,13 @@ async fn an_observer_cut_off_while_leaderless_finds_the_leader_after_a_compactio
     let s3 = Session::new(&c).ttl(60).await.unwrap();
     let third = Election::new(&s3, "/elect/compacted");
     third.campaign("third").await.unwrap();
-    let rev = c.kv().put("/elect-other", "v").await.unwrap().header.revision;
+    let rev = c
+        .kv()
+        .put("/elect-other", "v")
+        .await
+        .unwrap()
+        .header
+        .revision;
     c.kv().compact(rev).await.unwrap();
     proxy.pass();
     assert_eq!(next_value(&mut observer).await, "third");

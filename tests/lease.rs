@@ -294,6 +294,40 @@ async fn a_write_refused_for_a_missing_lease_reports_the_loss_at_once() {
 }
 
 #[tokio::test]
+async fn a_lost_revoke_on_drop_handle_dropped_after_the_lease_is_kept_again_does_not_revoke_it() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let pc = client_at(proxy.endpoint()).await;
+    let lease = c.lease().grant(3).await.unwrap().id;
+    // Kept alive on the server throughout by another client.
+    let _also = c.lease().keep_alive(lease).await.unwrap();
+
+    let first = pc.lease().keep_alive(lease).revoke_on_drop().await.unwrap();
+    // Acknowledgements stop coming back: the handle is lost (not acknowledged by the
+    // deadline), while the lease lives on.
+    proxy.blackhole_direction(etcdv3::testkit::Direction::ServerToClient);
+    let reason = tokio::time::timeout(Duration::from_secs(10), first.lost())
+        .await
+        .expect("the loss reported by the deadline");
+    assert_eq!(reason, LeaseLost::NotAcknowledged);
+    proxy.pass();
+    // Kept again through the same client, by a new handle.
+    let second = pc.lease().keep_alive(lease).await.unwrap();
+    assert!(second.lost_reason().is_none());
+    // The old handle's revoke-on-drop belonged to its keeping, which ended: dropping it now
+    // must not revoke the lease the new handle keeps.
+    drop(first);
+    // A revoke-on-drop after it, waited for: the keeper handles the drops in order.
+    let later = c.lease().grant(30).await.unwrap().id;
+    let h = pc.lease().keep_alive(later).revoke_on_drop().await.unwrap();
+    drop(h);
+    wait_gone(&c, later, Duration::from_secs(10)).await;
+    assert!(c.lease().time_to_live(lease).await.unwrap().exists());
+    assert!(second.lost_reason().is_none());
+}
+
+#[tokio::test]
 async fn blackhole_reports_the_loss_by_the_deadline_and_never_alive_again() {
     const TTL: i64 = 3;
     let etcd = etcd().await;
