@@ -149,7 +149,7 @@ impl Kv {
         validate_put(&req)?;
         check_size(req.encoded_len(), self.config())?;
         let max = self.config().max_encoding_bytes();
-        let (lease, sent) = (req.lease, std::time::Instant::now());
+        let (lease, sent) = (req.lease, tokio::time::Instant::now().into_std());
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
@@ -201,7 +201,7 @@ impl Kv {
             lease = txn_lease(&req).unwrap_or(0);
         }
         let max = self.config().max_encoding_bytes();
-        let sent = std::time::Instant::now();
+        let sent = tokio::time::Instant::now().into_std();
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {

@@ -83,8 +83,8 @@ impl Election {
     /// Campaign with `value` and wait until elected. If this session already campaigns
     /// (its key exists), the campaign continues with it (re-proclaiming `value` if it
     /// differs). Fails with [`ErrorKind::SessionExpired`] when the session ends while
-    /// waiting, or its lease is found gone (the session then ends too, without waiting for
-    /// the keeper's next refresh); a failed or cancelled (dropped) campaign deletes its key.
+    /// waiting, or its lease is found gone (the lease keeper is told, so the session usually
+    /// ends at once too); a failed or cancelled (dropped) campaign deletes its key.
     pub async fn campaign(&self, value: impl IntoBytes) -> Result<()> {
         let c = Campaign {
             scope: self.scope.clone(),

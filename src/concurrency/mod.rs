@@ -102,8 +102,9 @@ pub(crate) fn lease_key(prefix: &[u8], lease: i64) -> Bytes {
 }
 
 /// A recipe's write refused because the session's lease is gone (the server answered "lease
-/// not found"): the session has expired, and says so ([`ErrorKind::SessionExpired`], as a
-/// wait that outlives the session does). Other errors are returned as they are.
+/// not found"): the session has expired, and the error says so ([`ErrorKind::SessionExpired`],
+/// as for a wait that outlives the session; the keeper was told by the write itself, see
+/// `lease::note_write_error`). Other errors are returned as they are.
 pub(crate) fn lease_gone(e: Error, session: &Session) -> Error {
     if e.kind() == ErrorKind::LeaseNotFound {
         session_expired(session.lease_id(), LeaseLost::Expired)

@@ -87,8 +87,8 @@ impl Mutex {
 
     /// Wait until the lock is held. Fails with [`ErrorKind::SessionExpired`] when the session
     /// ends while waiting (the wait stops at once, it does not outlive the session), or when
-    /// its lease is found gone as the key is put (the session then ends too, without waiting
-    /// for the keeper's next refresh).
+    /// its lease is found gone as the key is put (the lease keeper is told, so the session
+    /// usually ends at once too rather than at the keeper's next refresh).
     ///
     /// Dropping the future before it completes gives up the attempt: the key it created is
     /// deleted (by a task that lives only until then), so a cancelled waiter never blocks the
