@@ -155,3 +155,54 @@ async fn cancelling_a_watcher_whose_re_creation_is_refused_returns() {
         .expect("cancel() returned")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_watcher_paused_past_the_token_ttl_again_and_again_resumes_every_time() {
+    // A consumer that stops reading gets its watcher paused (taken off the server); resumed
+    // after the stream's token expired unused, its re-creation is refused with "permission
+    // denied". Each time, the worker must re-authenticate and go on. Before, a refusal within
+    // ten seconds of a re-authentication was believed: the second pause ended the watcher.
+    let etcd = auth_etcd().await;
+    let login = || {
+        Client::builder(etcd.endpoints())
+            .user("root", "rootpw")
+            .request_timeout(Duration::from_secs(5))
+            .connect()
+    };
+    let c = login().await.unwrap();
+    let writer = login().await.unwrap();
+    let anon = common::client(&etcd).await;
+    let mut w = c.watch("p/").prefix().buffer(2).await.unwrap();
+    let streams = c.watch_stats().streams_opened;
+    for round in 0..3 {
+        // More batches than the buffer holds: the watcher is paused.
+        let mut revs = Vec::new();
+        for i in 0..6 {
+            let put = writer
+                .kv()
+                .put(format!("p/{round}/{i}"), "v")
+                .await
+                .unwrap();
+            revs.push(put.header.revision);
+        }
+        // Nothing else uses the stream's token meanwhile: it expires.
+        common::wait_for_token_expiry(&anon, Duration::from_secs(TOKEN_TTL)).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut seen = Vec::new();
+        while seen.len() < revs.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let b = tokio::time::timeout(left, w.next())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: events in time, saw {seen:?}"))
+                .expect("the watcher goes on")
+                .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            seen.extend(b.events().iter().map(|e| e.revision()));
+        }
+        assert_eq!(seen, revs, "round {round}: every revision once, in order");
+    }
+    assert!(c.watch_stats().pauses >= 3, "{:?}", c.watch_stats());
+    assert!(
+        c.watch_stats().streams_opened > streams,
+        "re-authenticated on a new stream"
+    );
+}

@@ -44,8 +44,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const YIELD_EVERY: u32 = 64;
 /// Messages handled together at most (see `Worker::on_messages`).
 const GATHER: usize = 64;
-/// How long a token obtained by a forced re-authentication counts as surely valid.
-const FRESH_TOKEN: Duration = Duration::from_secs(10);
+/// How long after a stream with a token obtained by a forced re-authentication starts
+/// opening its creates count as sent with a surely valid token. etcd's shortest token TTL is
+/// one second (`--auth-token-ttl`), and a simple token's TTL starts over at each use.
+const FRESH_TOKEN: Duration = Duration::from_secs(1);
 
 /// Messages from handles to the worker.
 pub(crate) enum Cmd {
@@ -295,8 +297,15 @@ pub(crate) struct Worker {
     stale_token: Option<u64>,
     /// The stream being opened asked for a fresh token.
     forced_reauth: bool,
-    /// Until when the current stream's token is known to be fresh.
+    /// For a stream with a fresh token: until when a create sent on it surely carries a
+    /// valid token.
     fresh_token_until: Option<tokio::time::Instant>,
+    /// Creates sent on the current stream; how many of the first ones were sent while its
+    /// token was surely valid; creates answered. etcd answers creates in order, so the
+    /// answer to create `n` tells whether a refusal can be blamed on an expired token.
+    creates_sent: u64,
+    fresh_creates: u64,
+    creates_answered: u64,
     stats: Arc<Stats>,
     /// Consumers with a new batch queued, not woken yet: waking them in one run once the
     /// stream has nothing more ready (or before yielding, at most `YIELD_EVERY` responses
@@ -336,6 +345,9 @@ impl Worker {
             stale_token: None,
             forced_reauth: false,
             fresh_token_until: None,
+            creates_sent: 0,
+            fresh_creates: 0,
+            creates_answered: 0,
             stats,
             wakes: Vec::new(),
             header_memo: codec::HeaderMemo::default(),
@@ -541,6 +553,14 @@ impl Worker {
         slot.frag = None;
         if tx.send(slot.create_request(sid)).is_ok() {
             self.inflight.push_back(sid);
+            self.creates_sent += 1;
+            if self.fresh_creates + 1 == self.creates_sent
+                && self
+                    .fresh_token_until
+                    .is_some_and(|t| tokio::time::Instant::now() <= t)
+            {
+                self.fresh_creates = self.creates_sent;
+            }
             self.stats.creates.fetch_add(1, Ordering::Relaxed);
         }
         // Otherwise the stream is gone and its failure is reported next.
@@ -569,6 +589,10 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
         let stale = self.stale_token.take();
         self.forced_reauth = stale.is_some();
+        // Creates queued now go out once the stream is open (see `Opened`).
+        self.fresh_token_until = self
+            .forced_reauth
+            .then(|| tokio::time::Instant::now() + FRESH_TOKEN);
         let fut = open_stream(
             Arc::clone(&self.shared),
             channel,
@@ -615,6 +639,9 @@ impl Worker {
         self.resets = self.resets.wrapping_add(1);
         self.conn = Conn::Idle;
         self.inflight.clear();
+        self.creates_sent = 0;
+        self.fresh_creates = 0;
+        self.creates_answered = 0;
         // Requests sent on this stream will not be answered: the next stream asks again.
         self.progress_sent = 0;
         self.progress_answered = 0;
@@ -632,15 +659,6 @@ impl Worker {
         for (_, ack) in self.cancel_acks.drain(..) {
             let _ = ack.send(());
         }
-    }
-
-    /// Whether the current stream's auth token may have expired (auth is configured and the
-    /// token was not just obtained).
-    fn token_may_be_stale(&self) -> bool {
-        self.shared.config().credentials.is_some()
-            && self
-                .fresh_token_until
-                .is_none_or(|t| tokio::time::Instant::now() >= t)
     }
 
     fn token_gen(&self) -> Option<u64> {
@@ -692,9 +710,15 @@ impl Worker {
                 true
             }
             ConnEvent::Opened(Ok((stream, token_gen))) => {
-                self.fresh_token_until = self
-                    .forced_reauth
-                    .then(|| tokio::time::Instant::now() + FRESH_TOKEN);
+                if self
+                    .fresh_token_until
+                    .is_some_and(|t| tokio::time::Instant::now() > t)
+                {
+                    // Opening took so long that the creates queued meanwhile go out with a
+                    // token that may be old by now.
+                    self.fresh_token_until = None;
+                    self.fresh_creates = 0;
+                }
                 if let Conn::Opening { tx, .. } = mem::replace(&mut self.conn, Conn::Idle) {
                     self.conn = Conn::Open {
                         tx,
@@ -883,6 +907,9 @@ impl Worker {
 
     fn on_created(&mut self, r: &Response, header: ResponseHeader) -> bool {
         let head = self.inflight.pop_front();
+        // Creates are answered in order: this answers create number `answered` (from 0).
+        let answered = self.creates_answered;
+        self.creates_answered += 1;
         if self.inflight.is_empty() && self.inflight.capacity() > 4096 {
             // Give back the room a burst of creations took.
             self.inflight = VecDeque::new();
@@ -918,10 +945,16 @@ impl Worker {
         };
         if r.canceled {
             let err = cancel_error(r.compact_revision, &r.cancel_reason);
-            if err.kind() == ErrorKind::PermissionDenied && self.token_may_be_stale() {
+            if err.kind() == ErrorKind::PermissionDenied
+                && self.shared.config().credentials.is_some()
+                && answered >= self.fresh_creates
+            {
                 // etcd 3.4 and 3.5 refuse a create whose stream carries an expired token with
-                // "permission denied". Re-authenticate once before believing it: a stream
-                // with a fresh token re-creates every watcher, and a second refusal is final.
+                // "permission denied" (a stream's token is checked at each create, and a
+                // simple token expires once unused for its TTL: a watcher resumed after a
+                // long pause can meet it). Re-authenticate before believing it: a stream with
+                // a fresh token re-creates every watcher at once, and a refusal of a create
+                // sent with a token that fresh is final.
                 let token_gen = self.token_gen();
                 let stale = Error::new(
                     ErrorKind::InvalidAuthToken,
