@@ -53,7 +53,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use etcdv3::testkit::{Direction, EtcdCluster, FaultProxy};
+use common::chaos::{self, Fault, Step, ms};
+use etcdv3::testkit::{EtcdCluster, FaultProxy};
 use etcdv3::{Client, Error, ErrorKind, EventKind, KeyValue, OrderingGuard, Permission};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -84,76 +85,8 @@ const CATCH_UP: Duration = Duration::from_secs(15);
 /// How long after the healing the permission worker may go on waiting for its refusal.
 const DENIAL_GRACE: Duration = Duration::from_secs(10);
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 // ---------------------------------------------------------------------------------------------
-// The schedule (as chaos_kv's).
-
-/// Which member a member fault hits: resolved when the fault runs.
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    Leader,
-    Member(usize),
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP the member for `d`, then SIGCONT.
-    Stop { member: Target, d: Duration },
-    /// SIGKILL the member (no write in flight), keep it down for `down`, restart it.
-    Restart { member: Target, down: Duration },
-    /// SIGTERM the member (it stops gracefully, with requests in flight), keep it down for
-    /// `down`, restart it.
-    Terminate { member: Target, down: Duration },
-    /// Close every connection through proxy `proxy`.
-    Cut { proxy: usize },
-    /// Hold the traffic through proxy `proxy` (both directions, or one) for `d`.
-    Blackhole {
-        proxy: usize,
-        dir: Option<Direction>,
-        d: Duration,
-    },
-    /// Cut the connection that next carries a whole request through proxy `proxy`, armed for
-    /// `d`.
-    CutAfterRequest { proxy: usize, d: Duration },
-    /// Cut the connection after `bytes` more client bytes through proxy `proxy`, armed for `d`.
-    CutAfterBytes {
-        proxy: usize,
-        bytes: u64,
-        d: Duration,
-    },
-    /// Delay every chunk through proxy `proxy` by `delay`, for `d`.
-    Delay {
-        proxy: usize,
-        delay: Duration,
-        d: Duration,
-    },
-}
-
-impl Fault {
-    /// A rough length, to bound the schedule.
-    fn planned(&self) -> Duration {
-        match *self {
-            Fault::Stop { d, .. } => d + ms(300),
-            Fault::Restart { down, .. } | Fault::Terminate { down, .. } => down + ms(2000),
-            Fault::Cut { .. } => ms(50),
-            Fault::Blackhole { d, .. }
-            | Fault::CutAfterRequest { d, .. }
-            | Fault::CutAfterBytes { d, .. }
-            | Fault::Delay { d, .. } => d,
-        }
-    }
-}
-
-/// One step of the schedule: a pause, then faults that run together (at most one of them
-/// takes a member down).
-#[derive(Debug)]
-struct Step {
-    pause: Duration,
-    faults: Vec<Fault>,
-}
+// The schedule (`common::chaos`, as chaos_kv's).
 
 /// The seeded plan: the fault steps, and when (after the start of the window) root revokes
 /// the permission on `perm/`.
@@ -163,77 +96,15 @@ struct Plan {
     revoke_at: Duration,
 }
 
-fn proxy_fault(rng: &mut StdRng, proxy: usize) -> Fault {
-    match rng.random_range(0..10) {
-        0..=2 => Fault::Cut { proxy },
-        3..=5 => Fault::Blackhole {
-            proxy,
-            dir: match rng.random_range(0..3) {
-                0 => None,
-                1 => Some(Direction::ClientToServer),
-                _ => Some(Direction::ServerToClient),
-            },
-            d: ms(rng.random_range(300..1500)),
-        },
-        6 | 7 => Fault::CutAfterRequest {
-            proxy,
-            d: ms(rng.random_range(300..1000)),
-        },
-        8 => Fault::CutAfterBytes {
-            proxy,
-            bytes: rng.random_range(0..3000),
-            d: ms(rng.random_range(300..1000)),
-        },
-        _ => Fault::Delay {
-            proxy,
-            delay: ms(rng.random_range(20..300)),
-            d: ms(rng.random_range(500..1500)),
-        },
-    }
-}
-
 fn plan(seed: u64, window: Duration) -> Plan {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut steps = Vec::new();
-    let mut planned = Duration::ZERO;
-    let mut restarts = 0;
-    while planned < window {
-        let pause = ms(rng.random_range(150..600));
-        let member = if rng.random_bool(0.4) {
-            Target::Leader
-        } else {
-            Target::Member(rng.random_range(0..3))
-        };
-        let proxy = rng.random_range(0..3);
-        let mut faults = vec![match rng.random_range(0..10) {
-            0..=2 => Fault::Stop {
-                member,
-                d: ms(rng.random_range(500..2500)),
-            },
-            3 | 4 if restarts < 2 => {
-                restarts += 1;
-                let down = ms(rng.random_range(300..1500));
-                if rng.random_bool(0.5) {
-                    Fault::Restart { member, down }
-                } else {
-                    Fault::Terminate { member, down }
-                }
-            }
-            _ => proxy_fault(&mut rng, proxy),
-        }];
-        if rng.random_bool(0.35) {
-            let other = (proxy + rng.random_range(1..3)) % 3;
-            faults.push(proxy_fault(&mut rng, other));
-        }
-        planned += pause + faults.iter().map(Fault::planned).max().unwrap_or_default();
-        steps.push(Step { pause, faults });
-    }
+    let steps = chaos::schedule(&mut rng, window);
     // Somewhere in the middle of the window, with faults before and after it.
     let revoke_at = window.mul_f64(rng.random_range(0.3..0.6));
     Plan { steps, revoke_at }
 }
 
-/// Runs one fault to its end (healed).
+/// Runs one fault (see `common::chaos::run_fault`); a SIGKILL waits until no put is in flight.
 async fn run_fault(
     ctx: &str,
     cluster: &EtcdCluster,
@@ -241,91 +112,17 @@ async fn run_fault(
     gate: &RwLock<()>,
     fault: Fault,
 ) {
-    let member = |t: Target| async move {
-        match t {
-            Target::Member(i) => i,
-            Target::Leader => cluster
-                .leader_async(Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|e| panic!("{ctx}: no leader: {e}")),
-        }
-    };
-    match fault {
-        Fault::Stop { member: t, d } => {
-            let m = member(t).await;
-            eprintln!("  SIGSTOP member {m}");
-            cluster.stop(m).unwrap();
-            tokio::time::sleep(d).await;
-            cluster.cont(m).unwrap();
-            cluster
-                .wait_healthy_async(m, Duration::from_secs(15))
-                .await
-                .unwrap_or_else(|e| panic!("{ctx}: member {m} after SIGCONT: {e}"));
-        }
-        Fault::Restart { member: t, down } => {
-            let m = {
-                // No put in flight, and time for the backend to commit (every 100 ms).
-                let _quiet = gate.write().await;
-                let m = member(t).await;
-                tokio::time::sleep(ms(300)).await;
-                eprintln!("  SIGKILL member {m}");
-                cluster.kill(m).unwrap();
-                m
-            };
-            tokio::time::sleep(down).await;
-            tokio::time::timeout(Duration::from_secs(20), cluster.restart_async(m))
-                .await
-                .unwrap_or_else(|_| panic!("{ctx}: member {m} restart took over 20 s"))
-                .unwrap_or_else(|e| panic!("{ctx}: restarting member {m}: {e}"));
-        }
-        Fault::Terminate { member: t, down } => {
-            let m = member(t).await;
-            let pid = cluster.pid(m).expect("a running member has a pid");
-            eprintln!("  SIGTERM member {m}");
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let gone_by = Instant::now() + Duration::from_secs(15);
-            while cluster.is_running(m) {
-                assert!(
-                    Instant::now() < gone_by,
-                    "{ctx}: member {m} still runs 15 s after SIGTERM"
-                );
-                tokio::time::sleep(ms(20)).await;
-            }
-            tokio::time::sleep(down).await;
-            tokio::time::timeout(Duration::from_secs(20), cluster.restart_async(m))
-                .await
-                .unwrap_or_else(|_| panic!("{ctx}: member {m} restart took over 20 s"))
-                .unwrap_or_else(|e| panic!("{ctx}: restarting member {m}: {e}"));
-        }
-        Fault::Cut { proxy } => proxies[proxy].cut_all().await,
-        Fault::Blackhole { proxy, dir, d } => {
-            match dir {
-                None => proxies[proxy].blackhole(),
-                Some(dir) => proxies[proxy].blackhole_direction(dir),
-            }
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterRequest { proxy, d } => {
-            proxies[proxy].cut_after_next_request();
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterBytes { proxy, bytes, d } => {
-            proxies[proxy].cut_after_client_bytes(bytes);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::Delay { proxy, delay, d } => {
-            proxies[proxy].delay(delay);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-    }
+    let note = |s: String| eprintln!("{s}");
+    chaos::run_fault(ctx, cluster, proxies, fault, &note, |t| async move {
+        // No put in flight, and time for the backend to commit (every 100 ms).
+        let _quiet = gate.write().await;
+        let m = chaos::member(cluster, t, ctx).await;
+        tokio::time::sleep(ms(300)).await;
+        eprintln!("  SIGKILL member {m}");
+        cluster.kill(m).unwrap();
+        Some(m)
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

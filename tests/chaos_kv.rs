@@ -36,10 +36,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcdv3::testkit::{Direction, EtcdCluster, FaultProxy};
+use common::chaos::{self, Fault, ms};
+use etcdv3::testkit::{EtcdCluster, FaultProxy};
 use etcdv3::{Client, ErrorKind, EventKind, KeyValue, OrderingGuard};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::sync::RwLock;
 
 const PREFIX: &str = "chaos/";
@@ -55,147 +56,7 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 /// How long the watchers may take to reach the final revision once everything is healed.
 const CATCH_UP: Duration = Duration::from_secs(15);
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Which member a member fault hits: resolved when the fault runs.
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    Leader,
-    Member(usize),
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP the member for `d`, then SIGCONT.
-    Stop { member: Target, d: Duration },
-    /// SIGKILL the member (no write in flight), keep it down for `down`, restart it.
-    Restart { member: Target, down: Duration },
-    /// SIGTERM the member (it stops gracefully, with writes in flight), keep it down for
-    /// `down`, restart it.
-    Terminate { member: Target, down: Duration },
-    /// Close every connection through proxy `proxy`.
-    Cut { proxy: usize },
-    /// Hold the traffic through proxy `proxy` (both directions, or one) for `d`.
-    Blackhole {
-        proxy: usize,
-        dir: Option<Direction>,
-        d: Duration,
-    },
-    /// Cut the connection that next carries a whole request through proxy `proxy` (the
-    /// request reaches the server, its answer never the client), armed for `d`.
-    CutAfterRequest { proxy: usize, d: Duration },
-    /// Cut the connection after `bytes` more client bytes through proxy `proxy` (mid-frame,
-    /// mostly), armed for `d`.
-    CutAfterBytes {
-        proxy: usize,
-        bytes: u64,
-        d: Duration,
-    },
-    /// Delay every chunk through proxy `proxy` by `delay`, for `d`.
-    Delay {
-        proxy: usize,
-        delay: Duration,
-        d: Duration,
-    },
-}
-
-impl Fault {
-    /// A rough length, to bound the schedule.
-    fn planned(&self) -> Duration {
-        match *self {
-            Fault::Stop { d, .. } => d + ms(300),
-            // Killing waits for writes in flight; restarting waits until the member is healthy.
-            Fault::Restart { down, .. } | Fault::Terminate { down, .. } => down + ms(2000),
-            Fault::Cut { .. } => ms(50),
-            Fault::Blackhole { d, .. }
-            | Fault::CutAfterRequest { d, .. }
-            | Fault::CutAfterBytes { d, .. }
-            | Fault::Delay { d, .. } => d,
-        }
-    }
-}
-
-/// One step of the schedule: a pause, then faults that run together (at most one of them
-/// takes a member down).
-#[derive(Debug)]
-struct Step {
-    pause: Duration,
-    faults: Vec<Fault>,
-}
-
-fn proxy_fault(rng: &mut StdRng, proxy: usize) -> Fault {
-    match rng.random_range(0..10) {
-        0..=2 => Fault::Cut { proxy },
-        3..=5 => Fault::Blackhole {
-            proxy,
-            dir: match rng.random_range(0..3) {
-                0 => None,
-                1 => Some(Direction::ClientToServer),
-                _ => Some(Direction::ServerToClient),
-            },
-            d: ms(rng.random_range(300..1500)),
-        },
-        6 | 7 => Fault::CutAfterRequest {
-            proxy,
-            d: ms(rng.random_range(300..1000)),
-        },
-        8 => Fault::CutAfterBytes {
-            proxy,
-            bytes: rng.random_range(0..3000),
-            d: ms(rng.random_range(300..1000)),
-        },
-        _ => Fault::Delay {
-            proxy,
-            delay: ms(rng.random_range(20..300)),
-            d: ms(rng.random_range(500..1500)),
-        },
-    }
-}
-
-/// The seeded schedule.
-fn schedule(seed: u64) -> Vec<Step> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut steps = Vec::new();
-    let mut planned = Duration::ZERO;
-    let mut restarts = 0;
-    while planned < SCHEDULE_BUDGET {
-        let pause = ms(rng.random_range(150..600));
-        let member = if rng.random_bool(0.4) {
-            Target::Leader
-        } else {
-            Target::Member(rng.random_range(0..3))
-        };
-        let proxy = rng.random_range(0..3);
-        let mut faults = vec![match rng.random_range(0..10) {
-            0..=2 => Fault::Stop {
-                member,
-                d: ms(rng.random_range(500..2500)),
-            },
-            3 | 4 if restarts < 2 => {
-                restarts += 1;
-                let down = ms(rng.random_range(300..1500));
-                if rng.random_bool(0.5) {
-                    Fault::Restart { member, down }
-                } else {
-                    Fault::Terminate { member, down }
-                }
-            }
-            _ => proxy_fault(&mut rng, proxy),
-        }];
-        // Now and then a network fault on another proxy at the same time.
-        if rng.random_bool(0.35) {
-            let other = (proxy + rng.random_range(1..3)) % 3;
-            faults.push(proxy_fault(&mut rng, other));
-        }
-        planned += pause + faults.iter().map(Fault::planned).max().unwrap_or_default();
-        steps.push(Step { pause, faults });
-    }
-    steps
-}
-
-/// Runs one fault to its end (healed).
+/// Runs one fault (see `common::chaos::run_fault`); a SIGKILL waits until no put is in flight.
 async fn run_fault(
     ctx: &str,
     cluster: &EtcdCluster,
@@ -203,91 +64,17 @@ async fn run_fault(
     gate: &RwLock<()>,
     fault: Fault,
 ) {
-    let member = |t: Target| async move {
-        match t {
-            Target::Member(i) => i,
-            Target::Leader => cluster
-                .leader_async(Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|e| panic!("{ctx}: no leader: {e}")),
-        }
-    };
-    match fault {
-        Fault::Stop { member: t, d } => {
-            let m = member(t).await;
-            eprintln!("  SIGSTOP member {m}");
-            cluster.stop(m).unwrap();
-            tokio::time::sleep(d).await;
-            cluster.cont(m).unwrap();
-            cluster
-                .wait_healthy_async(m, Duration::from_secs(15))
-                .await
-                .unwrap_or_else(|e| panic!("{ctx}: member {m} after SIGCONT: {e}"));
-        }
-        Fault::Restart { member: t, down } => {
-            let m = {
-                // No put in flight, and time for the backend to commit (every 100 ms).
-                let _quiet = gate.write().await;
-                let m = member(t).await;
-                tokio::time::sleep(ms(300)).await;
-                eprintln!("  SIGKILL member {m}");
-                cluster.kill(m).unwrap();
-                m
-            };
-            tokio::time::sleep(down).await;
-            tokio::time::timeout(Duration::from_secs(20), cluster.restart_async(m))
-                .await
-                .unwrap_or_else(|_| panic!("{ctx}: member {m} restart took over 20 s"))
-                .unwrap_or_else(|e| panic!("{ctx}: restarting member {m}: {e}"));
-        }
-        Fault::Terminate { member: t, down } => {
-            let m = member(t).await;
-            let pid = cluster.pid(m).expect("a running member has a pid");
-            eprintln!("  SIGTERM member {m}");
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let gone_by = Instant::now() + Duration::from_secs(15);
-            while cluster.is_running(m) {
-                assert!(
-                    Instant::now() < gone_by,
-                    "{ctx}: member {m} still runs 15 s after SIGTERM"
-                );
-                tokio::time::sleep(ms(20)).await;
-            }
-            tokio::time::sleep(down).await;
-            tokio::time::timeout(Duration::from_secs(20), cluster.restart_async(m))
-                .await
-                .unwrap_or_else(|_| panic!("{ctx}: member {m} restart took over 20 s"))
-                .unwrap_or_else(|e| panic!("{ctx}: restarting member {m}: {e}"));
-        }
-        Fault::Cut { proxy } => proxies[proxy].cut_all().await,
-        Fault::Blackhole { proxy, dir, d } => {
-            match dir {
-                None => proxies[proxy].blackhole(),
-                Some(dir) => proxies[proxy].blackhole_direction(dir),
-            }
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterRequest { proxy, d } => {
-            proxies[proxy].cut_after_next_request();
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterBytes { proxy, bytes, d } => {
-            proxies[proxy].cut_after_client_bytes(bytes);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::Delay { proxy, delay, d } => {
-            proxies[proxy].delay(delay);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-    }
+    let note = |s: String| eprintln!("{s}");
+    chaos::run_fault(ctx, cluster, proxies, fault, &note, |t| async move {
+        // No put in flight, and time for the backend to commit (every 100 ms).
+        let _quiet = gate.write().await;
+        let m = chaos::member(cluster, t, ctx).await;
+        tokio::time::sleep(ms(300)).await;
+        eprintln!("  SIGKILL member {m}");
+        cluster.kill(m).unwrap();
+        Some(m)
+    })
+    .await;
 }
 
 /// A client with short keep-alives (a paused member is noticed within 2 s) and deadlines.
@@ -508,7 +295,7 @@ async fn seeded_faults_lose_no_acknowledged_put_and_watchers_see_every_revision_
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED);
     let ctx = format!("chaos seed {seed} (rerun with CHAOS_SEED={seed})");
-    let steps = schedule(seed);
+    let steps = chaos::schedule(&mut StdRng::seed_from_u64(seed), SCHEDULE_BUDGET);
     eprintln!("{ctx}: {} steps", steps.len());
     for (i, step) in steps.iter().enumerate() {
         eprintln!("  step {i}: after {:?}: {:?}", step.pause, step.faults);

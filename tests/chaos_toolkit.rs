@@ -55,7 +55,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcdv3::testkit::{Direction, EtcdCluster, FaultProxy};
+use common::chaos::{self, Fault, Target, ms};
+use etcdv3::testkit::{EtcdCluster, FaultProxy};
 use etcdv3::toolkit::{
     ConfigSource, ConfigWatch, Registration, RegistrationEvent, ServiceEvent, ServiceInfo,
     ServiceWatch, Toolkit, ToolkitError,
@@ -92,10 +93,6 @@ const DYING_TTL: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_secs(20);
 /// How long, after the registry settled, the observers may take to show etcd's content.
 const CONVERGE: Duration = Duration::from_secs(10);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The run's shared state.
@@ -169,226 +166,18 @@ fn indeterminate(e: &ToolkitError) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fault schedule (as in chaos_kv.rs, with a pause of the workload around SIGKILL).
+// The fault schedule (`common::chaos`, as chaos_kv's, with a pause of the workload around
+// SIGKILL).
 
-/// Which member a member fault hits: resolved when the fault runs.
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    Leader,
-    Member(usize),
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP the member for `d`, then SIGCONT.
-    Stop { member: Target, d: Duration },
-    /// SIGKILL the member (workload paused, applied indexes equal), keep it down for `down`,
-    /// restart it.
-    Restart { member: Target, down: Duration },
-    /// SIGTERM the member (a graceful stop), keep it down for `down`, restart it.
-    Terminate { member: Target, down: Duration },
-    /// Close every connection through proxy `proxy`.
-    Cut { proxy: usize },
-    /// Hold the traffic through proxy `proxy` (both directions, or one) for `d`.
-    Blackhole {
-        proxy: usize,
-        dir: Option<Direction>,
-        d: Duration,
-    },
-    /// Cut the connection that next carries a whole request through proxy `proxy`, armed
-    /// for `d`.
-    CutAfterRequest { proxy: usize, d: Duration },
-    /// Cut the connection after `bytes` more client bytes through proxy `proxy`, armed for
-    /// `d`.
-    CutAfterBytes {
-        proxy: usize,
-        bytes: u64,
-        d: Duration,
-    },
-    /// Delay every chunk through proxy `proxy` by `delay`, for `d`.
-    Delay {
-        proxy: usize,
-        delay: Duration,
-        d: Duration,
-    },
-}
-
-impl Fault {
-    /// A rough length, to bound the schedule.
-    fn planned(&self) -> Duration {
-        match *self {
-            Fault::Stop { d, .. } => d + ms(300),
-            // Restarting waits until the member is healthy (about a second on loopback).
-            Fault::Restart { down, .. } | Fault::Terminate { down, .. } => down + ms(1200),
-            Fault::Cut { .. } => ms(50),
-            Fault::Blackhole { d, .. }
-            | Fault::CutAfterRequest { d, .. }
-            | Fault::CutAfterBytes { d, .. }
-            | Fault::Delay { d, .. } => d,
-        }
-    }
-}
-
-/// One step of the schedule: a pause, then faults that run together (at most one of them
-/// takes a member down).
-#[derive(Debug)]
-struct Step {
-    pause: Duration,
-    faults: Vec<Fault>,
-}
-
-fn proxy_fault(rng: &mut StdRng, proxy: usize) -> Fault {
-    match rng.random_range(0..10) {
-        0..=2 => Fault::Cut { proxy },
-        3..=5 => Fault::Blackhole {
-            proxy,
-            dir: match rng.random_range(0..3) {
-                0 => None,
-                1 => Some(Direction::ClientToServer),
-                _ => Some(Direction::ServerToClient),
-            },
-            d: ms(rng.random_range(300..1500)),
-        },
-        6 | 7 => Fault::CutAfterRequest {
-            proxy,
-            d: ms(rng.random_range(300..1000)),
-        },
-        8 => Fault::CutAfterBytes {
-            proxy,
-            bytes: rng.random_range(0..3000),
-            d: ms(rng.random_range(300..1000)),
-        },
-        _ => Fault::Delay {
-            proxy,
-            delay: ms(rng.random_range(20..300)),
-            d: ms(rng.random_range(500..1500)),
-        },
-    }
-}
-
-/// The seeded schedule, about `window` long.
-fn schedule(rng: &mut StdRng, window: Duration) -> Vec<Step> {
-    let mut steps = Vec::new();
-    let mut planned = Duration::ZERO;
-    let mut restarts = 0;
-    while planned < window {
-        let pause = ms(rng.random_range(150..600));
-        let member = if rng.random_bool(0.4) {
-            Target::Leader
-        } else {
-            Target::Member(rng.random_range(0..3))
-        };
-        let proxy = rng.random_range(0..3);
-        let mut faults = vec![match rng.random_range(0..10) {
-            0..=2 => Fault::Stop {
-                member,
-                d: ms(rng.random_range(500..2500)),
-            },
-            3 | 4 if restarts < 2 => {
-                restarts += 1;
-                let down = ms(rng.random_range(300..1500));
-                if rng.random_bool(0.5) {
-                    Fault::Restart { member, down }
-                } else {
-                    Fault::Terminate { member, down }
-                }
-            }
-            _ => proxy_fault(rng, proxy),
-        }];
-        // Now and then a network fault on another proxy at the same time.
-        if rng.random_bool(0.35) {
-            let other = (proxy + rng.random_range(1..3)) % 3;
-            faults.push(proxy_fault(rng, other));
-        }
-        planned += pause + faults.iter().map(Fault::planned).max().unwrap_or_default();
-        steps.push(Step { pause, faults });
-    }
-    steps
-}
-
-/// Runs one fault to its end (healed).
+/// Runs one fault (see `common::chaos::run_fault`); a SIGKILL pauses the workload first
+/// ([`kill_quietly`]).
 async fn run_fault(run: &Run, cluster: &EtcdCluster, proxies: &[FaultProxy], fault: Fault) {
-    let seed = run.seed;
-    let member = |t: Target| async move {
-        match t {
-            Target::Member(i) => i,
-            Target::Leader => cluster
-                .leader_async(Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|e| panic!("seed {seed}: no leader: {e}")),
-        }
-    };
-    let restart = |m: usize| async move {
-        tokio::time::timeout(Duration::from_secs(20), cluster.restart_async(m))
-            .await
-            .unwrap_or_else(|_| panic!("seed {seed}: member {m} restart took over 20 s"))
-            .unwrap_or_else(|e| panic!("seed {seed}: restarting member {m}: {e}"));
-        run.note(format!("  member {m} restarted"));
-    };
-    match fault {
-        Fault::Stop { member: t, d } => {
-            let m = member(t).await;
-            run.note(format!("  SIGSTOP member {m}"));
-            cluster.stop(m).unwrap();
-            tokio::time::sleep(d).await;
-            cluster.cont(m).unwrap();
-            cluster
-                .wait_healthy_async(m, Duration::from_secs(15))
-                .await
-                .unwrap_or_else(|e| panic!("seed {seed}: member {m} after SIGCONT: {e}"));
-        }
-        Fault::Restart { member: t, down } => {
-            let Some(m) = kill_quietly(run, cluster, t).await else {
-                return;
-            };
-            tokio::time::sleep(down).await;
-            restart(m).await;
-        }
-        Fault::Terminate { member: t, down } => {
-            let m = member(t).await;
-            let pid = cluster.pid(m).expect("a running member has a pid");
-            run.note(format!("  SIGTERM member {m}"));
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let gone_by = Instant::now() + Duration::from_secs(15);
-            while cluster.is_running(m) {
-                assert!(
-                    Instant::now() < gone_by,
-                    "seed {seed}: member {m} still runs 15 s after SIGTERM"
-                );
-                tokio::time::sleep(ms(20)).await;
-            }
-            tokio::time::sleep(down).await;
-            restart(m).await;
-        }
-        Fault::Cut { proxy } => proxies[proxy].cut_all().await,
-        Fault::Blackhole { proxy, dir, d } => {
-            match dir {
-                None => proxies[proxy].blackhole(),
-                Some(dir) => proxies[proxy].blackhole_direction(dir),
-            }
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterRequest { proxy, d } => {
-            proxies[proxy].cut_after_next_request();
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::CutAfterBytes { proxy, bytes, d } => {
-            proxies[proxy].cut_after_client_bytes(bytes);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-        Fault::Delay { proxy, delay, d } => {
-            proxies[proxy].delay(delay);
-            tokio::time::sleep(d).await;
-            proxies[proxy].pass();
-        }
-    }
+    let ctx = format!("seed {}", run.seed);
+    let note = |s: String| run.note(s);
+    chaos::run_fault(&ctx, cluster, proxies, fault, &note, |t| {
+        kill_quietly(run, cluster, t)
+    })
+    .await;
 }
 
 /// SIGKILL the member with no write of the workload in flight and every member's applied
@@ -808,7 +597,7 @@ async fn toolkit_keeps_its_invariants_under_seeded_faults() {
         .await
         .unwrap_or_else(|e| panic!("start a 3-member etcd (scripts/install-etcd.sh?): {e}"));
     let mut rng = StdRng::seed_from_u64(seed);
-    let steps = schedule(&mut rng, window);
+    let steps = chaos::schedule(&mut rng, window);
     eprintln!(
         "chaos_toolkit: seed {seed} (CHAOS_SEED), etcd {}, window {window:?}, schedule:",
         cluster.version()

@@ -9,6 +9,8 @@ use etcdv3::Client;
 use etcdv3::testkit::EtcdCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub(crate) mod chaos;
+
 /// A fresh single-member etcd (the binary from `ETCD_BIN`, PATH or /usr/bin/etcd).
 pub(crate) async fn etcd() -> EtcdCluster {
     match EtcdCluster::builder().start_async().await {
