@@ -149,14 +149,17 @@ impl Kv {
         validate_put(&req)?;
         check_size(req.encoded_len(), self.config())?;
         let max = self.config().max_encoding_bytes();
-        let (lease, sent) = (req.lease, tokio::time::Instant::now().into_std());
+        let lease = req.lease;
+        let sent = (lease != 0).then(|| tokio::time::Instant::now().into_std());
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
                 crate::grpc::unary(ch, "/etcdserverpb.KV/Put", r, max, usize::MAX)
             })
             .await
-            .inspect_err(|e| crate::lease::note_write_error(&self.client, e, lease, sent))?;
+            .inspect_err(|e| {
+                crate::lease::note_write_error(&self.client, e, sent.map(|t| (lease, t)))
+            })?;
         let resp = PutResponse::from_pb(resp);
         self.client.shared().observe_revision(resp.header.revision);
         Ok(resp)
@@ -201,14 +204,16 @@ impl Kv {
             lease = txn_lease(&req).unwrap_or(0);
         }
         let max = self.config().max_encoding_bytes();
-        let sent = tokio::time::Instant::now().into_std();
+        let sent = (lease != 0).then(|| tokio::time::Instant::now().into_std());
         let resp = self
             .client
             .unary(req, opts, move |ch, r| {
                 crate::grpc::unary(ch, "/etcdserverpb.KV/Txn", r, max, usize::MAX)
             })
             .await
-            .inspect_err(|e| crate::lease::note_write_error(&self.client, e, lease, sent))?;
+            .inspect_err(|e| {
+                crate::lease::note_write_error(&self.client, e, sent.map(|t| (lease, t)))
+            })?;
         let resp = crate::TxnResponse::from_pb(resp);
         self.client.shared().observe_revision(resp.header.revision);
         Ok(resp)

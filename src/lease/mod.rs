@@ -218,15 +218,16 @@ impl Lease {
     }
 }
 
-/// A write sent at `sent` that attaches keys to lease `lease` (0: none) failed with `e`: when
-/// the server said the lease does not exist, `client`'s keeper (if it keeps the lease) reports
-/// it lost now, instead of at its next refresh (up to a third of the TTL later).
-pub(crate) fn note_write_error(client: &Client, e: &Error, lease: i64, sent: Instant) {
-    if lease != 0
+/// A write that attaches keys to a lease (`(lease, send time)`; `None` for none) failed with
+/// `e`: when the server said the lease does not exist, `client`'s keeper (if it keeps the
+/// lease) reports it lost now, instead of at its next refresh (up to a third of the TTL
+/// later).
+pub(crate) fn note_write_error(client: &Client, e: &Error, lease: Option<(i64, Instant)>) {
+    if let Some((id, sent)) = lease
         && e.kind() == ErrorKind::LeaseNotFound
         && let Some(k) = client.lease_keeper().get()
     {
-        k.send(Command::NotFound { id: lease, sent });
+        k.send(Command::NotFound { id, sent });
     }
 }
 
