@@ -17,6 +17,16 @@ async fn keys_under(c: &Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits (bounded by `timeout`) until exactly `n` keys are under `prefix`.
+async fn wait_keys(c: &Client, prefix: &str, n: usize, timeout: Duration, what: &str) {
+    wait_until(timeout, what, || {
+        let c = c.clone();
+        let prefix = prefix.to_owned();
+        async move { keys_under(&c, &prefix).await.len() == n }
+    })
+    .await;
+}
+
 async fn wait_for_tasks(baseline: usize) {
     let m = tokio::runtime::Handle::current().metrics();
     wait_until(Duration::from_secs(10), "background tasks to end", || {
@@ -201,10 +211,13 @@ async fn waiter_whose_session_is_revoked_stops_waiting() {
     let m2 = Arc::new(Mutex::new(&s2, "/mutex/revoked"));
     let m2c = m2.clone();
     let waiting = tokio::spawn(async move { m2c.lock().await });
-    wait_until(Duration::from_secs(5), "waiter queued", || {
-        let c = c.clone();
-        async move { keys_under(&c, "/mutex/revoked/").await.len() == 2 }
-    })
+    wait_keys(
+        &c,
+        "/mutex/revoked/",
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
     .await;
     // Revoke the waiter's lease behind the session's back (another client's revoke).
     let other = client(&etcd).await;
@@ -225,10 +238,13 @@ async fn waiter_whose_session_is_revoked_stops_waiting() {
     let m3 = Arc::new(Mutex::new(&s3, "/mutex/revoked"));
     let m3c = m3.clone();
     let waiting = tokio::spawn(async move { m3c.lock().await });
-    wait_until(Duration::from_secs(5), "waiter queued", || {
-        let c = c.clone();
-        async move { keys_under(&c, "/mutex/revoked/").await.len() == 2 }
-    })
+    wait_keys(
+        &c,
+        "/mutex/revoked/",
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
     .await;
     let started = Instant::now();
     s3.close().await.unwrap();
@@ -281,13 +297,12 @@ async fn cancelled_lock_leaves_no_key_and_no_task() {
     for _ in 0..3 {
         let r = tokio::time::timeout(Duration::from_millis(300), m2.lock()).await;
         assert!(r.is_err(), "the lock is held elsewhere");
-        wait_until(
+        wait_keys(
+            &c,
+            "/mutex/cancel/",
+            1,
             Duration::from_secs(5),
             "cancelled waiter's key removed",
-            || {
-                let c = c.clone();
-                async move { keys_under(&c, "/mutex/cancel/").await.len() == 1 }
-            },
         )
         .await;
     }
@@ -412,10 +427,13 @@ async fn a_lock_cancelled_at_any_moment_then_retried_holds_its_key() {
             .unwrap();
         assert!(held.succeeded, "round {i}: the lock key is gone");
         m.unlock().await.unwrap();
-        wait_until(Duration::from_secs(10), "no key left behind", || {
-            let c = c.clone();
-            async move { keys_under(&c, "/race/").await.is_empty() }
-        })
+        wait_keys(
+            &c,
+            "/race/",
+            0,
+            Duration::from_secs(10),
+            "no key left behind",
+        )
         .await;
     }
 }
@@ -446,10 +464,13 @@ async fn a_lock_cancelled_through_one_session_then_taken_through_another_on_its_
         assert!(held.succeeded, "round {i}: the lock key is gone");
         via_second.unlock().await.unwrap();
         via_first.unlock().await.unwrap();
-        wait_until(Duration::from_secs(10), "no key left behind", || {
-            let c = c.clone();
-            async move { keys_under(&c, "/race2/").await.is_empty() }
-        })
+        wait_keys(
+            &c,
+            "/race2/",
+            0,
+            Duration::from_secs(10),
+            "no key left behind",
+        )
         .await;
     }
 }
@@ -483,13 +504,12 @@ async fn a_lock_whose_enqueue_answer_was_lost_leaves_no_key() {
     assert!(e.is_indeterminate(), "{e:?}");
     // The attempt finds out that it put the key and deletes it (before, the key stayed in
     // the queue for as long as the session lived, holding up everyone behind it).
-    wait_until(
+    wait_keys(
+        &c,
+        "/mutex/lost/",
+        1,
         Duration::from_secs(10),
         "the lost enqueue's key removed",
-        || {
-            let c = c.clone();
-            async move { keys_under(&c, "/mutex/lost/").await.len() == 1 }
-        },
     )
     .await;
     // So the next contender gets the lock as soon as the holder lets go.
@@ -613,13 +633,12 @@ async fn a_lock_whose_enqueue_answer_was_lost_while_cut_off_leaves_no_key() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(keys_under(&c, "/mutex/cutoff/").await.len(), 2);
     proxy.pass();
-    wait_until(
+    wait_keys(
+        &c,
+        "/mutex/cutoff/",
+        1,
         Duration::from_secs(15),
         "the lost enqueue's key removed once reachable",
-        || {
-            let c = c.clone();
-            async move { keys_under(&c, "/mutex/cutoff/").await.len() == 1 }
-        },
     )
     .await;
 }
@@ -652,13 +671,12 @@ async fn a_lock_whose_enqueue_answer_was_lost_on_a_compacted_history_leaves_no_k
     armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let e = waiter.lock().await.unwrap_err();
     assert!(e.is_indeterminate(), "{e:?}");
-    wait_until(
+    wait_keys(
+        &c,
+        "/mutex/compacted/",
+        1,
         Duration::from_secs(10),
         "the lost enqueue's key removed",
-        || {
-            let c = c.clone();
-            async move { keys_under(&c, "/mutex/compacted/").await.len() == 1 }
-        },
     )
     .await;
 }
@@ -695,13 +713,12 @@ async fn a_cancelled_waiter_whose_cleanup_fails_once_still_leaves_no_key() {
     // Dropped with the connection, the held delete never reaches the server.
     proxy.cut_all().await;
     proxy.pass();
-    wait_until(
+    wait_keys(
+        &c,
+        "/mutex/retry/",
+        1,
         Duration::from_secs(10),
         "the given-up waiter's key removed",
-        || {
-            let c = c.clone();
-            async move { keys_under(&c, "/mutex/retry/").await.len() == 1 }
-        },
     )
     .await;
 }

@@ -176,7 +176,7 @@ struct Capabilities {
     logger: bool,
     log_level: bool,
     log_outputs: bool,
-    unsafe_no_fsync: bool,
+    no_fsync_flag: bool,
 }
 
 impl Capabilities {
@@ -188,7 +188,7 @@ impl Capabilities {
             logger: has("--logger"),
             log_level: has("--log-level"),
             log_outputs: has("--log-outputs"),
-            unsafe_no_fsync: has("--unsafe-no-fsync"),
+            no_fsync_flag: has("--unsafe-no-fsync"),
         })
     }
 }
@@ -737,7 +737,7 @@ impl EtcdCluster {
         if caps.log_outputs {
             common_args.push("--log-outputs=stderr".into());
         }
-        if caps.unsafe_no_fsync && !cfg.fsync {
+        if caps.no_fsync_flag && !cfg.fsync {
             common_args.push("--unsafe-no-fsync".into());
         }
         let tls = match cfg.tls {
