@@ -5,6 +5,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 use common::{client, etcd, wait_until};
@@ -538,4 +541,136 @@ async fn an_events_stream_joining_while_the_lease_is_replaced_starts_with_the_lo
             lease_id: seconds[0]
         })
     );
+}
+
+/// A client layer for the test below: while `lose_put` is armed, the next `Put` goes through
+/// and its answer is lost (an indeterminate failure); while `refuse_revokes` is set, every
+/// `LeaseRevoke` fails without being sent, counted in `refused`.
+#[derive(Clone, Default)]
+struct LosePutRefuseRevoke {
+    lose_put: Arc<AtomicBool>,
+    refuse_revokes: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for LosePutRefuseRevoke {
+    type Service = LosePutRefuseRevokeService;
+    fn layer(&self, inner: etcdv3::RpcService) -> LosePutRefuseRevokeService {
+        LosePutRefuseRevokeService {
+            inner,
+            l: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct LosePutRefuseRevokeService {
+    inner: etcdv3::RpcService,
+    l: LosePutRefuseRevoke,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for LosePutRefuseRevokeService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        if req.method == "LeaseRevoke" && self.l.refuse_revokes.load(SeqCst) {
+            self.l.refused.fetch_add(1, SeqCst);
+            return Box::pin(async {
+                Err(etcdv3::Error::from(tonic::Status::unavailable(
+                    "test: revoke refused before sending",
+                )))
+            });
+        }
+        let lose = req.method == "Put" && self.l.lose_put.swap(false, SeqCst);
+        let fut = self.inner.call(req);
+        if !lose {
+            return Box::pin(fut);
+        }
+        Box::pin(async move {
+            fut.await?;
+            Err(etcdv3::Error::from(tonic::Status::unavailable(
+                "etcdserver: request timed out",
+            )))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_register_whose_put_answer_was_lost_revokes_its_lease_before_failing() {
+    // The put may still be applied later (here it was applied, its answer lost), over a newer
+    // registration of the same instance, with a lease nobody refreshes: the record would
+    // vanish when that lease expires. The register revokes the lease first, retried while
+    // the revoke fails, so that etcd refuses such a put from then on (and deletes one that
+    // landed) before the caller can register again.
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let layer = LosePutRefuseRevoke::default();
+    let c = Client::builder(etcd.endpoints())
+        .layer(layer.clone())
+        .request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let tk = Toolkit::new(c);
+    let key = tk.service_key("api", "api-03").unwrap();
+    layer.lose_put.store(true, SeqCst);
+    layer.refuse_revokes.store(true, SeqCst);
+    let mut first = tokio::spawn({
+        let tk = tk.clone();
+        async move { tk.register(info(3)).await }
+    });
+    let refused = layer.refused.clone();
+    wait_until(Duration::from_secs(10), "a revoke refused", || {
+        let refused = refused.clone();
+        async move { refused.load(SeqCst) >= 1 }
+    })
+    .await;
+    // The put landed, on the attempt's lease.
+    let landed = observer.kv().get(key.clone()).await.unwrap();
+    let lease = landed
+        .kvs
+        .first()
+        .expect("the lost put was applied")
+        .lease();
+    assert_ne!(lease, 0);
+    // While its lease cannot be revoked, the register does not give up (one revoke alone
+    // fails within the 1 s request timeout).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), &mut first)
+            .await
+            .is_err(),
+        "the register returned while its lease could not be revoked"
+    );
+    assert!(layer.refused.load(SeqCst) >= 2, "the revoke is retried");
+    layer.refuse_revokes.store(false, SeqCst);
+    let e = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the register ends once the revoke goes through")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&e, ToolkitError::Etcd(e) if e.is_indeterminate()),
+        "{e:?}"
+    );
+    // The lease is gone, and the record with it.
+    let leases = observer.lease().leases().await.unwrap();
+    assert!(
+        !leases.leases.contains(&lease),
+        "the attempt's lease was revoked"
+    );
+    assert!(observer.kv().get(key.clone()).await.unwrap().kvs.is_empty());
+    // The next register stores the record on its own lease.
+    let reg = tk.register(info(3)).await.unwrap();
+    let now = observer.kv().get(key.clone()).await.unwrap();
+    assert_eq!(now.kvs.first().map(|kv| kv.lease()), Some(reg.lease_id()));
 }

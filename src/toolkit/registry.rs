@@ -160,6 +160,13 @@ impl IntoFuture for Register {
 }
 
 /// Grant a kept lease of `ttl` seconds and put the info on it; revoke it if the put fails.
+///
+/// A put whose outcome is unknown (its answer lost) may still be applied later, after a
+/// newer registration of the same instance: it would then put the record back on this lease,
+/// which nobody refreshes, and the record would vanish when the lease expires while the live
+/// registration knows nothing of it. So the lease is revoked before the failure is returned,
+/// retried until etcd confirms it (or says the lease is gone): from then on etcd refuses the
+/// put, wherever it is.
 async fn put_on_new_lease(
     client: &Client,
     key: &str,
@@ -169,10 +176,31 @@ async fn put_on_new_lease(
     let json = info.to_json()?;
     let kept = client.lease().grant(ttl).keep_alive().await?;
     if let Err(e) = client.kv().put(key.to_owned(), json).lease(kept.id()).await {
-        let _ = kept.revoke().await;
+        if e.is_indeterminate() {
+            revoke_until_gone(client, &kept).await;
+        } else {
+            let _ = kept.revoke().await;
+        }
         return Err(e.into());
     }
     Ok(kept)
+}
+
+/// Revoke `lease`, retrying with back-off until etcd confirms it, says the lease is gone, or
+/// the client is closed.
+async fn revoke_until_gone(client: &Client, lease: &KeptLease) {
+    let mut attempt = 0u32;
+    loop {
+        match lease.revoke().await {
+            Ok(_) => return,
+            Err(e) if e.kind() == ErrorKind::LeaseNotFound => return,
+            Err(_) if client.shared().is_closed() => return,
+            Err(_) => {
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
 }
 
 /// What happened to a [`Registration`], from [`Registration::events`].
