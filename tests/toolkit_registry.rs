@@ -674,3 +674,115 @@ async fn a_register_whose_put_answer_was_lost_revokes_its_lease_before_failing()
     let now = observer.kv().get(key.clone()).await.unwrap();
     assert_eq!(now.kvs.first().map(|kv| kv.lease()), Some(reg.lease_id()));
 }
+
+/// Where the outcome of a held-back write goes.
+type Outcome = tokio::sync::oneshot::Sender<Result<(), etcdv3::Error>>;
+
+/// A client layer for the test below: while `armed`, the next `Put` or `Txn` is held back
+/// (not sent) and answered at once with an indeterminate failure; it is sent once `release`
+/// is notified, and its outcome goes to `done`: a write that reaches etcd late.
+#[derive(Clone, Default)]
+struct HoldWrite {
+    armed: Arc<AtomicBool>,
+    release: Arc<tokio::sync::Notify>,
+    done: Arc<std::sync::Mutex<Option<Outcome>>>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for HoldWrite {
+    type Service = HoldWriteService;
+    fn layer(&self, inner: etcdv3::RpcService) -> HoldWriteService {
+        HoldWriteService {
+            inner,
+            l: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HoldWriteService {
+    inner: etcdv3::RpcService,
+    l: HoldWrite,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for HoldWriteService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        let write = req.method == "Put" || req.method == "Txn";
+        let hold = write && self.l.armed.swap(false, SeqCst);
+        let fut = self.inner.call(req);
+        if !hold {
+            return Box::pin(fut);
+        }
+        let (release, done) = (self.l.release.clone(), self.l.done.clone());
+        tokio::spawn(async move {
+            release.notified().await;
+            let r = fut.await;
+            if let Some(tx) = done.lock().unwrap().take() {
+                let _ = tx.send(r);
+            }
+        });
+        Box::pin(async {
+            Err(etcdv3::Error::from(tonic::Status::unavailable(
+                "etcdserver: request timed out",
+            )))
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_update_that_lands_late_does_not_undo_a_newer_update() {
+    // An update whose answer was lost may reach etcd after the next update (here: held back,
+    // then sent); the record must keep the newer metadata.
+    let etcd = etcd().await;
+    let layer = HoldWrite::default();
+    let c = Client::builder(etcd.endpoints())
+        .layer(layer.clone())
+        .request_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let tk = Toolkit::new(c);
+    let observer = Toolkit::new(client(&etcd).await);
+    let reg = tk.register(info(4)).await.unwrap();
+    let version = |v: &str| BTreeMap::from([("version".to_owned(), v.to_owned())]);
+    let (tx, late) = tokio::sync::oneshot::channel();
+    *layer.done.lock().unwrap() = Some(tx);
+    layer.armed.store(true, SeqCst);
+    let e = reg.update_metadata(version("2")).await.unwrap_err();
+    assert!(
+        matches!(&e, ToolkitError::Etcd(e) if e.is_indeterminate()),
+        "{e:?}"
+    );
+    reg.update_metadata(version("3")).await.unwrap();
+    layer.release.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .expect("the held-back write was sent")
+        .unwrap()
+        .expect("etcd answered the held-back write");
+    let now = observer.discover("api").await.unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(
+        now[0].metadata.get("version").map(String::as_str),
+        Some("3"),
+        "the late update put its older metadata back"
+    );
+    // The registration goes on: a further update is stored.
+    reg.update_metadata(version("4")).await.unwrap();
+    let now = observer.discover("api").await.unwrap();
+    assert_eq!(
+        now[0].metadata.get("version").map(String::as_str),
+        Some("4")
+    );
+}

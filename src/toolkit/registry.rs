@@ -16,6 +16,7 @@ use super::{Toolkit, ToolkitError, ToolkitResult, backoff};
 use crate::client::Client;
 use crate::error::{Error, ErrorKind};
 use crate::lease::{KeptLease, LeaseLost};
+use crate::txn::{Compare, CompareOp, Op};
 
 /// The default TTL of a registration's lease.
 pub const DEFAULT_SERVICE_TTL: Duration = Duration::from_secs(15);
@@ -158,6 +159,10 @@ impl IntoFuture for Register {
         Box::pin(self.run())
     }
 }
+
+/// Guarded writes of an update that may fail because another writer changed the record in
+/// between, before the update writes unguarded.
+const GUARDED_TRIES: usize = 8;
 
 /// Grant a kept lease of `ttl` seconds and put the info on it; revoke it if the put fails.
 ///
@@ -342,6 +347,10 @@ impl Registration {
     }
 
     /// Replace the metadata and rewrite the stored record (watchers see it Modified).
+    ///
+    /// The write is guarded by the record's revision, so an earlier update that failed with
+    /// an unknown outcome ([`Error::is_indeterminate`]) and reaches etcd late is refused
+    /// rather than putting its older metadata back; the newest update stays.
     pub async fn update_metadata(&self, metadata: BTreeMap<String, String>) -> ToolkitResult<()> {
         let (tx, rx) = oneshot::channel();
         self.cmds
@@ -518,6 +527,41 @@ impl RegTask {
         }
     }
 
+    /// Write the record on `lease`, guarded by its revision as read just before.
+    ///
+    /// An earlier update whose outcome is unknown (its answer lost) may reach etcd after this
+    /// one; it was guarded by an older revision, so etcd then refuses it instead of putting
+    /// older info back over the newer. (A guard fails only when the record changed between
+    /// the read and the write: another writer. After [`GUARDED_TRIES`] such failures in a
+    /// row the record is written unguarded, so that the update is not lost.)
+    async fn write_record(&self, json: String, lease: i64) -> Result<(), Error> {
+        let kv = self.client.kv();
+        for _ in 0..GUARDED_TRIES {
+            let seen = kv
+                .get(self.key.clone())
+                .await?
+                .kvs
+                .first()
+                .map_or(0, |kv| kv.mod_revision());
+            let written = kv
+                .txn()
+                .when([Compare::mod_revision(
+                    self.key.clone(),
+                    CompareOp::Equal,
+                    seen,
+                )])
+                .and_then([Op::put(self.key.clone(), json.clone()).lease(lease)])
+                .await?;
+            if written.succeeded {
+                return Ok(());
+            }
+        }
+        kv.put(self.key.clone(), json)
+            .lease(lease)
+            .await
+            .map(|_| ())
+    }
+
     async fn update(
         &self,
         metadata: BTreeMap<String, String>,
@@ -533,11 +577,7 @@ impl RegTask {
         };
         // Without a lease the new info is stored by the next re-registration.
         if let Some(id) = lease {
-            self.client
-                .kv()
-                .put(self.key.clone(), info.to_json()?)
-                .lease(id)
-                .await?;
+            self.write_record(info.to_json()?, id).await?;
         }
         self.shared.emit(RegistrationEvent::Updated);
         Ok(())
