@@ -175,6 +175,53 @@ async fn next_waiter_gets_the_lock_when_the_holder_dies() {
 }
 
 #[tokio::test]
+async fn try_lock_through_the_lease_of_a_waiting_lock_fails_at_once() {
+    // A lock() through lease L waits behind another holder; a try_lock() on the same lock
+    // through L (the same session, or another session on L) must not wait for it, and must
+    // leave the waiting lock's key alone.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let holder = Session::new(&c).ttl(30).await.unwrap();
+    let hm = Mutex::new(&holder, "/mutex/trywait");
+    hm.lock().await.unwrap();
+    let s = Session::new(&c).ttl(30).await.unwrap();
+    let wm = Arc::new(Mutex::new(&s, "/mutex/trywait"));
+    let wm2 = wm.clone();
+    let waiting = tokio::spawn(async move { wm2.lock().await });
+    wait_keys(
+        &c,
+        "/mutex/trywait/",
+        2,
+        Duration::from_secs(5),
+        "waiter queued",
+    )
+    .await;
+    let same_lease = Session::new(&c).lease(s.lease_id()).await.unwrap();
+    for session in [&s, &same_lease] {
+        let m = Mutex::new(session, "/mutex/trywait");
+        let r = tokio::time::timeout(Duration::from_secs(3), m.try_lock())
+            .await
+            .expect("try_lock answered without waiting");
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::Locked);
+        assert_eq!(m.fencing_revision(), None);
+    }
+    // The waiter is still queued, and gets the lock when the holder lets go.
+    assert_eq!(keys_under(&c, "/mutex/trywait/").await.len(), 2);
+    assert!(!waiting.is_finished());
+    hm.unlock().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter got the lock")
+        .unwrap()
+        .unwrap();
+    assert!(wm.is_locked());
+    assert_eq!(
+        keys_under(&c, "/mutex/trywait/").await,
+        vec![String::from_utf8(wm.key().to_vec()).unwrap()]
+    );
+}
+
+#[tokio::test]
 async fn try_lock_under_contention_returns_at_once_and_leaves_no_key() {
     let etcd = etcd().await;
     let c = client(&etcd).await;

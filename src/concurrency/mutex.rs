@@ -98,7 +98,10 @@ impl Mutex {
     }
 
     /// Take the lock if nobody holds it, without waiting: fails at once with
-    /// [`ErrorKind::Locked`] when another session holds it, after removing the key it put.
+    /// [`ErrorKind::Locked`] when another session holds it, after removing the key it put,
+    /// and also (without writing anything) while a `lock()` or `try_lock()` through the same
+    /// client and lease is under way on this lock (waiting for it, or removing the key of a
+    /// cancelled attempt).
     pub async fn try_lock(&self) -> Result<()> {
         self.acquire(true).await
     }
@@ -186,9 +189,25 @@ impl Attempt {
     /// (an earlier attempt's cleanup finishes first), which the answer carries to the caller.
     async fn run(self, mut tx: oneshot::Sender<Result<Won>>) {
         let gate = self.session.gate(&self.key);
-        let gate = tokio::select! {
-            _ = tx.closed() => return,
-            g = gate.lock_owned() => g,
+        let gate = if self.try_only {
+            // Another attempt on this key through this client's lease is under way (waiting
+            // for the lock, or removing its key): the lock is not free for this one, and
+            // `try_lock` does not wait for it.
+            match gate.try_lock_owned() {
+                Ok(g) => g,
+                Err(_) => {
+                    let _ = tx.send(Err(Error::new(
+                        ErrorKind::Locked,
+                        "another attempt on this lock through the same lease is under way",
+                    )));
+                    return;
+                }
+            }
+        } else {
+            tokio::select! {
+                _ = tx.closed() => return,
+                g = gate.lock_owned() => g,
+            }
         };
         // Not raced against cancellation: once sent, the transaction's outcome must be known
         // to clean up after it.
