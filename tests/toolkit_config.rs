@@ -352,3 +352,164 @@ async fn current_follows_without_reading_and_a_compaction_is_read_again() {
     cfg.set("name", "later").await.unwrap();
     assert_eq!(next(&mut w).await.unwrap().config.name, "later");
 }
+
+#[tokio::test]
+async fn a_good_config_waiting_to_be_read_is_not_lost_behind_a_bad_value() {
+    // The consumer is behind: a new config waits for it; then a bad value comes. The stream
+    // must still yield that newest good config, then the error (before, the error replaced
+    // the config waiting to be read, and the stream never yielded it).
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let cfg = c.config_source("keep");
+    cfg.set("name", "a").await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
+    let mut w = cfg.watch::<AppConfig>().await.unwrap();
+    assert_eq!(next(&mut w).await.unwrap().config.name, "a");
+    let mut seen = c
+        .watch("/etcdv3/config/keep/debug")
+        .await
+        .expect("an observer on the same client");
+    cfg.set("name", "b").await.unwrap();
+    let r = cfg.set("name", "c").await.unwrap();
+    wait_until(Duration::from_secs(10), "current() to reach c", || {
+        let ok = w.current().is_some_and(|u| u.revision == r);
+        async move { ok }
+    })
+    .await;
+    c.kv()
+        .put("/etcdv3/config/keep/debug", "{oops")
+        .await
+        .unwrap();
+    // The client has the bad value's event (so, most likely, has the config's task).
+    tokio::time::timeout(Duration::from_secs(10), seen.next())
+        .await
+        .expect("the observer saw the bad value")
+        .unwrap()
+        .unwrap();
+    let mut names = Vec::new();
+    loop {
+        match next(&mut w).await {
+            Ok(u) => names.push(u.config.name),
+            Err(ToolkitError::InvalidValue { key, .. }) => {
+                assert_eq!(key, "/etcdv3/config/keep/debug");
+                break;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+        assert!(names.len() <= 2, "{names:?}");
+    }
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("c"),
+        "the newest good config comes before the error: {names:?}"
+    );
+    assert_eq!(w.current().unwrap().config.name, "c");
+}
+
+/// A client layer for the test below: while `refuse` is set, every `Range` attempt fails
+/// without being sent.
+#[derive(Clone, Default)]
+struct RefuseReads {
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for RefuseReads {
+    type Service = RefuseReadsService;
+    fn layer(&self, inner: etcdv3::RpcService) -> RefuseReadsService {
+        RefuseReadsService {
+            inner,
+            l: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RefuseReadsService {
+    inner: etcdv3::RpcService,
+    l: RefuseReads,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for RefuseReadsService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        if req.method == "Range" && self.l.refuse.load(SeqCst) {
+            return Box::pin(async {
+                Err(etcdv3::Error::from(tonic::Status::unavailable(
+                    "test: read refused",
+                )))
+            });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[tokio::test]
+async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
+    // The watch resumes on a compacted revision and reads the config again; that read fails
+    // (every read refused) for a while. The stream reports it and goes on once reads work
+    // (before, it yielded the error and ended).
+    use std::sync::atomic::Ordering::SeqCst;
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let refuse = RefuseReads::default();
+    let watching = etcdv3::Client::builder([proxy.endpoint()])
+        .layer(refuse.clone())
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let writer = client(&etcd).await;
+    let cfg = writer.config_source("retry");
+    cfg.set("name", "one").await.unwrap();
+    cfg.set("db", json!({"host": "h", "port": 1}))
+        .await
+        .unwrap();
+    let mut w = watching
+        .config_source("retry")
+        .watch::<AppConfig>()
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.unwrap().config.name, "one");
+    proxy.blackhole();
+    proxy.cut_all().await;
+    cfg.set("name", "after").await.unwrap();
+    let last = cfg.set("debug", true).await.unwrap();
+    writer.kv().compact(last).await.unwrap();
+    refuse.refuse.store(true, SeqCst);
+    proxy.pass();
+    match next(&mut w).await {
+        Err(ToolkitError::Etcd(e)) => assert!(e.is_retryable() || e.is_deadline(), "{e:?}"),
+        other => panic!("expected the failed read, got {other:?}"),
+    }
+    refuse.refuse.store(false, SeqCst);
+    let u = loop {
+        match next(&mut w).await {
+            Ok(u) => break u,
+            // Further failed tries may be reported before the one that succeeds.
+            Err(ToolkitError::Etcd(e)) if e.is_retryable() || e.is_deadline() => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    };
+    assert_eq!(u.config.name, "after");
+    assert!(u.config.debug);
+    // And it goes on.
+    cfg.set("name", "later").await.unwrap();
+    assert_eq!(next(&mut w).await.unwrap().config.name, "later");
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -137,8 +138,10 @@ impl ConfigSource {
     ///
     /// Should the revision to resume from have been compacted meanwhile (a reconnect after a
     /// quiet spell), the config is read again (a new config if it differs) and watched on
-    /// from there. The stream ends after any other terminal watch error (e.g. permission
-    /// denied, a closed client), or an error while reading again, which it yields first.
+    /// from there; should that read fail for a passing reason (the cluster out of reach, no
+    /// leader), the failure is yielded as an error item and the read retried with a growing
+    /// back-off. The stream ends after any other terminal watch error (e.g. permission
+    /// denied, a closed client), which it yields first.
     ///
     /// The watch runs in a background task that ends when the [`ConfigWatch`] is dropped.
     pub async fn watch<T>(&self) -> ToolkitResult<ConfigWatch<T>>
@@ -393,11 +396,59 @@ struct WatchTask<T> {
 
 type Item<T> = ToolkitResult<ConfigUpdate<T>>;
 
+/// What the consumer has not taken yet: the newest config, then an error that came after
+/// it. A newer config replaces both (it is the state now, and the stream holds at most one
+/// config ahead of it); a newer error replaces only the error, so that a config is never
+/// lost behind an error.
+struct Pending<T> {
+    config: Option<ConfigUpdate<T>>,
+    error: Option<ToolkitError>,
+}
+
+impl<T> Pending<T> {
+    fn new() -> Self {
+        Pending {
+            config: None,
+            error: None,
+        }
+    }
+
+    fn put(&mut self, item: Item<T>) {
+        match item {
+            Ok(update) => {
+                self.config = Some(update);
+                self.error = None;
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// The next item to deliver: the config first.
+    fn take(&mut self) -> Option<Item<T>> {
+        match self.config.take() {
+            Some(update) => Some(Ok(update)),
+            None => self.error.take().map(Err),
+        }
+    }
+
+    fn is_some(&self) -> bool {
+        self.config.is_some() || self.error.is_some()
+    }
+}
+
+/// Why a wait of the watch task ended.
+enum Waited {
+    /// The consumer is gone: the task ends.
+    Gone,
+    /// The wait is over.
+    Done,
+}
+
 impl<T: DeserializeOwned + Clone + Send + 'static> WatchTask<T> {
     async fn run(mut self) {
-        // The newest item the consumer has not taken: a newer one replaces it, so a consumer
-        // that reads only `current()` never holds the watch back.
-        let mut pending: Option<Item<T>> = None;
+        // What the consumer has not taken: newer items replace older ones, so a consumer that
+        // reads only `current()` never holds the watch back.
+        let mut pending = Pending::new();
         loop {
             let first = tokio::select! {
                 _ = self.tx.closed() => return,
@@ -437,30 +488,79 @@ impl<T: DeserializeOwned + Clone + Send + 'static> WatchTask<T> {
                 }
             }
             if changed {
-                pending = Some(publish::<T>(&self.overlay, revision, &self.last_good));
+                pending.put(publish::<T>(&self.overlay, revision, &self.last_good));
             }
             let Some(e) = end else { continue };
             let last = if e.kind() == ErrorKind::Compacted {
                 // Changes since the resume point are gone from the history: read again.
-                match self.reread().await {
-                    Ok(Some(item)) => {
-                        pending = Some(item);
-                        continue;
-                    }
-                    Ok(None) => continue,
+                match self.read_again(&mut pending).await {
+                    Ok(Waited::Done) => continue,
+                    Ok(Waited::Gone) => return,
                     Err(e) => e,
                 }
             } else {
                 ToolkitError::Etcd(e)
             };
             // The end: what is pending, then the error.
-            if let Some(item) = pending.take()
-                && self.tx.send(item).await.is_err()
-            {
-                return;
+            while let Some(item) = pending.take() {
+                if self.tx.send(item).await.is_err() {
+                    return;
+                }
             }
             let _ = self.tx.send(Err(last)).await;
             return;
+        }
+    }
+
+    /// [`reread`](Self::reread) until it succeeds, with a growing back-off while it fails for
+    /// a passing reason (the cluster out of reach, no leader), each failure reported as an
+    /// error item; items are delivered meanwhile. Ends early when the consumer is gone, and
+    /// with the error when one is final.
+    async fn read_again(&mut self, pending: &mut Pending<T>) -> ToolkitResult<Waited> {
+        let mut failures = 0u32;
+        loop {
+            let tx = self.tx.clone();
+            let r = tokio::select! {
+                _ = tx.closed() => return Ok(Waited::Gone),
+                r = self.reread() => r,
+            };
+            match r {
+                Ok(item) => {
+                    if let Some(item) = item {
+                        pending.put(item);
+                    }
+                    return Ok(Waited::Done);
+                }
+                Err(ToolkitError::Etcd(e)) if e.is_retryable() || e.is_deadline() => {
+                    pending.put(Err(ToolkitError::Etcd(e)));
+                }
+                Err(e) => return Err(e),
+            }
+            failures = failures.saturating_add(1);
+            let pause = crate::balancer::jitter(Duration::from_millis(100u64 << failures.min(6)));
+            if let Waited::Gone = self.deliver_for(pause, pending).await {
+                return Ok(Waited::Gone);
+            }
+        }
+    }
+
+    /// Deliver pending items for `pause`.
+    async fn deliver_for(&mut self, pause: Duration, pending: &mut Pending<T>) -> Waited {
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => return Waited::Gone,
+                () = &mut sleep => return Waited::Done,
+                permit = self.tx.reserve(), if pending.is_some() => match permit {
+                    Ok(p) => {
+                        if let Some(item) = pending.take() {
+                            p.send(item);
+                        }
+                    }
+                    Err(_) => return Waited::Gone,
+                },
+            }
         }
     }
 
