@@ -786,3 +786,80 @@ async fn an_update_that_lands_late_does_not_undo_a_newer_update() {
         Some("4")
     );
 }
+
+#[tokio::test]
+async fn a_record_overwritten_with_a_bad_value_is_removed_from_watches_and_caches() {
+    // A read of the instances skips a record that is not a valid `ServiceInfo`; a watch and
+    // a cache must say the same (before, they kept offering the old record).
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = Toolkit::new(c.clone());
+    let _reg = tk.register(info(1)).await.unwrap();
+    let mut w = tk.watch_service("api").await.unwrap();
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(10)).await,
+        ServiceEvent::Added(i) if i.id == "api-01"
+    ));
+    let cache = tk.service_cache("api").await.unwrap();
+    assert!(cache.get("api-01").is_some());
+    let key = tk.service_key("api", "api-01").unwrap();
+    c.kv().put(key, "garbage").await.unwrap();
+    match next_event(&mut w, Duration::from_secs(10)).await {
+        ServiceEvent::Removed(i) => assert_eq!(i.id, "api-01"),
+        other => panic!("expected Removed, got {other:?}"),
+    }
+    assert!(w.instances().is_empty());
+    wait_until(Duration::from_secs(10), "the cache to drop api-01", || {
+        let gone = cache.get("api-01").is_none();
+        async move { gone }
+    })
+    .await;
+    assert!(tk.discover("api").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_watch_catching_up_claims_no_revision_ahead_of_its_instances() {
+    // 1,500 records written while nobody reads the watch: its buffer fills, it is paused and
+    // re-created behind, and etcd catches it up with responses of up to 1,000 revisions
+    // whose header already names the newest revision. The watch's revision must not run
+    // ahead of the instances it has applied.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let tk = Toolkit::new(c.clone());
+    let mut w = tk.watch_service("bulk").await.unwrap();
+    let ids: Vec<usize> = (0..1500).collect();
+    let mut last = 0;
+    for chunk in ids.chunks(100) {
+        let mut puts = tokio::task::JoinSet::new();
+        for i in chunk {
+            let info = ServiceInfo::new("bulk", format!("b{i:04}"), "127.0.0.1:1");
+            let key = tk.service_key("bulk", &info.id).unwrap();
+            let kv = c.kv();
+            puts.spawn(async move {
+                kv.put(key, serde_json::to_string(&info).unwrap())
+                    .await
+                    .unwrap()
+                    .header
+                    .revision
+            });
+        }
+        while let Some(rev) = puts.join_next().await {
+            last = last.max(rev.unwrap());
+        }
+    }
+    for n in 1..=1500 {
+        assert!(matches!(
+            next_event(&mut w, Duration::from_secs(20)).await,
+            ServiceEvent::Added(_)
+        ));
+        if w.revision() >= last {
+            assert_eq!(
+                w.instances().len(),
+                1500,
+                "revision {} claimed after {n} events",
+                w.revision()
+            );
+        }
+    }
+    assert_eq!(w.revision(), last);
+}

@@ -112,7 +112,11 @@ impl Toolkit {
                         _ = tx.closed() => return,
                         () = tokio::time::sleep(crate::balancer::jitter(pause)) => {}
                     }
-                    match toolkit.watch_service(&name).await {
+                    let fresh = tokio::select! {
+                        _ = tx.closed() => return,
+                        fresh = toolkit.watch_service(&name) => fresh,
+                    };
+                    match fresh {
                         Ok(mut fresh) => {
                             fresh.pending.clear();
                             break fresh;
@@ -277,6 +281,13 @@ impl ServiceWatch {
                         match ev.kind {
                             EventKind::Put => {
                                 let Some((id, info)) = parse(&self.prefix, &ev.kv) else {
+                                    // No longer a valid record: the instance is gone, as a
+                                    // read of the instances would say too.
+                                    if let Some(id) = id_of(&self.prefix, ev.kv.key())
+                                        && let Some(old) = self.known.remove(&id)
+                                    {
+                                        self.pending.push_back(ServiceEvent::Removed(old));
+                                    }
                                     continue;
                                 };
                                 let event = match self.known.insert(id, info.clone()) {
@@ -294,9 +305,6 @@ impl ServiceWatch {
                                 }
                             }
                         }
-                    }
-                    if !batch.is_progress_notify() {
-                        self.revision = self.revision.max(batch.revision());
                     }
                 }
             }
