@@ -280,7 +280,7 @@ impl StmTxn {
                     compares.push(Compare::mod_revision(
                         self.scope.full(k),
                         CompareOp::Less,
-                        st.first_rev + 1,
+                        st.first_rev.saturating_add(1),
                     ));
                 }
             }
