@@ -408,55 +408,6 @@ async fn a_good_config_waiting_to_be_read_is_not_lost_behind_a_bad_value() {
     assert_eq!(w.current().unwrap().config.name, "c");
 }
 
-/// A client layer for the test below: while `refuse` is set, every `Range` attempt fails
-/// without being sent.
-#[derive(Clone, Default)]
-struct RefuseReads {
-    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl tower::Layer<etcdv3::RpcService> for RefuseReads {
-    type Service = RefuseReadsService;
-    fn layer(&self, inner: etcdv3::RpcService) -> RefuseReadsService {
-        RefuseReadsService {
-            inner,
-            l: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct RefuseReadsService {
-    inner: etcdv3::RpcService,
-    l: RefuseReads,
-}
-
-impl tower::Service<etcdv3::RpcRequest> for RefuseReadsService {
-    type Response = ();
-    type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        use std::sync::atomic::Ordering::SeqCst;
-        if req.method == "Range" && self.l.refuse.load(SeqCst) {
-            return Box::pin(async {
-                Err(etcdv3::Error::from(tonic::Status::unavailable(
-                    "test: read refused",
-                )))
-            });
-        }
-        Box::pin(self.inner.call(req))
-    }
-}
-
 #[tokio::test]
 async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
     // The watch resumes on a compacted revision and reads the config again; that read fails
@@ -467,7 +418,7 @@ async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
     let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
         .await
         .unwrap();
-    let refuse = RefuseReads::default();
+    let refuse = common::RefuseReads::default();
     let watching = etcdv3::Client::builder([proxy.endpoint()])
         .layer(refuse.clone())
         .request_timeout(Duration::from_secs(1))

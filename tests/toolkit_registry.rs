@@ -863,3 +863,65 @@ async fn a_watch_catching_up_claims_no_revision_ahead_of_its_instances() {
     }
     assert_eq!(w.revision(), last);
 }
+
+#[tokio::test]
+async fn a_service_watch_whose_read_again_fails_for_a_while_goes_on() {
+    // The watch resumes on a compacted revision and reads the instances again; that read
+    // fails (every read refused) for a while. The stream reports it and goes on once reads
+    // work, with the difference (before, it yielded the error and ended).
+    use std::sync::atomic::Ordering::SeqCst;
+    let etcd = etcd().await;
+    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
+        .await
+        .unwrap();
+    let refuse = common::RefuseReads::default();
+    let watching = Client::builder([proxy.endpoint()])
+        .layer(refuse.clone())
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let writer = Toolkit::new(client(&etcd).await);
+    let _one = writer.register(info(1)).await.unwrap();
+    let mut w = Toolkit::new(watching).watch_service("api").await.unwrap();
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(10)).await,
+        ServiceEvent::Added(i) if i.id == "api-01"
+    ));
+    proxy.blackhole();
+    proxy.cut_all().await;
+    let _two = writer.register(info(2)).await.unwrap();
+    let last = writer.client().kv().put("/elsewhere", "x").await.unwrap();
+    writer
+        .client()
+        .kv()
+        .compact(last.header.revision)
+        .await
+        .unwrap();
+    refuse.refuse.store(true, SeqCst);
+    proxy.pass();
+    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Err(ToolkitError::Etcd(e)))) => {
+            assert!(e.is_retryable() || e.is_deadline(), "{e:?}");
+        }
+        other => panic!("expected the failed read, got {other:?}"),
+    }
+    refuse.refuse.store(false, SeqCst);
+    let added = loop {
+        match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+            Ok(Some(Ok(ev))) => break ev,
+            // Further failed tries may be reported before the one that succeeds.
+            Ok(Some(Err(ToolkitError::Etcd(e)))) if e.is_retryable() || e.is_deadline() => {}
+            other => panic!("expected the difference, got {other:?}"),
+        }
+    };
+    assert!(matches!(added, ServiceEvent::Added(i) if i.id == "api-02"));
+    assert_eq!(w.instances().len(), 2);
+    // And it goes on.
+    let _three = writer.register(info(3)).await.unwrap();
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(10)).await,
+        ServiceEvent::Added(i) if i.id == "api-03"
+    ));
+}

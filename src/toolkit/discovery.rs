@@ -47,6 +47,7 @@ impl Toolkit {
             pending,
             revision,
             relist: None,
+            relist_failures: 0,
             done: false,
         })
     }
@@ -188,9 +189,10 @@ impl ServiceEvent {
 /// The stream of [`ServiceEvent`]s of one service ([`Toolkit::watch_service`]); also readable
 /// with [`next`](Self::next). No background task: the events are produced as it is polled.
 /// A compacted resume point is handled by reading the instances again (see
-/// [`Toolkit::watch_service`]); the stream ends after any other terminal watch error (e.g.
-/// permission denied, a closed client), or an error while reading again, which it yields
-/// first.
+/// [`Toolkit::watch_service`]); should that read fail for a passing reason (the cluster out
+/// of reach, no leader), the failure is yielded as an error item and the read retried with
+/// a growing back-off. The stream ends after any other terminal watch error (e.g. permission
+/// denied, a closed client), which it yields first.
 pub struct ServiceWatch {
     toolkit: Toolkit,
     name: String,
@@ -201,6 +203,8 @@ pub struct ServiceWatch {
     revision: i64,
     /// Reading the instances again after a compaction.
     relist: Option<Relist>,
+    /// Failed tries of that read in a row.
+    relist_failures: u32,
     done: bool,
 }
 
@@ -246,6 +250,22 @@ impl ServiceWatch {
             if let Some(relist) = &mut self.relist {
                 match relist.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(ToolkitError::Etcd(e)))
+                        if e.is_retryable() || e.is_deadline() =>
+                    {
+                        // A passing failure (the cluster out of reach, no leader): reported,
+                        // and the read retried after a growing back-off.
+                        self.relist_failures = self.relist_failures.saturating_add(1);
+                        let pause = crate::balancer::jitter(Duration::from_millis(
+                            100u64 << self.relist_failures.min(6),
+                        ));
+                        let (toolkit, name) = (self.toolkit.clone(), self.name.clone());
+                        self.relist = Some(Box::pin(async move {
+                            tokio::time::sleep(pause).await;
+                            toolkit.list_and_watch(&name).await
+                        }));
+                        return Poll::Ready(Some(Err(ToolkitError::Etcd(e))));
+                    }
                     Poll::Ready(Err(e)) => {
                         self.relist = None;
                         self.done = true;
@@ -253,6 +273,7 @@ impl ServiceWatch {
                     }
                     Poll::Ready(Ok((now, revision, watcher))) => {
                         self.relist = None;
+                        self.relist_failures = 0;
                         self.apply_relist(now, revision, watcher);
                         continue;
                     }

@@ -173,3 +173,51 @@ pub(crate) async fn wait_for_token_expiry(anon: &Client, ttl: Duration) {
     }
     panic!("tokens did not expire after {} probes", probes.len());
 }
+
+/// A client layer: while `refuse` is set, every `Range` attempt fails without being sent.
+#[derive(Clone, Default)]
+pub(crate) struct RefuseReads {
+    pub(crate) refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tower::Layer<etcdv3::RpcService> for RefuseReads {
+    type Service = RefuseReadsService;
+    fn layer(&self, inner: etcdv3::RpcService) -> RefuseReadsService {
+        RefuseReadsService {
+            inner,
+            l: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct RefuseReadsService {
+    inner: etcdv3::RpcService,
+    l: RefuseReads,
+}
+
+impl tower::Service<etcdv3::RpcRequest> for RefuseReadsService {
+    type Response = ();
+    type Error = etcdv3::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        if req.method == "Range" && self.l.refuse.load(SeqCst) {
+            return Box::pin(async {
+                Err(etcdv3::Error::from(tonic::Status::unavailable(
+                    "test: read refused",
+                )))
+            });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
