@@ -342,58 +342,30 @@ async fn a_campaign_whose_enqueue_answer_was_lost_leaves_no_key() {
     assert_eq!(leader.value_str().unwrap(), "w");
 }
 
-/// When armed, lets `skip` Txn attempts through, then fails the next one with etcd's "request
-/// timed out" and disarms.
+/// The switches of a client layer: when armed, lets `skip` Txn attempts through, then fails
+/// the next one with etcd's "request timed out" and disarms.
 #[derive(Clone, Default)]
 struct FailTxn {
     armed: Arc<std::sync::atomic::AtomicBool>,
     skip: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl tower::Layer<etcdv3::RpcService> for FailTxn {
-    type Service = FailTxnService;
-    fn layer(&self, inner: etcdv3::RpcService) -> FailTxnService {
-        FailTxnService {
-            inner,
-            f: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct FailTxnService {
-    inner: etcdv3::RpcService,
-    f: FailTxn,
-}
-
-impl tower::Service<etcdv3::RpcRequest> for FailTxnService {
-    type Response = ();
-    type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        use std::sync::atomic::Ordering::SeqCst;
-        if req.method == "Txn" && self.f.armed.load(SeqCst) {
-            if self.f.skip.load(SeqCst) > 0 {
-                self.f.skip.fetch_sub(1, SeqCst);
-            } else {
-                self.f.armed.store(false, SeqCst);
-                return Box::pin(async {
-                    Err(etcdv3::Error::from(tonic::Status::unavailable(
-                        "etcdserver: request timed out",
-                    )))
-                });
+impl FailTxn {
+    fn layer(&self) -> common::AttemptLayer {
+        let f = self.clone();
+        common::AttemptLayer::new(move |req, inner| {
+            use std::sync::atomic::Ordering::SeqCst;
+            use tower::Service;
+            if req.method == "Txn" && f.armed.load(SeqCst) {
+                if f.skip.load(SeqCst) > 0 {
+                    f.skip.fetch_sub(1, SeqCst);
+                } else {
+                    f.armed.store(false, SeqCst);
+                    return common::timed_out();
+                }
             }
-        }
-        Box::pin(self.inner.call(req))
+            Box::pin(inner.call(req))
+        })
     }
 }
 
@@ -403,7 +375,7 @@ async fn a_leader_whose_new_campaign_fails_is_no_longer_leader() {
     let etcd = etcd().await;
     let fail = FailTxn::default();
     let c = Client::builder(etcd.endpoints())
-        .layer(fail.clone())
+        .layer(fail.layer())
         .request_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -577,73 +577,38 @@ async fn a_lock_whose_enqueue_answer_was_lost_leaves_no_key() {
         .unwrap();
 }
 
-/// A client layer that, once armed, runs the next `Txn` (the server applies it), then calls
-/// `after` and fails the attempt as if its answer had been lost ("request timed out").
-#[derive(Clone)]
-struct LoseTxnAnswer {
+/// A client layer that, once `armed`, runs the next `Txn` (the server applies it), then
+/// calls `after` and fails the attempt as if its answer had been lost ("request timed out").
+fn lose_txn_answer(
     armed: Arc<std::sync::atomic::AtomicBool>,
-    after: Arc<dyn Fn() + Send + Sync>,
-}
-
-impl tower::Layer<etcdv3::RpcService> for LoseTxnAnswer {
-    type Service = LoseTxnAnswerService;
-    fn layer(&self, inner: etcdv3::RpcService) -> LoseTxnAnswerService {
-        LoseTxnAnswerService {
-            inner,
-            l: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct LoseTxnAnswerService {
-    inner: etcdv3::RpcService,
-    l: LoseTxnAnswer,
-}
-
-impl tower::Service<etcdv3::RpcRequest> for LoseTxnAnswerService {
-    type Response = ();
-    type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        use std::sync::atomic::Ordering::SeqCst;
-        let lose = req.method == "Txn" && self.l.armed.swap(false, SeqCst);
-        let fut = self.inner.call(req);
+    after: impl Fn() + Send + Sync + 'static,
+) -> common::AttemptLayer {
+    let after = Arc::new(after);
+    common::AttemptLayer::new(move |req, inner| {
+        use tower::Service;
+        let lose = req.method == "Txn" && armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let fut = inner.call(req);
         if !lose {
             return Box::pin(fut);
         }
-        let after = self.l.after.clone();
+        let after = after.clone();
         Box::pin(async move {
             fut.await?;
             after();
-            Err(etcdv3::Error::from(tonic::Status::unavailable(
-                "etcdserver: request timed out",
-            )))
+            common::timed_out().await
         })
-    }
+    })
 }
 
 /// A client through `proxy` whose next `Txn` after arming loses its answer (see
-/// [`LoseTxnAnswer`]), then `after` runs.
+/// [`lose_txn_answer`]), then `after` runs.
 async fn losing_client(
     proxy: &FaultProxy,
     after: impl Fn() + Send + Sync + 'static,
 ) -> (Client, Arc<std::sync::atomic::AtomicBool>) {
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let c = Client::builder([proxy.endpoint()])
-        .layer(LoseTxnAnswer {
-            armed: armed.clone(),
-            after: Arc::new(after),
-        })
+        .layer(lose_txn_answer(armed.clone(), after))
         .request_timeout(Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1))
         .connect()

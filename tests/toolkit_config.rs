@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{client, etcd, wait_until};
@@ -415,17 +416,9 @@ async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
     // (before, it yielded the error and ended).
     use std::sync::atomic::Ordering::SeqCst;
     let etcd = etcd().await;
-    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
-        .await
-        .unwrap();
-    let refuse = common::RefuseReads::default();
-    let watching = etcdv3::Client::builder([proxy.endpoint()])
-        .layer(refuse.clone())
-        .request_timeout(Duration::from_secs(1))
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .unwrap();
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (proxy, watching) =
+        common::proxied_client_with(&etcd, common::refuse_reads(refuse.clone())).await;
     let writer = client(&etcd).await;
     let cfg = writer.config_source("retry");
     cfg.set("name", "one").await.unwrap();
@@ -443,13 +436,13 @@ async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
     cfg.set("name", "after").await.unwrap();
     let last = cfg.set("debug", true).await.unwrap();
     writer.kv().compact(last).await.unwrap();
-    refuse.refuse.store(true, SeqCst);
+    refuse.store(true, SeqCst);
     proxy.pass();
     match next(&mut w).await {
         Err(ToolkitError::Etcd(e)) => assert!(e.is_retryable() || e.is_deadline(), "{e:?}"),
         other => panic!("expected the failed read, got {other:?}"),
     }
-    refuse.refuse.store(false, SeqCst);
+    refuse.store(false, SeqCst);
     let u = loop {
         match next(&mut w).await {
             Ok(u) => break u,

@@ -543,9 +543,9 @@ async fn an_events_stream_joining_while_the_lease_is_replaced_starts_with_the_lo
     );
 }
 
-/// A client layer for the test below: while `lose_put` is armed, the next `Put` goes through
-/// and its answer is lost (an indeterminate failure); while `refuse_revokes` is set, every
-/// `LeaseRevoke` fails without being sent, counted in `refused`.
+/// The switches of the layer of the test below: while `lose_put` is armed, the next `Put`
+/// goes through and its answer is lost (an indeterminate failure); while `refuse_revokes` is
+/// set, every `LeaseRevoke` fails without being sent, counted in `refused`.
 #[derive(Clone, Default)]
 struct LosePutRefuseRevoke {
     lose_put: Arc<AtomicBool>,
@@ -553,54 +553,28 @@ struct LosePutRefuseRevoke {
     refused: Arc<AtomicU64>,
 }
 
-impl tower::Layer<etcdv3::RpcService> for LosePutRefuseRevoke {
-    type Service = LosePutRefuseRevokeService;
-    fn layer(&self, inner: etcdv3::RpcService) -> LosePutRefuseRevokeService {
-        LosePutRefuseRevokeService {
-            inner,
-            l: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct LosePutRefuseRevokeService {
-    inner: etcdv3::RpcService,
-    l: LosePutRefuseRevoke,
-}
-
-impl tower::Service<etcdv3::RpcRequest> for LosePutRefuseRevokeService {
-    type Response = ();
-    type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        if req.method == "LeaseRevoke" && self.l.refuse_revokes.load(SeqCst) {
-            self.l.refused.fetch_add(1, SeqCst);
-            return Box::pin(async {
-                Err(etcdv3::Error::from(tonic::Status::unavailable(
-                    "test: revoke refused before sending",
-                )))
-            });
-        }
-        let lose = req.method == "Put" && self.l.lose_put.swap(false, SeqCst);
-        let fut = self.inner.call(req);
-        if !lose {
-            return Box::pin(fut);
-        }
-        Box::pin(async move {
-            fut.await?;
-            Err(etcdv3::Error::from(tonic::Status::unavailable(
-                "etcdserver: request timed out",
-            )))
+impl LosePutRefuseRevoke {
+    fn layer(&self) -> common::AttemptLayer {
+        let l = self.clone();
+        common::AttemptLayer::new(move |req, inner| {
+            use tower::Service;
+            if req.method == "LeaseRevoke" && l.refuse_revokes.load(SeqCst) {
+                l.refused.fetch_add(1, SeqCst);
+                return Box::pin(async {
+                    Err(etcdv3::Error::from(tonic::Status::unavailable(
+                        "test: revoke refused before sending",
+                    )))
+                });
+            }
+            let lose = req.method == "Put" && l.lose_put.swap(false, SeqCst);
+            let fut = inner.call(req);
+            if !lose {
+                return Box::pin(fut);
+            }
+            Box::pin(async move {
+                fut.await?;
+                common::timed_out().await
+            })
         })
     }
 }
@@ -616,7 +590,7 @@ async fn a_register_whose_put_answer_was_lost_revokes_its_lease_before_failing()
     let observer = client(&etcd).await;
     let layer = LosePutRefuseRevoke::default();
     let c = Client::builder(etcd.endpoints())
-        .layer(layer.clone())
+        .layer(layer.layer())
         .request_timeout(Duration::from_secs(1))
         .connect()
         .await
@@ -678,9 +652,9 @@ async fn a_register_whose_put_answer_was_lost_revokes_its_lease_before_failing()
 /// Where the outcome of a held-back write goes.
 type Outcome = tokio::sync::oneshot::Sender<Result<(), etcdv3::Error>>;
 
-/// A client layer for the test below: while `armed`, the next `Put` or `Txn` is held back
-/// (not sent) and answered at once with an indeterminate failure; it is sent once `release`
-/// is notified, and its outcome goes to `done`: a write that reaches etcd late.
+/// The switches of the layer of the test below: while `armed`, the next `Put` or `Txn` is
+/// held back (not sent) and answered at once with an indeterminate failure; it is sent once
+/// `release` is notified, and its outcome goes to `done`: a write that reaches etcd late.
 #[derive(Clone, Default)]
 struct HoldWrite {
     armed: Arc<AtomicBool>,
@@ -688,54 +662,26 @@ struct HoldWrite {
     done: Arc<std::sync::Mutex<Option<Outcome>>>,
 }
 
-impl tower::Layer<etcdv3::RpcService> for HoldWrite {
-    type Service = HoldWriteService;
-    fn layer(&self, inner: etcdv3::RpcService) -> HoldWriteService {
-        HoldWriteService {
-            inner,
-            l: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct HoldWriteService {
-    inner: etcdv3::RpcService,
-    l: HoldWrite,
-}
-
-impl tower::Service<etcdv3::RpcRequest> for HoldWriteService {
-    type Response = ();
-    type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), etcdv3::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        let write = req.method == "Put" || req.method == "Txn";
-        let hold = write && self.l.armed.swap(false, SeqCst);
-        let fut = self.inner.call(req);
-        if !hold {
-            return Box::pin(fut);
-        }
-        let (release, done) = (self.l.release.clone(), self.l.done.clone());
-        tokio::spawn(async move {
-            release.notified().await;
-            let r = fut.await;
-            if let Some(tx) = done.lock().unwrap().take() {
-                let _ = tx.send(r);
+impl HoldWrite {
+    fn layer(&self) -> common::AttemptLayer {
+        let l = self.clone();
+        common::AttemptLayer::new(move |req, inner| {
+            use tower::Service;
+            let write = req.method == "Put" || req.method == "Txn";
+            let hold = write && l.armed.swap(false, SeqCst);
+            let fut = inner.call(req);
+            if !hold {
+                return Box::pin(fut);
             }
-        });
-        Box::pin(async {
-            Err(etcdv3::Error::from(tonic::Status::unavailable(
-                "etcdserver: request timed out",
-            )))
+            let (release, done) = (l.release.clone(), l.done.clone());
+            tokio::spawn(async move {
+                release.notified().await;
+                let r = fut.await;
+                if let Some(tx) = done.lock().unwrap().take() {
+                    let _ = tx.send(r);
+                }
+            });
+            common::timed_out()
         })
     }
 }
@@ -747,7 +693,7 @@ async fn an_update_that_lands_late_does_not_undo_a_newer_update() {
     let etcd = etcd().await;
     let layer = HoldWrite::default();
     let c = Client::builder(etcd.endpoints())
-        .layer(layer.clone())
+        .layer(layer.layer())
         .request_timeout(Duration::from_secs(10))
         .connect()
         .await
@@ -871,17 +817,9 @@ async fn a_service_watch_whose_read_again_fails_for_a_while_goes_on() {
     // work, with the difference (before, it yielded the error and ended).
     use std::sync::atomic::Ordering::SeqCst;
     let etcd = etcd().await;
-    let proxy = etcdv3::testkit::FaultProxy::start(etcd.client_addr(0))
-        .await
-        .unwrap();
-    let refuse = common::RefuseReads::default();
-    let watching = Client::builder([proxy.endpoint()])
-        .layer(refuse.clone())
-        .request_timeout(Duration::from_secs(1))
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .unwrap();
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (proxy, watching) =
+        common::proxied_client_with(&etcd, common::refuse_reads(refuse.clone())).await;
     let writer = Toolkit::new(client(&etcd).await);
     let _one = writer.register(info(1)).await.unwrap();
     let mut w = Toolkit::new(watching).watch_service("api").await.unwrap();
@@ -899,7 +837,7 @@ async fn a_service_watch_whose_read_again_fails_for_a_while_goes_on() {
         .compact(last.header.revision)
         .await
         .unwrap();
-    refuse.refuse.store(true, SeqCst);
+    refuse.store(true, SeqCst);
     proxy.pass();
     match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
         Ok(Some(Err(ToolkitError::Etcd(e)))) => {
@@ -907,7 +845,7 @@ async fn a_service_watch_whose_read_again_fails_for_a_while_goes_on() {
         }
         other => panic!("expected the failed read, got {other:?}"),
     }
-    refuse.refuse.store(false, SeqCst);
+    refuse.store(false, SeqCst);
     let added = loop {
         match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
             Ok(Some(Ok(ev))) => break ev,

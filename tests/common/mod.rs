@@ -52,6 +52,25 @@ pub(crate) async fn proxied_client(cluster: &EtcdCluster) -> (etcdv3::testkit::F
     (proxy, c)
 }
 
+/// A fault proxy in front of member 0, and a client through it with the client layer
+/// `layer` (1 s request and connect timeouts).
+pub(crate) async fn proxied_client_with(
+    cluster: &EtcdCluster,
+    layer: AttemptLayer,
+) -> (etcdv3::testkit::FaultProxy, Client) {
+    let proxy = etcdv3::testkit::FaultProxy::start(cluster.client_addr(0))
+        .await
+        .expect("start the fault proxy");
+    let c = Client::builder([proxy.endpoint()])
+        .layer(layer)
+        .request_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    (proxy, c)
+}
+
 /// Wait until `cond` returns true, polling every 20 ms, for at most `timeout`.
 pub(crate) async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where
@@ -174,33 +193,46 @@ pub(crate) async fn wait_for_token_expiry(anon: &Client, ttl: Duration) {
     panic!("tokens did not expire after {} probes", probes.len());
 }
 
-/// A client layer: while `refuse` is set, every `Range` attempt fails without being sent.
-#[derive(Clone, Default)]
-pub(crate) struct RefuseReads {
-    pub(crate) refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+/// The future of one RPC attempt, as a client layer returns it.
+pub(crate) type AttemptFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), etcdv3::Error>> + Send>>;
+
+type AttemptFn = dyn Fn(etcdv3::RpcRequest, &mut etcdv3::RpcService) -> AttemptFuture + Send + Sync;
+
+/// A client layer for fault injection: `f` gets every RPC attempt and the inner service
+/// (ready), and returns the attempt's future: `inner.call(req)` to perform it, or anything
+/// else (refuse it, lose its answer, send it later).
+#[derive(Clone)]
+pub(crate) struct AttemptLayer(std::sync::Arc<AttemptFn>);
+
+impl AttemptLayer {
+    pub(crate) fn new(
+        f: impl Fn(etcdv3::RpcRequest, &mut etcdv3::RpcService) -> AttemptFuture + Send + Sync + 'static,
+    ) -> Self {
+        AttemptLayer(std::sync::Arc::new(f))
+    }
 }
 
-impl tower::Layer<etcdv3::RpcService> for RefuseReads {
-    type Service = RefuseReadsService;
-    fn layer(&self, inner: etcdv3::RpcService) -> RefuseReadsService {
-        RefuseReadsService {
+impl tower::Layer<etcdv3::RpcService> for AttemptLayer {
+    type Service = AttemptService;
+    fn layer(&self, inner: etcdv3::RpcService) -> AttemptService {
+        AttemptService {
             inner,
-            l: self.clone(),
+            f: self.0.clone(),
         }
     }
 }
 
 #[derive(Clone)]
-pub(crate) struct RefuseReadsService {
+pub(crate) struct AttemptService {
     inner: etcdv3::RpcService,
-    l: RefuseReads,
+    f: std::sync::Arc<AttemptFn>,
 }
 
-impl tower::Service<etcdv3::RpcRequest> for RefuseReadsService {
+impl tower::Service<etcdv3::RpcRequest> for AttemptService {
     type Response = ();
     type Error = etcdv3::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), etcdv3::Error>> + Send>>;
+    type Future = AttemptFuture;
 
     fn poll_ready(
         &mut self,
@@ -209,15 +241,33 @@ impl tower::Service<etcdv3::RpcRequest> for RefuseReadsService {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: etcdv3::RpcRequest) -> Self::Future {
-        use std::sync::atomic::Ordering::SeqCst;
-        if req.method == "Range" && self.l.refuse.load(SeqCst) {
+    fn call(&mut self, req: etcdv3::RpcRequest) -> AttemptFuture {
+        (self.f)(req, &mut self.inner)
+    }
+}
+
+/// An attempt that fails at once, as etcd's "request timed out" (an unknown outcome for a
+/// write that was sent).
+pub(crate) fn timed_out() -> AttemptFuture {
+    Box::pin(async {
+        Err(etcdv3::Error::from(tonic::Status::unavailable(
+            "etcdserver: request timed out",
+        )))
+    })
+}
+
+/// A client layer that, while `refuse` is set, fails every `Range` attempt without sending
+/// it.
+pub(crate) fn refuse_reads(refuse: std::sync::Arc<std::sync::atomic::AtomicBool>) -> AttemptLayer {
+    use tower::Service;
+    AttemptLayer::new(move |req, inner| {
+        if req.method == "Range" && refuse.load(std::sync::atomic::Ordering::SeqCst) {
             return Box::pin(async {
                 Err(etcdv3::Error::from(tonic::Status::unavailable(
                     "test: read refused",
                 )))
             });
         }
-        Box::pin(self.inner.call(req))
-    }
+        Box::pin(inner.call(req))
+    })
 }
