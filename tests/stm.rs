@@ -147,3 +147,43 @@ async fn mod_revision_is_the_stored_one_also_after_a_write() {
         "2"
     );
 }
+
+#[tokio::test]
+async fn an_attempt_whose_snapshot_was_compacted_meanwhile_is_retried() {
+    // Under serializable isolation the reads after the first are at the first one's
+    // revision; compacting past it while the closure runs makes such a read fail with
+    // Compacted. A fresh attempt reads a new snapshot (before, the transaction failed).
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    c.kv().put("/stm/a", "1").await.unwrap();
+    c.kv().put("/stm/b", "2").await.unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let (c2, runs2) = (c.clone(), runs.clone());
+    let sum = stm(&c, move |tx| {
+        let (c2, runs2) = (c2.clone(), runs2.clone());
+        async move {
+            let a: i64 = tx.get_str("/stm/a").await?.unwrap().parse().unwrap();
+            if runs2.fetch_add(1, SeqCst) == 0 {
+                c2.kv().put("/stm/z", "x").await?;
+                let last = c2.kv().put("/stm/z", "y").await?;
+                c2.kv().compact(last.header.revision).await?;
+            }
+            let b: i64 = tx.get_str("/stm/b").await?.unwrap().parse().unwrap();
+            tx.put("/stm/sum", (a + b).to_string());
+            Ok(a + b)
+        }
+    })
+    .isolation(Isolation::Serializable)
+    .await
+    .unwrap();
+    assert_eq!(sum, 3);
+    assert_eq!(runs.load(SeqCst), 2);
+    assert_eq!(
+        c.kv().get("/stm/sum").await.unwrap().kvs[0]
+            .value_str()
+            .unwrap(),
+        "3"
+    );
+}

@@ -111,7 +111,9 @@ impl<F> Stm<F> {
     }
 
     /// How many times to run the closure before giving up on conflicts with
-    /// [`ErrorKind::Conflict`] (default 64, at least 1).
+    /// [`ErrorKind::Conflict`] (default 64, at least 1). An attempt whose snapshot revision
+    /// was compacted while the closure ran (a read then fails with
+    /// [`ErrorKind::Compacted`], and the closure passes that on) counts as a conflict too.
     pub fn attempts(mut self, attempts: u32) -> Self {
         self.attempts = attempts.max(1);
         self
@@ -135,7 +137,13 @@ where
                     isolation: self.isolation,
                     state: Arc::new(StdMutex::new(State::default())),
                 };
-                let value = (self.apply)(tx.clone()).await?;
+                let value = match (self.apply)(tx.clone()).await {
+                    Ok(v) => v,
+                    // The snapshot was compacted away while the closure ran (it took longer
+                    // than the cluster keeps history): a fresh attempt reads a new one.
+                    Err(e) if e.is_compacted() && tx.lock().snapshot_compacted => continue,
+                    Err(e) => return Err(e),
+                };
                 if tx.commit().await? {
                     return Ok(value);
                 }
@@ -159,6 +167,8 @@ struct State {
     writes: BTreeMap<Bytes, Option<Bytes>>,
     /// The revision of the first read (0 before it).
     first_rev: i64,
+    /// A read at that revision failed because it was compacted.
+    snapshot_compacted: bool,
 }
 
 /// The handle of one attempt of an [`stm`] transaction: read through it, buffer writes in
@@ -205,7 +215,15 @@ impl StmTxn {
         if snapshot && rev > 0 {
             get = get.revision(rev);
         }
-        let resp = get.await?;
+        let resp = match get.await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.is_compacted() {
+                    self.lock().snapshot_compacted = true;
+                }
+                return Err(e);
+            }
+        };
         let found = resp
             .kvs
             .first()
