@@ -652,9 +652,13 @@ impl Watcher {
 
     /// The next batch, or `None` once the watcher has ended. Same as
     /// `futures::StreamExt::next`.
+    ///
+    /// (The future holds just the reference to the watcher: a task per watcher that awaits
+    /// it stays small, which matters when many such tasks are woken in turn.)
     #[inline]
-    pub async fn next(&mut self) -> Option<Result<WatchBatch>> {
-        std::future::poll_fn(|cx| self.poll_batch(cx)).await
+    #[allow(clippy::should_implement_trait)] // an async `next`, as `StreamExt::next`
+    pub fn next(&mut self) -> impl Future<Output = Option<Result<WatchBatch>>> + '_ {
+        std::future::poll_fn(move |cx| self.poll_batch(cx))
     }
 
     /// Cancel the watcher on the server, and wait until the server confirmed it (or the
