@@ -491,6 +491,15 @@ impl WatchBench {
     }
 }
 
+/// What the watchers' tasks share: responses read by them all, the count a burst waits for,
+/// whether a task failed, and the bench thread's wake-up.
+pub(crate) struct Progress {
+    read: std::sync::atomic::AtomicU64,
+    target: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicBool,
+    done: tokio::sync::Notify,
+}
+
 /// Server, client and watchers of the burst benchmark: a task per watcher, bursts of one
 /// response to every watcher, and the processor's caches flushed before each burst.
 pub(crate) struct BurstBench {
@@ -499,11 +508,7 @@ pub(crate) struct BurstBench {
     client: Client,
     go: tokio::sync::mpsc::UnboundedSender<()>,
     watchers: usize,
-    /// Responses read by the tasks, all together; the count a burst waits for; a task failed.
-    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    target: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    done: std::sync::Arc<tokio::sync::Notify>,
+    progress: std::sync::Arc<Progress>,
     /// Memory walked before each burst, to evict the client's state from the caches (as the
     /// server does between two puts).
     thrash: Vec<u8>,
@@ -526,32 +531,36 @@ impl BurstBench {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let read = Arc::new(AtomicU64::new(0));
-        let target = Arc::new(AtomicU64::new(u64::MAX));
-        let failed = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(tokio::sync::Notify::new());
+        let progress = Arc::new(Progress {
+            read: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            failed: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+        });
         let endpoint = format!("http://{}", server.addr);
         let first = go.clone();
-        let (r, t, f, d) = (read.clone(), target.clone(), failed.clone(), done.clone());
+        let shared = Arc::clone(&progress);
         let client = rt.block_on(async move {
             // The first burst is the one verified.
             let first_burst = || first.send(()).map_err(|_| "the server is gone".into());
             let (client, all) = create_and_verify(endpoint, watchers, 1, first_burst).await?;
-            for mut w in all {
-                let (read, target, failed, done) = (r.clone(), t.clone(), f.clone(), d.clone());
+            // Each task holds the watcher and one reference (48 bytes): with tokio's task
+            // header, one pair of cache lines, as `etcd-bench watch`'s consumers.
+            for w in all {
+                let (mut watcher, p) = (w.watcher, Arc::clone(&shared));
                 tokio::spawn(async move {
-                    while let Some(batch) = w.watcher.next().await {
+                    while let Some(batch) = watcher.next().await {
                         if batch.map_or(true, |b| b.len() != 1) {
                             break;
                         }
-                        if read.fetch_add(1, Ordering::Relaxed) + 1
-                            == target.load(Ordering::Relaxed)
+                        if p.read.fetch_add(1, Ordering::Relaxed) + 1
+                            == p.target.load(Ordering::Relaxed)
                         {
-                            done.notify_one();
+                            p.done.notify_one();
                         }
                     }
-                    failed.store(true, Ordering::Relaxed);
-                    done.notify_one();
+                    p.failed.store(true, Ordering::Relaxed);
+                    p.done.notify_one();
                 });
             }
             Ok::<_, BoxError>(client)
@@ -562,10 +571,7 @@ impl BurstBench {
             client,
             go,
             watchers,
-            read,
-            target,
-            failed,
-            done,
+            progress,
             thrash: vec![0u8; thrash_bytes],
             bursts: 0,
             cpu: Duration::ZERO,
@@ -589,15 +595,16 @@ impl BurstBench {
                 self.thrash[i] = self.thrash[i].wrapping_add(1);
             }
             std::hint::black_box(&self.thrash);
-            let want = self.read.load(Ordering::Relaxed) + n;
-            self.target.store(want, Ordering::Relaxed);
+            let p = &*self.progress;
+            let want = p.read.load(Ordering::Relaxed) + n;
+            p.target.store(want, Ordering::Relaxed);
             let start = thread_cpu();
             assert!(self.go.send(()).is_ok(), "the server is gone");
-            let (read, failed, done) = (&self.read, &self.failed, &self.done);
             let arrived = self.rt.block_on(async {
                 tokio::time::timeout(Duration::from_secs(60), async {
-                    while read.load(Ordering::Relaxed) < want && !failed.load(Ordering::Relaxed) {
-                        done.notified().await;
+                    while p.read.load(Ordering::Relaxed) < want && !p.failed.load(Ordering::Relaxed)
+                    {
+                        p.done.notified().await;
                     }
                 })
                 .await
@@ -608,7 +615,7 @@ impl BurstBench {
                 "a burst of {n} responses took over a minute"
             );
             assert!(
-                !self.failed.load(Ordering::Relaxed),
+                !p.failed.load(Ordering::Relaxed),
                 "a watcher failed or ended"
             );
         }
