@@ -123,3 +123,80 @@ async fn an_empty_prefix_mirrors_every_key() {
     })
     .await;
 }
+
+/// A mirror whose watch was refused (its user lost the right to read the prefix) reports the
+/// error, and clears it as soon as its watch is back, not only at the next change under the
+/// prefix (which may be long in coming).
+#[tokio::test]
+async fn a_mirror_whose_watch_is_back_reports_no_error() {
+    use etcdv3::testkit::FaultProxy;
+    use etcdv3::{Client, Permission};
+    let etcd = common::etcd_with(&[]).await;
+    let setup = client(&etcd).await;
+    let auth = setup.auth();
+    auth.user_add("root", "rootpw").await.unwrap();
+    auth.user_grant_role("root", "root").await.unwrap();
+    auth.user_add("alice", "alicepw").await.unwrap();
+    auth.role_add("reader").await.unwrap();
+    auth.role_grant_permission("reader", Permission::read("/m/").prefix())
+        .await
+        .unwrap();
+    auth.user_grant_role("alice", "reader").await.unwrap();
+    setup.kv().put("/m/a", "1").await.unwrap();
+    auth.enable().await.unwrap();
+    let admin = Client::builder(etcd.endpoints())
+        .user("root", "rootpw")
+        .request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = Client::builder([proxy.endpoint()])
+        .user("alice", "alicepw")
+        .request_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let mirror = c.mirror("/m/").await.unwrap();
+    assert_eq!(mirror.get("/m/a").unwrap(), Bytes::from("1"));
+    assert!(mirror.error().is_none());
+
+    // Take the right away and make the watch be created again: etcd refuses it.
+    admin
+        .auth()
+        .role_revoke_permission("reader", "/m/")
+        .prefix()
+        .await
+        .unwrap();
+    proxy.cut_all().await;
+    wait_until(
+        Duration::from_secs(10),
+        "the refusal to be reported",
+        || {
+            let refused = mirror.error().is_some();
+            async move { refused }
+        },
+    )
+    .await;
+
+    // Give it back, and write nothing under the prefix: the error goes once the watch is
+    // back.
+    admin
+        .auth()
+        .role_grant_permission("reader", Permission::read("/m/").prefix())
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the error to be cleared", || {
+        let cleared = mirror.error().is_none();
+        async move { cleared }
+    })
+    .await;
+    // And the mirror follows changes again.
+    let r = admin.kv().put("/m/b", "2").await.unwrap().header.revision;
+    tokio::time::timeout(Duration::from_secs(10), mirror.wait_revision(r))
+        .await
+        .expect("the mirror caught up")
+        .unwrap();
+    assert_eq!(mirror.get("/m/b").unwrap(), Bytes::from("2"));
+}

@@ -125,7 +125,8 @@ impl Mirror {
         self.rx.borrow().revision
     }
 
-    /// The last watch error, if any (the mirror retries on its own).
+    /// The last watch error while the mirror is not following changes (it retries on its
+    /// own); `None` again once its watch is back.
     pub fn error(&self) -> Option<ToolkitError> {
         self.rx
             .borrow()
@@ -224,7 +225,11 @@ impl MirrorTask {
             let mut watcher = tokio::select! {
                 _ = self.tx.closed() => return,
                 w = watch.into_future() => match w {
-                    Ok(w) => w,
+                    Ok(w) => {
+                        // The watch is back: an earlier error no longer holds.
+                        self.tx.send_if_modified(|p| p.error.take().is_some());
+                        w
+                    }
                     Err(e) => {
                         if !self.retry(e, &mut attempt).await {
                             return;
