@@ -457,3 +457,44 @@ async fn a_read_again_after_a_compaction_that_fails_for_a_while_is_retried() {
     cfg.set("name", "later").await.unwrap();
     assert_eq!(next(&mut w).await.unwrap().config.name, "later");
 }
+
+/// A dotted path through an array: an index names the element, in the file's array (hybrid
+/// mode) and in an array stored whole in etcd.
+#[tokio::test]
+async fn an_index_in_a_path_replaces_an_array_element() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.json");
+    std::fs::write(
+        &path,
+        r#"{"servers": [{"host": "a", "port": 1}, {"host": "b", "port": 2}], "tags": ["x"]}"#,
+    )
+    .unwrap();
+    let cfg = c.config_source("arr").file(&path);
+    cfg.set("servers.1.port", 20).await.unwrap();
+    cfg.set("tags.0", "y").await.unwrap();
+    assert_eq!(
+        cfg.value().await.unwrap(),
+        json!({"servers": [{"host": "a", "port": 1}, {"host": "b", "port": 20}], "tags": ["y"]})
+    );
+    // An array stored whole in etcd, then one element of it; a watch sees the element change.
+    cfg.set("ports", json!([80, 443])).await.unwrap();
+    cfg.set("ports.1", 8443).await.unwrap();
+    let mut w = cfg.watch::<serde_json::Value>().await.unwrap();
+    assert_eq!(
+        next(&mut w).await.unwrap().config["ports"],
+        json!([80, 8443])
+    );
+    cfg.set("ports.0", 8080).await.unwrap();
+    assert_eq!(
+        next(&mut w).await.unwrap().config["ports"],
+        json!([8080, 8443])
+    );
+    // Deleting the element's value brings back the element stored whole.
+    cfg.delete("ports.1").await.unwrap();
+    assert_eq!(
+        next(&mut w).await.unwrap().config["ports"],
+        json!([8080, 443])
+    );
+}

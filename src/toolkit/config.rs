@@ -42,7 +42,10 @@ impl Client {
 
 /// Configuration stored in etcd, one key per dotted path (`db.pool.size` is the key
 /// `<prefix>/config/<name>/db.pool.size`), each value a JSON document. Reading builds a tree:
-/// dotted paths become nested objects (`{"db": {"pool": {"size": ...}}}`).
+/// dotted paths become nested objects (`{"db": {"pool": {"size": ...}}}`). A segment that is
+/// the index of an array already at that place (from the file, or stored whole at a shorter
+/// path) names its element: `servers.1` replaces the second of `servers`' elements (an index
+/// past the end makes an object, as any other segment).
 ///
 /// With [`file`](Self::file) (hybrid mode) a local file is the base and the etcd values are
 /// overlaid key by key: the value at a dotted path in etcd replaces the file's value at that
@@ -310,16 +313,36 @@ impl Overlay {
     }
 }
 
-/// Set `value` at the dotted `path` of `tree`, creating (or replacing non-object) parents.
+/// Set `value` at the dotted `path` of `tree`, creating (or replacing non-object) parents. A
+/// segment that is an index of an array already there (from the base file, or from a value
+/// stored whole at a shorter path) stands for that element: `servers.1` replaces the second
+/// of `servers`' elements. Any other segment below an array or a scalar replaces it with an
+/// object.
 fn set_path(tree: &mut Value, path: &str, value: Value) {
     let mut node = tree;
     let mut segments = path.split('.').peekable();
     while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        let index = match &*node {
+            Value::Array(items) => array_index(seg, items.len()),
+            _ => None,
+        };
+        if let Some(i) = index {
+            let Some(item) = node.as_array_mut().and_then(|items| items.get_mut(i)) else {
+                return;
+            };
+            if last {
+                *item = value;
+                return;
+            }
+            node = item;
+            continue;
+        }
         if !node.is_object() {
             *node = Value::Object(Map::new());
         }
         let Value::Object(map) = node else { return };
-        if segments.peek().is_none() {
+        if last {
             map.insert(seg.to_owned(), value);
             return;
         }
@@ -327,6 +350,18 @@ fn set_path(tree: &mut Value, path: &str, value: Value) {
             .entry(seg.to_owned())
             .or_insert_with(|| Value::Object(Map::new()));
     }
+}
+
+/// The element `seg` names in an array of `len`: a decimal index below `len`, written without
+/// leading zeros.
+fn array_index(seg: &str, len: usize) -> Option<usize> {
+    if seg.len() > 1 && seg.starts_with('0') {
+        return None;
+    }
+    if !seg.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    seg.parse::<usize>().ok().filter(|&i| i < len)
 }
 
 fn publish<T: DeserializeOwned + Clone>(
@@ -643,5 +678,20 @@ mod tests {
         }
         assert!(o.delete(b"/p/config/a/name"));
         assert_eq!(o.build().unwrap()["name"], "x");
+    }
+
+    /// An index segment names an element of an array already there; anything else below an
+    /// array (a name, an index past the end, a padded index) makes an object of it.
+    #[test]
+    fn an_index_segment_names_an_array_element() {
+        let mut t = serde_json::json!({"s": ["a", {"h": "b"}, "c"]});
+        set_path(&mut t, "s.0", serde_json::json!("A"));
+        set_path(&mut t, "s.1.h", serde_json::json!("B"));
+        assert_eq!(t, serde_json::json!({"s": ["A", {"h": "B"}, "c"]}));
+        for seg in ["3", "01", "x", "-1", "+1"] {
+            let mut t = serde_json::json!({"s": ["a"]});
+            set_path(&mut t, &format!("s.{seg}"), serde_json::json!(1));
+            assert_eq!(t, serde_json::json!({"s": {seg: 1}}), "{seg}");
+        }
     }
 }
