@@ -5,7 +5,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use etcdv3::Client;
 use etcdv3::testkit::FaultProxy;
 
 const TOKEN_TTL: u64 = 2;
@@ -27,18 +26,8 @@ async fn auth_etcd() -> etcdv3::testkit::EtcdCluster {
 async fn a_kept_lease_and_a_watch_survive_token_expiry_and_reconnects() {
     let etcd = auth_etcd().await;
     let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .user("root", "rootpw")
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
-    let observer = Client::builder(etcd.endpoints())
-        .user("root", "rootpw")
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let c = common::user_client(vec![proxy.endpoint()], "root", "rootpw").await;
+    let observer = common::user_client(etcd.endpoints(), "root", "rootpw").await;
     let kept = c.lease().grant(4).keep_alive().await.unwrap();
     let first = c
         .kv()
@@ -103,12 +92,7 @@ async fn cancelling_a_watcher_whose_re_creation_is_refused_returns() {
     // read meanwhile: etcd refuses the create. A cancel sent in between must still return
     // (etcd answers no cancel for a watcher it never made).
     let etcd = auth_etcd().await;
-    let admin = Client::builder(etcd.endpoints())
-        .user("root", "rootpw")
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let admin = common::user_client(etcd.endpoints(), "root", "rootpw").await;
     let auth = admin.auth();
     auth.user_add("alice", "alicepw").await.unwrap();
     auth.role_add("reader").await.unwrap();
@@ -120,13 +104,7 @@ async fn cancelling_a_watcher_whose_re_creation_is_refused_returns() {
         .unwrap();
     auth.user_grant_role("alice", "reader").await.unwrap();
     let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .user("alice", "alicepw")
-        .request_timeout(Duration::from_secs(5))
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let c = common::user_client(vec![proxy.endpoint()], "alice", "alicepw").await;
     let w = c.watch("w/x").await.unwrap();
     // Another watcher keeps the stream open after the cancel (an empty multiplexer closes its
     // stream, which would answer the cancel anyway).
@@ -163,14 +141,8 @@ async fn a_watcher_paused_past_the_token_ttl_again_and_again_resumes_every_time(
     // denied". Each time, the worker must re-authenticate and go on. Before, a refusal within
     // ten seconds of a re-authentication was believed: the second pause ended the watcher.
     let etcd = auth_etcd().await;
-    let login = || {
-        Client::builder(etcd.endpoints())
-            .user("root", "rootpw")
-            .request_timeout(Duration::from_secs(5))
-            .connect()
-    };
-    let c = login().await.unwrap();
-    let writer = login().await.unwrap();
+    let c = common::user_client(etcd.endpoints(), "root", "rootpw").await;
+    let writer = common::user_client(etcd.endpoints(), "root", "rootpw").await;
     let anon = common::client(&etcd).await;
     let mut w = c.watch("p/").prefix().buffer(2).await.unwrap();
     let streams = c.watch_stats().streams_opened;

@@ -129,8 +129,8 @@ async fn an_empty_prefix_mirrors_every_key() {
 /// prefix (which may be long in coming).
 #[tokio::test]
 async fn a_mirror_whose_watch_is_back_reports_no_error() {
+    use etcdv3::Permission;
     use etcdv3::testkit::FaultProxy;
-    use etcdv3::{Client, Permission};
     let etcd = common::etcd_with(&[]).await;
     let setup = client(&etcd).await;
     let auth = setup.auth();
@@ -144,20 +144,9 @@ async fn a_mirror_whose_watch_is_back_reports_no_error() {
     auth.user_grant_role("alice", "reader").await.unwrap();
     setup.kv().put("/m/a", "1").await.unwrap();
     auth.enable().await.unwrap();
-    let admin = Client::builder(etcd.endpoints())
-        .user("root", "rootpw")
-        .request_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let admin = common::user_client(etcd.endpoints(), "root", "rootpw").await;
     let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
-    let c = Client::builder([proxy.endpoint()])
-        .user("alice", "alicepw")
-        .request_timeout(Duration::from_secs(5))
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let c = common::user_client(vec![proxy.endpoint()], "alice", "alicepw").await;
     let mirror = c.mirror("/m/").await.unwrap();
     assert_eq!(mirror.get("/m/a").unwrap(), Bytes::from("1"));
     assert!(mirror.error().is_none());

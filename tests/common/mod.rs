@@ -37,6 +37,18 @@ pub(crate) async fn client(cluster: &EtcdCluster) -> Client {
         .expect("connect to test etcd")
 }
 
+/// A client of `endpoints` signed in as `user` (5 s request timeout, 2 s connect timeout).
+#[allow(dead_code)] // not every test binary signs in
+pub(crate) async fn user_client(endpoints: Vec<String>, user: &str, password: &str) -> Client {
+    Client::builder(endpoints)
+        .user(user, password)
+        .request_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect to test etcd as a user")
+}
+
 /// A fault proxy in front of member 0, and a client that reaches the cluster only through
 /// it (10 s request timeout, 2 s connect timeout).
 pub(crate) async fn proxied_client(cluster: &EtcdCluster) -> (etcdv3::testkit::FaultProxy, Client) {
