@@ -54,8 +54,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::chaos::{self, Fault, Step, ms};
+use common::checks::{self, Attempt, Failure, Seen, failure};
 use etcdv3::testkit::{EtcdCluster, FaultProxy};
-use etcdv3::{Client, Error, ErrorKind, EventKind, KeyValue, OrderingGuard, Permission};
+use etcdv3::{Client, Error, ErrorKind, KeyValue, OrderingGuard, Permission};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::RwLock;
@@ -78,8 +79,6 @@ const MAX_PUTS_PER_WRITER: usize = 10_000;
 const MAX_BURSTS: usize = 20;
 const BURST: usize = 6;
 const MAX_PERM_OPS: usize = 5_000;
-/// How late a put may return after its deadline (a loaded 2-core box; a few ms are usual).
-const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 /// How long the watchers may take to reach the last revision once everything is healed.
 const CATCH_UP: Duration = Duration::from_secs(15);
 /// How long after the healing the permission worker may go on waiting for its refusal.
@@ -149,13 +148,6 @@ async fn app_client(endpoints: Vec<String>) -> Client {
     login(endpoints, USER, PASSWORD, false).await
 }
 
-/// An error outcome: (kind, indeterminate, message).
-type Failure = (ErrorKind, bool, String);
-
-fn failure(e: &Error) -> Failure {
-    (e.kind(), e.is_indeterminate(), format!("{e:?}"))
-}
-
 /// What the workers share with the schedule.
 struct Ctl {
     t0: Instant,
@@ -216,20 +208,6 @@ impl Ctl {
 
 // ---------------------------------------------------------------------------------------------
 // Writers.
-
-/// One put of a writer and what the client said about it.
-#[derive(Debug)]
-struct Attempt {
-    /// When the put started and how long it took (since the window's start).
-    at: Duration,
-    took: Duration,
-    /// The put's deadline.
-    timeout: Duration,
-    key: String,
-    value: String,
-    /// The acknowledged revision, or the failure.
-    outcome: Result<i64, Failure>,
-}
 
 /// One put of `key`, recorded.
 async fn put_once(
@@ -492,19 +470,6 @@ async fn revoke(root: Client, at: Duration, ctl: Arc<Ctl>) {
 
 // ---------------------------------------------------------------------------------------------
 // Watchers.
-
-/// What one watcher saw: (revision, kind, key, value) of every event, and how it ended.
-#[derive(Debug, Default)]
-struct Seen {
-    events: Vec<(i64, EventKind, String, String)>,
-    end: Option<String>,
-}
-
-impl Seen {
-    fn last(&self) -> Option<i64> {
-        self.events.last().map(|e| e.0)
-    }
-}
 
 /// How a watcher's consumer reads, until the `fast` flag is set (at the healing).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -809,42 +774,7 @@ async fn seeded_faults_under_token_auth_never_surface_an_auth_error_nor_lose_a_w
         .unwrap_or_else(|_| panic!("{ctx}: the permission worker did not stop"))
         .unwrap();
 
-    // Should a member have lost an applied entry all the same (etcd 13766), its revisions
-    // stay behind the others' for good: the server's data loss. Check they agree first.
-    let mut revisions = Vec::new();
-    let agree_by = Instant::now() + Duration::from_secs(10);
-    loop {
-        revisions.clear();
-        for i in 0..3 {
-            let m = root.maintenance_at(&cluster.endpoint(i)).unwrap();
-            match m.status().await {
-                Ok(s) => revisions.push(s.header.revision),
-                Err(e) => panic!("{ctx}: status of member {i}: {e:?}"),
-            }
-        }
-        if revisions.iter().all(|r| *r == revisions[0]) || Instant::now() >= agree_by {
-            break;
-        }
-        tokio::time::sleep(ms(100)).await;
-    }
-    if revisions.iter().any(|r| *r != revisions[0]) {
-        let patch: u32 = cluster
-            .version()
-            .split('.')
-            .nth(2)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(u32::MAX);
-        let affected = common::version_of(&cluster) == (3, 5) && patch <= 2;
-        assert!(
-            affected,
-            "{ctx}: the members' revisions diverged ({revisions:?}) on etcd {}",
-            cluster.version()
-        );
-        eprintln!(
-            "SKIPPED the invariants: the members' revisions diverged ({revisions:?}); etcd {} \
-             lost an applied entry (etcd issue 13766)",
-            cluster.version()
-        );
+    if !checks::members_agree(&ctx, &cluster, &root).await {
         return;
     }
 
@@ -877,93 +807,18 @@ async fn seeded_faults_under_token_auth_never_surface_an_auth_error_nor_lose_a_w
         .map(|kv| (kv.key_str().unwrap().to_owned(), kv.clone()))
         .collect();
     let mut acked_revs = HashSet::new();
-    let mut summary = Vec::new();
     let mut samples = Vec::new();
     for (name, (concurrent, list)) in &attempts {
-        let (mut acked, mut unknown, mut unknown_applied, mut refused) = (0, 0, 0, 0);
-        let mut kinds: BTreeMap<String, (usize, String)> = BTreeMap::new();
-        let mut last_acked = 0;
-        let slowest = list.iter().map(|a| a.took).max().unwrap_or_default();
-        for (i, a) in list.iter().enumerate() {
-            assert!(
-                a.took <= a.timeout + DEADLINE_SLACK,
-                "{ctx}: put {} returned {:?} after its {:?} deadline: {a:?}",
-                a.key,
-                a.took - a.timeout,
-                a.timeout
-            );
-            let found = store.get(&a.key);
-            if let Some(kv) = found {
-                assert_eq!(
-                    kv.version(),
-                    1,
-                    "{ctx}: {} applied more than once: {kv:?}",
-                    a.key
-                );
-            }
-            match &a.outcome {
-                Ok(rev) => {
-                    acked += 1;
-                    let kv = found.unwrap_or_else(|| {
-                        panic!(
-                            "{ctx}: acknowledged put {} at revision {rev} was lost: {a:?}",
-                            a.key
-                        )
-                    });
-                    assert_eq!(kv.value_str().unwrap(), a.value, "{ctx}: {}", a.key);
-                    assert_eq!(
-                        kv.mod_revision(),
-                        *rev,
-                        "{ctx}: {} acknowledged at {rev}, stored at another revision",
-                        a.key
-                    );
-                    if !concurrent {
-                        assert!(
-                            *rev > last_acked,
-                            "{ctx}: writer {name}'s put {i} acknowledged at {rev}, not after \
-                             its previous acknowledged put ({last_acked})"
-                        );
-                        last_acked = *rev;
-                    }
-                    assert!(
-                        acked_revs.insert(*rev),
-                        "{ctx}: revision {rev} acknowledged twice"
-                    );
-                    if i.is_multiple_of(50) {
-                        samples.push((a.key.clone(), a.value.clone(), *rev));
-                    }
-                }
-                Err((kind, indeterminate, msg)) => {
-                    kinds
-                        .entry(format!("{kind:?}{}", if *indeterminate { "?" } else { "" }))
-                        .or_insert_with(|| {
-                            (0, format!("first at {:?} ({:?}): {msg}", a.at, a.took))
-                        })
-                        .0 += 1;
-                    if *indeterminate {
-                        unknown += 1;
-                        unknown_applied += usize::from(found.is_some());
-                    } else {
-                        refused += 1;
-                        assert!(
-                            found.is_none(),
-                            "{ctx}: put {} failed with an error that is not indeterminate, \
-                             yet it was applied: {a:?}",
-                            a.key
-                        );
-                    }
-                }
-            }
-        }
-        assert!(acked > 0, "{ctx}: writer {name} never got a put through");
-        summary.push(format!(
-            "{name}: {} puts, {acked} acked, {unknown} indeterminate ({unknown_applied} \
-             applied), {refused} refused, slowest {slowest:?}; errors {kinds:?}",
-            list.len()
-        ));
-    }
-    for s in &summary {
-        eprintln!("  {s}");
+        let line = checks::check_writer(
+            &ctx,
+            name,
+            list,
+            !concurrent,
+            &store,
+            &mut acked_revs,
+            &mut samples,
+        );
+        eprintln!("  {line}");
     }
     // Nothing in the store that was never attempted.
     let attempted: HashSet<&str> = perm_ops
@@ -981,19 +836,7 @@ async fn seeded_faults_under_token_auth_never_surface_an_auth_error_nor_lose_a_w
         assert!(known, "{ctx}: {key} is in the store but was never written");
     }
     // Reads at the acknowledged revision see the value; just before it, nothing.
-    for (key, value, rev) in &samples {
-        let at = root.kv().get(key.clone()).revision(*rev).await.unwrap();
-        assert_eq!(
-            at.kvs.first().map(|kv| kv.value_str().unwrap().to_owned()),
-            Some(value.clone()),
-            "{ctx}: {key} read at its acknowledged revision {rev}"
-        );
-        let before = root.kv().get(key.clone()).revision(rev - 1).await.unwrap();
-        assert_eq!(
-            before.count, 0,
-            "{ctx}: {key} existed before revision {rev}"
-        );
-    }
+    checks::check_samples(&ctx, &root, &samples).await;
     // Every revision of the history is one put of a new key under one of the prefixes.
     let by_rev: BTreeMap<i64, &KeyValue> =
         store.values().map(|kv| (kv.mod_revision(), kv)).collect();
@@ -1119,82 +962,28 @@ async fn seeded_faults_under_token_auth_never_surface_an_auth_error_nor_lose_a_w
     );
 
     // ---- Invariant 3: every watcher saw every revision once, in order, bounded. ----
-    let caught_up_by = healed + CATCH_UP;
-    loop {
-        let lagging: Vec<String> = watchers
-            .iter()
-            .filter_map(|(name, seen, _)| {
-                let s = seen.lock().unwrap();
-                (s.last().is_none_or(|r| r < last_main) && s.end.is_none())
-                    .then(|| format!("{name} at {:?}", s.last()))
-            })
-            .collect();
-        if lagging.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < caught_up_by,
-            "{ctx}: watchers did not reach the last revision {last_main} within {CATCH_UP:?} \
-             after healing: {lagging:?}; watch stats: direct {:?}, proxied {:?}, single {:?}, \
-             pinned {:?}, dozy {:?}",
+    let stats = || {
+        format!(
+            "direct {:?}, proxied {:?}, single {:?}, pinned {:?}, dozy {:?}",
             direct.watch_stats(),
             proxied.watch_stats(),
             single.watch_stats(),
             pinned.watch_stats(),
             dozy.watch_stats()
-        );
-        tokio::time::sleep(ms(20)).await;
-    }
+        )
+    };
+    checks::wait_caught_up(&ctx, &watchers, last_main, healed + CATCH_UP, stats).await;
     eprintln!(
-        "[{:>7.2?}] watchers caught up to {last_main}; watch stats: direct {:?}, proxied {:?}, \
-         single {:?}, pinned {:?}, dozy {:?}",
+        "[{:>7.2?}] watchers caught up to {last_main}; watch stats: {}",
         t0.elapsed(),
-        direct.watch_stats(),
-        proxied.watch_stats(),
-        single.watch_stats(),
-        pinned.watch_stats(),
-        dozy.watch_stats()
+        stats()
     );
     // The watchers' and the leases' failures, reported together.
     let mut failed = Vec::new();
     for (name, seen, task) in &watchers {
         task.abort();
         let s = seen.lock().unwrap();
-        if let Some(end) = &s.end {
-            failed.push(format!(
-                "watcher {name} ended after {} events (at revision {:?}): {end}",
-                s.events.len(),
-                s.last()
-            ));
-            continue;
-        }
-        let revs: Vec<i64> = s.events.iter().map(|e| e.0).collect();
-        if revs != main_revs {
-            let first_bad = revs
-                .iter()
-                .zip(&main_revs)
-                .find(|(got, want)| got != want)
-                .map(|(got, want)| format!("revision {want} expected, got {got}"))
-                .unwrap_or_else(|| {
-                    format!("{} revisions, {} expected", revs.len(), main_revs.len())
-                });
-            failed.push(format!(
-                "watcher {name} did not see every revision of {PREFIX} from {start} to \
-                 {last_main} exactly once in order: {first_bad}"
-            ));
-            continue;
-        }
-        if let Some((rev, kind, key, value)) = s.events.iter().find(|(rev, kind, key, value)| {
-            let kv = by_rev[rev];
-            !(*kind == EventKind::Put
-                && key == kv.key_str().unwrap()
-                && value == kv.value_str().unwrap())
-        }) {
-            failed.push(format!(
-                "watcher {name} saw {kind:?} {key}={value} at {rev}; the store has {:?}",
-                by_rev[rev]
-            ));
-        }
+        failed.extend(checks::watcher_fault(name, &s, &main_revs, &by_rev));
     }
 
     // ---- Invariant 4: the kept leases were never lost, their keys are there. ----

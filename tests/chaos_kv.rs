@@ -37,8 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::chaos::{self, Fault, ms};
+use common::checks::{self, Attempt, Seen, failure};
 use etcdv3::testkit::{EtcdCluster, FaultProxy};
-use etcdv3::{Client, ErrorKind, EventKind, KeyValue, OrderingGuard};
+use etcdv3::{Client, KeyValue, OrderingGuard};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::RwLock;
@@ -51,8 +52,6 @@ const LEASE_TTL: i64 = 10;
 const MAX_PUTS_PER_WRITER: usize = 10_000;
 /// Planned length of the fault schedule (pauses, faults, restarts).
 const SCHEDULE_BUDGET: Duration = Duration::from_secs(15);
-/// How late a put may return after its deadline (a loaded 2-core box; a few ms are usual).
-const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 /// How long the watchers may take to reach the final revision once everything is healed.
 const CATCH_UP: Duration = Duration::from_secs(15);
 
@@ -87,20 +86,6 @@ async fn chaos_client(endpoints: Vec<String>) -> Client {
         .connect()
         .await
         .expect("connect a chaos client")
-}
-
-/// One put of a writer and what the client said about it.
-#[derive(Debug)]
-struct Attempt {
-    /// When the put started and how long it took (since the schedule's start).
-    at: Duration,
-    took: Duration,
-    /// The put's deadline.
-    timeout: Duration,
-    key: String,
-    value: String,
-    /// The acknowledged revision, or (kind, indeterminate, message).
-    outcome: Result<i64, (ErrorKind, bool, String)>,
 }
 
 /// What the writers and the reader share with the schedule.
@@ -144,9 +129,7 @@ async fn write_loop(name: String, c: Client, timeout: Duration, ctl: Arc<Ctl>) -
             timeout,
             key,
             value,
-            outcome: r
-                .map(|r| r.header.revision)
-                .map_err(|e| (e.kind(), e.is_indeterminate(), format!("{e:?}"))),
+            outcome: r.map(|r| r.header.revision).map_err(|e| failure(&e)),
         });
         if failed {
             // Errors can come fast (every endpoint refused): do not spin.
@@ -222,19 +205,6 @@ async fn read_loop(c: Client, start: i64, ctl: Arc<Ctl>) -> Reads {
         tokio::time::sleep(ms(5)).await;
     }
     out
-}
-
-/// What one watcher saw: (revision, kind, key, value) of every event, and how it ended.
-#[derive(Debug, Default)]
-struct Seen {
-    events: Vec<(i64, EventKind, String, String)>,
-    end: Option<String>,
-}
-
-impl Seen {
-    fn last(&self) -> Option<i64> {
-        self.events.last().map(|e| e.0)
-    }
 }
 
 /// A watcher on the prefix from `start`, read by its own task into a [`Seen`]. A `slow` one
@@ -434,42 +404,7 @@ async fn seeded_faults_lose_no_acknowledged_put_and_watchers_see_every_revision_
         .unwrap();
 
     let observer = chaos_client(cluster.endpoints()).await;
-    // Should a member have lost an applied entry all the same (etcd 13766), its revisions
-    // stay behind the others' for good: the server's data loss. Check they agree first.
-    let mut revisions = Vec::new();
-    let agree_by = Instant::now() + Duration::from_secs(10);
-    loop {
-        revisions.clear();
-        for i in 0..3 {
-            let m = observer.maintenance_at(&cluster.endpoint(i)).unwrap();
-            match m.status().await {
-                Ok(s) => revisions.push(s.header.revision),
-                Err(e) => panic!("{ctx}: status of member {i}: {e:?}"),
-            }
-        }
-        if revisions.iter().all(|r| *r == revisions[0]) || Instant::now() >= agree_by {
-            break;
-        }
-        tokio::time::sleep(ms(100)).await;
-    }
-    if revisions.iter().any(|r| *r != revisions[0]) {
-        let patch: u32 = cluster
-            .version()
-            .split('.')
-            .nth(2)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(u32::MAX);
-        let affected = common::version_of(&cluster) == (3, 5) && patch <= 2;
-        assert!(
-            affected,
-            "{ctx}: the members' revisions diverged ({revisions:?}) on etcd {}",
-            cluster.version()
-        );
-        eprintln!(
-            "SKIPPED the invariants: the members' revisions diverged ({revisions:?}); etcd {} \
-             lost an applied entry (etcd issue 13766)",
-            cluster.version()
-        );
+    if !checks::members_agree(&ctx, &cluster, &observer).await {
         return;
     }
 
@@ -482,92 +417,18 @@ async fn seeded_faults_lose_no_acknowledged_put_and_watchers_see_every_revision_
         .map(|kv| (kv.key_str().unwrap().to_owned(), kv.clone()))
         .collect();
     let mut acked_revs = HashSet::new();
-    let mut summary = Vec::new();
     let mut samples = Vec::new();
     for (name, list) in &attempts {
-        let (mut acked, mut unknown, mut unknown_applied, mut refused) = (0, 0, 0, 0);
-        // Per kind of error: how many, and the first message.
-        let mut kinds: BTreeMap<String, (usize, String)> = BTreeMap::new();
-        let mut last_acked = 0;
-        let slowest = list.iter().map(|a| a.took).max().unwrap_or_default();
-        for (i, a) in list.iter().enumerate() {
-            assert!(
-                a.took <= a.timeout + DEADLINE_SLACK,
-                "{ctx}: put {} returned {:?} after its {:?} deadline: {a:?}",
-                a.key,
-                a.took - a.timeout,
-                a.timeout
-            );
-            let found = store.get(&a.key);
-            if let Some(kv) = found {
-                assert_eq!(
-                    kv.version(),
-                    1,
-                    "{ctx}: {} applied more than once: {kv:?}",
-                    a.key
-                );
-            }
-            match &a.outcome {
-                Ok(rev) => {
-                    acked += 1;
-                    let kv = found.unwrap_or_else(|| {
-                        panic!(
-                            "{ctx}: acknowledged put {} at revision {rev} was lost: {a:?}",
-                            a.key
-                        )
-                    });
-                    assert_eq!(kv.value_str().unwrap(), a.value, "{ctx}: {}", a.key);
-                    assert_eq!(
-                        kv.mod_revision(),
-                        *rev,
-                        "{ctx}: {} acknowledged at {rev}, stored at another revision",
-                        a.key
-                    );
-                    assert!(
-                        *rev > last_acked,
-                        "{ctx}: writer {name}'s put {i} acknowledged at {rev}, not after its \
-                         previous acknowledged put ({last_acked})"
-                    );
-                    last_acked = *rev;
-                    assert!(
-                        acked_revs.insert(*rev),
-                        "{ctx}: revision {rev} acknowledged twice"
-                    );
-                    if i.is_multiple_of(50) {
-                        samples.push((a.key.clone(), a.value.clone(), *rev));
-                    }
-                }
-                Err((kind, indeterminate, msg)) => {
-                    kinds
-                        .entry(format!("{kind:?}{}", if *indeterminate { "?" } else { "" }))
-                        .or_insert_with(|| {
-                            (0, format!("first at {:?} ({:?}): {msg}", a.at, a.took))
-                        })
-                        .0 += 1;
-                    if *indeterminate {
-                        unknown += 1;
-                        unknown_applied += usize::from(found.is_some());
-                    } else {
-                        refused += 1;
-                        assert!(
-                            found.is_none(),
-                            "{ctx}: put {} failed with an error that is not indeterminate, \
-                             yet it was applied: {a:?}",
-                            a.key
-                        );
-                    }
-                }
-            }
-        }
-        assert!(acked > 0, "{ctx}: writer {name} never got a put through");
-        summary.push(format!(
-            "{name}: {} puts, {acked} acked, {unknown} indeterminate ({unknown_applied} \
-             applied), {refused} refused, slowest {slowest:?}; errors {kinds:?}",
-            list.len()
-        ));
-    }
-    for s in &summary {
-        eprintln!("  {s}");
+        let line = checks::check_writer(
+            &ctx,
+            name,
+            list,
+            true,
+            &store,
+            &mut acked_revs,
+            &mut samples,
+        );
+        eprintln!("  {line}");
     }
     // Nothing in the store that was never attempted.
     for key in store.keys() {
@@ -581,24 +442,7 @@ async fn seeded_faults_lose_no_acknowledged_put_and_watchers_see_every_revision_
         assert!(known, "{ctx}: {key} is in the store but was never written");
     }
     // Reads at the acknowledged revision see the value; just before it, nothing.
-    for (key, value, rev) in &samples {
-        let at = observer.kv().get(key.clone()).revision(*rev).await.unwrap();
-        assert_eq!(
-            at.kvs.first().map(|kv| kv.value_str().unwrap().to_owned()),
-            Some(value.clone()),
-            "{ctx}: {key} read at its acknowledged revision {rev}"
-        );
-        let before = observer
-            .kv()
-            .get(key.clone())
-            .revision(rev - 1)
-            .await
-            .unwrap();
-        assert_eq!(
-            before.count, 0,
-            "{ctx}: {key} existed before revision {rev}"
-        );
-    }
+    checks::check_samples(&ctx, &observer, &samples).await;
     // Every revision of the history is one put of a new key under the prefix.
     let by_rev: BTreeMap<i64, &KeyValue> =
         store.values().map(|kv| (kv.mod_revision(), kv)).collect();
@@ -622,69 +466,26 @@ async fn seeded_faults_lose_no_acknowledged_put_and_watchers_see_every_revision_
     assert!(reads.linearizable > 0, "{ctx}: no read succeeded");
 
     // ---- Invariant 2: every watcher saw every revision once, in order, bounded. ----
-    let caught_up_by = healed + CATCH_UP;
-    loop {
-        let lagging: Vec<String> = watchers
-            .iter()
-            .filter_map(|(name, seen, _)| {
-                let s = seen.lock().unwrap();
-                (s.last().is_none_or(|r| r < final_rev) && s.end.is_none())
-                    .then(|| format!("{name} at {:?}", s.last()))
-            })
-            .collect();
-        if lagging.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < caught_up_by,
-            "{ctx}: watchers did not reach the final revision {final_rev} within {CATCH_UP:?} \
-             after healing: {lagging:?}; watch stats: direct {:?}, proxied {:?}, single {:?}",
+    let stats = || {
+        format!(
+            "direct {:?}, proxied {:?}, single {:?}",
             direct.watch_stats(),
             proxied.watch_stats(),
             single.watch_stats()
-        );
-        tokio::time::sleep(ms(20)).await;
-    }
+        )
+    };
+    checks::wait_caught_up(&ctx, &watchers, final_rev, healed + CATCH_UP, stats).await;
     eprintln!(
-        "[{:>7.2?}] watchers caught up to {final_rev}; watch stats: direct {:?}, proxied {:?}, \
-         single {:?}",
+        "[{:>7.2?}] watchers caught up to {final_rev}; watch stats: {}",
         t0.elapsed(),
-        direct.watch_stats(),
-        proxied.watch_stats(),
-        single.watch_stats()
+        stats()
     );
+    let all_revs: Vec<i64> = (start..=final_rev).collect();
     for (name, seen, task) in &watchers {
         task.abort();
-        let s = seen.lock().unwrap();
-        assert!(s.end.is_none(), "{ctx}: watcher {name} ended: {:?}", s.end);
-        let revs: Vec<i64> = s.events.iter().map(|e| e.0).collect();
-        if revs != (start..=final_rev).collect::<Vec<_>>() {
-            // Name the first place it goes wrong.
-            let first_bad = revs
-                .iter()
-                .zip(start..)
-                .find(|(got, want)| **got != *want)
-                .map(|(got, want)| format!("revision {want} expected, got {got}"))
-                .unwrap_or_else(|| {
-                    format!(
-                        "{} revisions, {} expected",
-                        revs.len(),
-                        final_rev - start + 1
-                    )
-                });
-            panic!(
-                "{ctx}: watcher {name} did not see every revision {start}..={final_rev} exactly \
-                 once in order: {first_bad}"
-            );
-        }
-        for (rev, kind, key, value) in &s.events {
-            let kv = by_rev[rev];
-            assert!(
-                *kind == EventKind::Put
-                    && key == kv.key_str().unwrap()
-                    && value == kv.value_str().unwrap(),
-                "{ctx}: watcher {name} saw {kind:?} {key}={value} at {rev}; the store has {kv:?}"
-            );
+        if let Some(fault) = checks::watcher_fault(name, &seen.lock().unwrap(), &all_revs, &by_rev)
+        {
+            panic!("{ctx}: {fault}");
         }
     }
 

@@ -7,9 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{
-    client, etcd, etcd_with, streams_on_server, version_of, wait_until, watchers_on_server,
-};
+use common::{client, etcd, etcd_with, streams_on_server, wait_until, watchers_on_server};
 use etcdv3::testkit::{Direction, EtcdCluster, FaultProxy};
 use etcdv3::{Client, ErrorKind, EventKind, Op, WatchBatch, Watcher};
 use futures::FutureExt;
@@ -1190,25 +1188,9 @@ async fn hundred_watchers_resume_exactly_once_across_member_restarts() {
     // Should a member have lost an applied entry all the same (etcd 13766, above), its
     // revisions stay behind the others' for good and its watchers see its own numbering:
     // the server's data loss, not the client's. Check the members agree before judging.
-    let mut revisions = Vec::new();
-    for _ in 0..100 {
-        revisions.clear();
-        for i in 0..3 {
-            let m = writer.maintenance_at(&cluster.endpoint(i)).unwrap();
-            revisions.push(m.status().await.unwrap().header.revision);
-        }
-        if revisions.iter().all(|r| *r == revisions[0]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if revisions.iter().any(|r| *r != revisions[0]) {
+    let ctx = "hundred_watchers_resume_exactly_once_across_member_restarts";
+    if !common::checks::members_agree(ctx, &cluster, &writer).await {
         reader.abort();
-        eprintln!(
-            "SKIPPED the exactness checks: the members' revisions diverged after the kills \
-             ({revisions:?}); etcd {:?} lost an applied entry (etcd issue 13766)",
-            version_of(&cluster)
-        );
         return;
     }
     let last_put = Instant::now();

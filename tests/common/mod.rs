@@ -10,6 +10,7 @@ use etcdv3::testkit::EtcdCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub(crate) mod chaos;
+pub(crate) mod checks;
 
 /// A fresh single-member etcd (the binary from `ETCD_BIN`, PATH or /usr/bin/etcd).
 pub(crate) async fn etcd() -> EtcdCluster {
