@@ -44,8 +44,9 @@ impl Client {
 /// `<prefix>/config/<name>/db.pool.size`), each value a JSON document. Reading builds a tree:
 /// dotted paths become nested objects (`{"db": {"pool": {"size": ...}}}`). A segment that is
 /// the index of an array already at that place (from the file, or stored whole at a shorter
-/// path) names its element: `servers.1` replaces the second of `servers`' elements (an index
-/// past the end makes an object, as any other segment).
+/// path) names its element: `servers.1` replaces the second of `servers`' elements. Any other
+/// segment below an array (a name, an index past the end) makes it an object, with its
+/// elements under their indexes (`"0"`, `"1"`, ...).
 ///
 /// With [`file`](Self::file) (hybrid mode) a local file is the base and the etcd values are
 /// overlaid key by key: the value at a dotted path in etcd replaces the file's value at that
@@ -316,8 +317,8 @@ impl Overlay {
 /// Set `value` at the dotted `path` of `tree`, creating (or replacing non-object) parents. A
 /// segment that is an index of an array already there (from the base file, or from a value
 /// stored whole at a shorter path) stands for that element: `servers.1` replaces the second
-/// of `servers`' elements. Any other segment below an array or a scalar replaces it with an
-/// object.
+/// of `servers`' elements. Any other segment below an array makes it an object with the
+/// elements under their indexes; below a scalar, an empty object.
 fn set_path(tree: &mut Value, path: &str, value: Value) {
     let mut node = tree;
     let mut segments = path.split('.').peekable();
@@ -338,8 +339,19 @@ fn set_path(tree: &mut Value, path: &str, value: Value) {
             node = item;
             continue;
         }
-        if !node.is_object() {
-            *node = Value::Object(Map::new());
+        match node {
+            Value::Object(_) => {}
+            // Its elements stay, keyed by their index: an element set at an earlier path
+            // (`servers.1`, which sorts first) is not lost to `servers.x`.
+            Value::Array(items) => {
+                let map = std::mem::take(items)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (i.to_string(), v))
+                    .collect();
+                *node = Value::Object(map);
+            }
+            _ => *node = Value::Object(Map::new()),
         }
         let Value::Object(map) = node else { return };
         if last {
@@ -691,7 +703,26 @@ mod tests {
         for seg in ["3", "01", "x", "-1", "+1"] {
             let mut t = serde_json::json!({"s": ["a"]});
             set_path(&mut t, &format!("s.{seg}"), serde_json::json!(1));
-            assert_eq!(t, serde_json::json!({"s": {seg: 1}}), "{seg}");
+            assert_eq!(t, serde_json::json!({"s": {"0": "a", seg: 1}}), "{seg}");
         }
+        // Paths apply in key order: an element set before a name below the same array is
+        // kept, and so is one set after an index past the end (`s.10` sorts before `s.2`).
+        let mut o = Overlay {
+            base: serde_json::json!({"s": ["a", "b", "c"]}),
+            prefix: "/p/".into(),
+            entries: BTreeMap::new(),
+        };
+        for (path, value) in [
+            ("s.1", "\"B\""),
+            ("s.x", "1"),
+            ("s.10", "2"),
+            ("s.2", "\"C\""),
+        ] {
+            assert!(o.put(format!("/p/{path}").as_bytes(), value.as_bytes()));
+        }
+        assert_eq!(
+            o.build().unwrap(),
+            serde_json::json!({"s": {"0": "a", "1": "B", "2": "C", "10": 2, "x": 1}})
+        );
     }
 }

@@ -226,8 +226,13 @@ impl MirrorTask {
                 _ = self.tx.closed() => return,
                 w = watch.into_future() => match w {
                     Ok(w) => {
-                        // The watch is back: an earlier error no longer holds.
-                        self.tx.send_if_modified(|p| p.error.take().is_some());
+                        // After an error, ask for a progress notification: etcd answers it
+                        // once the watcher is synced (not when it starts below the compacted
+                        // revision, which is reported instead), and any batch shows that the
+                        // watch is back, also on a quiet prefix.
+                        if self.tx.borrow().error.is_some() {
+                            let _ = w.request_progress();
+                        }
                         w
                     }
                     Err(e) => {
@@ -248,6 +253,8 @@ impl MirrorTask {
                     Some(Ok(batch)) => {
                         attempt = 0;
                         if batch.events().is_empty() {
+                            // The watch is back: an earlier error no longer holds.
+                            self.tx.send_if_modified(|p| p.error.take().is_some());
                             continue;
                         }
                         let mut g = match self.state.write() {
