@@ -124,7 +124,9 @@ enum Address {
 /// A lazily connected HTTP/2 connection to one etcd endpoint, shared by its clones.
 ///
 /// The generated clients of [`raw`](crate::raw) run on it (it is a `tower::Service` for gRPC
-/// requests); see the [module docs](self) for how it connects, keeps alive and reconnects.
+/// requests). It connects on first use, keeps the connection alive with HTTP/2 pings while
+/// requests or streams are open, and makes a new connection when the old one was found
+/// closed.
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<Inner>,

@@ -19,8 +19,8 @@ pub const DEFAULT_GROUP_BUFFER: usize = 4096;
 /// Each member is a full watcher ([`Watch`] with all its options, on the client's shared
 /// Watch stream) with every guarantee of a [`Watcher`]: its revisions arrive exactly once and
 /// in order, across reconnects, and its end comes as an error item with its id. What
-/// differs is the hand-off: all members share one bounded buffer ([`with_buffer`]
-/// (WatchGroup::with_buffer), in batches; a member's own [`Watch::buffer`] is not used) and
+/// differs is the hand-off: all members share one bounded buffer
+/// ([`with_buffer`](WatchGroup::with_buffer), in batches; a member's own [`Watch::buffer`] is not used) and
 /// one consumer. A batch costs the multiplexer no wake-up of a task per watcher and no
 /// buffer per watcher, so reading 1,000 watchers this way costs less CPU than a task per
 /// [`Watcher`] (see the README's figures). When the shared buffer is full, the member whose
