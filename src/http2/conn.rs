@@ -217,7 +217,16 @@ struct State {
     /// Emptied DATA queues of ended streams, reused by new ones (a queue's first push
     /// allocates; a unary call would pay that on every request).
     spare: Vec<VecDeque<Bytes>>,
+    /// Answers to the peer's frames (PING and SETTINGS acknowledgements, resets) added to
+    /// `out` since the writer last took it: bounded by [`MAX_QUEUED_CONTROL`].
+    control_queued: usize,
 }
+
+/// Answers to the peer's frames that may wait in `out` at once. A peer that sends PINGs or
+/// SETTINGS faster than it reads our answers would otherwise grow our buffer without bound
+/// (RFC 9113 §10.5); past this the connection fails with ENHANCE_YOUR_CALM, as Go's HTTP/2
+/// server does (with the same bound).
+const MAX_QUEUED_CONTROL: usize = 10_000;
 
 struct Shared {
     state: Mutex<State>,
@@ -293,6 +302,7 @@ where
             scratch: Vec::new(),
             room_wanted: false,
             spare: Vec::new(),
+            control_queued: 0,
         }),
         writer: Notify::new(),
         room: Notify::new(),
@@ -382,6 +392,7 @@ where
                     frame::write_goaway(&mut st.out, last, code::NO_ERROR, b"");
                     st.goaway_sent = true;
                 }
+                st.control_queued = 0;
                 (st.out.split().freeze(), finishing || st.dead)
             };
             if !chunk.is_empty()
@@ -439,6 +450,20 @@ fn flow_control(why: &'static str) -> frame::ConnError {
 }
 
 impl State {
+    /// Count one more answer to the peer's frames in `out`; a connection error when the peer
+    /// has not been reading them (see [`MAX_QUEUED_CONTROL`]).
+    fn queue_control(&mut self) -> Result<(), frame::ConnError> {
+        self.control_queued += 1;
+        if self.control_queued > MAX_QUEUED_CONTROL {
+            return Err(frame::ConnError {
+                code: code::ENHANCE_YOUR_CALM,
+                why: "too many control frames queued: the server sends PINGs or SETTINGS \
+                      faster than it reads the answers",
+            });
+        }
+        Ok(())
+    }
+
     fn fail_all(&mut self, err: StreamError) {
         if self.closed.is_none() {
             self.closed = Some(err.clone());
@@ -494,14 +519,26 @@ impl State {
                         setting::MAX_CONCURRENT_STREAMS => {
                             self.peer_max_streams = usize::try_from(value).unwrap_or(usize::MAX);
                         }
+                        // §6.5.2: a server may only say 0 (no push), and a client must treat
+                        // anything else as a connection error.
+                        setting::ENABLE_PUSH if value != 0 => {
+                            return Err(frame::ConnError {
+                                code: code::PROTOCOL_ERROR,
+                                why: "the server set SETTINGS_ENABLE_PUSH",
+                            });
+                        }
                         _ => {}
                     }
                 }
+                self.queue_control()?;
                 frame::write_settings_ack(&mut self.out);
                 self.flush_blocked();
             }
             Frame::Settings { ack: true, .. } | Frame::Ignored => {}
-            Frame::Ping { ack: false, data } => frame::write_ping(&mut self.out, data, true),
+            Frame::Ping { ack: false, data } => {
+                self.queue_control()?;
+                frame::write_ping(&mut self.out, data, true);
+            }
             Frame::Ping { ack: true, data } => {
                 let n = u64::from_be_bytes(data);
                 if n <= self.pings.sent && n > self.pings.acked {
@@ -616,12 +653,15 @@ impl State {
                     }
                     self.flush_blocked();
                 } else if let Some(s) = self.streams.get_mut(&stream) {
-                    if increment == 0 || s.send_window + i64::from(increment) > 0x7fff_ffff {
+                    if s.error.is_some() {
+                        // Failed already (reset by us, or by the peer): nothing more to say.
+                    } else if increment == 0 || s.send_window + i64::from(increment) > 0x7fff_ffff {
                         let c = if increment == 0 {
                             code::PROTOCOL_ERROR
                         } else {
                             code::FLOW_CONTROL_ERROR
                         };
+                        self.control_queued += 1;
                         frame::write_rst_stream(&mut self.out, stream, c);
                         s.error = Some(StreamError::Reset(c));
                         s.stop_sending();
@@ -1933,6 +1973,58 @@ mod peer {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// §6.5.2: a server that sets SETTINGS_ENABLE_PUSH (to anything but 0) breaks the
+    /// protocol: the connection fails.
+    #[tokio::test]
+    async fn a_server_that_enables_push_fails_the_connection() {
+        use tokio::io::AsyncWriteExt;
+        let (_conn, mut theirs, s) = raw_peer().await;
+        let mut out = BytesMut::new();
+        frame::write_settings(&mut out, &[(setting::ENABLE_PUSH, 1)]);
+        theirs.write_all(&out).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), answer(s)).await {
+            Ok(Err(StreamError::ConnectionLost(why))) => {
+                assert!(why.contains("ENABLE_PUSH"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Saying 0 is fine.
+        let (_conn, mut theirs, s) = raw_peer().await;
+        let mut out = BytesMut::new();
+        frame::write_settings(&mut out, &[(setting::ENABLE_PUSH, 0)]);
+        theirs.write_all(&out).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(300), answer(s)).await;
+        assert!(r.is_err(), "the stream still waits for its answer: {r:?}");
+    }
+
+    /// §10.5: a peer that floods PINGs and never reads our answers does not grow our
+    /// buffer without bound: past 10,000 queued answers the connection fails with
+    /// ENHANCE_YOUR_CALM.
+    #[tokio::test]
+    async fn a_peer_that_floods_pings_without_reading_fails_the_connection() {
+        use tokio::io::AsyncWriteExt;
+        let (_conn, mut theirs, s) = raw_peer().await;
+        let mut out = BytesMut::new();
+        frame::write_settings(&mut out, &[]);
+        // Our answers fill the 64 KiB pipe after about 3,800 PINGs; the rest wait in our
+        // buffer, since the test never reads.
+        for i in 0..30_000u64 {
+            frame::write_ping(&mut out, i.to_be_bytes(), false);
+        }
+        let flood = tokio::spawn(async move {
+            // The write stops when the connection fails (our side closes the pipe).
+            let _ = theirs.write_all(&out).await;
+            theirs
+        });
+        match tokio::time::timeout(Duration::from_secs(10), answer(s)).await {
+            Ok(Err(StreamError::ConnectionLost(why))) => {
+                assert!(why.contains("too many control frames"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(flood);
     }
 
     /// A refused stream and the streams after the peer's GOAWAY are not processed (safe to
