@@ -877,3 +877,37 @@ fn handles_are_send_and_sync() {
     check::<etcdv3::Lease>();
     check::<etcdv3::LeaseStatus>();
 }
+
+/// A server that is slow, not gone: every answer comes 1.4 s after its refresh, more than a
+/// third of the TTL (when the keeper counts a silent stream as stalled and opens another)
+/// but well within the deadline. The answers on the replaced stream still count, so the
+/// lease is kept: it is never reported lost, and it is alive on the server.
+#[tokio::test]
+async fn a_slow_server_keeps_the_lease_though_the_stream_counts_as_stalled() {
+    const TTL: i64 = 3;
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.client_addr(0)).await.unwrap();
+    let c = client_at(proxy.endpoint()).await;
+    let direct = client(&etcd).await;
+    let kept = c.lease().grant(TTL).keep_alive().await.unwrap();
+    // From now on every chunk waits 700 ms each way.
+    proxy.delay(Duration::from_millis(700));
+    let streams = c.lease().keeper_streams_opened();
+    let until = Instant::now() + Duration::from_secs(3 * TTL as u64);
+    while Instant::now() < until {
+        assert_eq!(
+            kept.lost_reason(),
+            None,
+            "lost under a slow server: {:?}",
+            kept.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.lease().keeper_streams_opened() > streams,
+        "the stream never counted as stalled: the test did not test the case"
+    );
+    assert_eq!(kept.lost_reason(), None);
+    let ttl = direct.lease().time_to_live(kept.id()).await.unwrap();
+    assert!(ttl.ttl > 0, "{ttl:?}");
+}

@@ -13,6 +13,11 @@
 //! was acknowledged. At most one refresh per lease is in flight on the stream; answers are
 //! matched by lease ID.
 //!
+//! A stream on which a refresh goes unanswered for a third of its TTL, with nothing else
+//! answered since it was sent, counts as stalled: the next stream goes to another member. The
+//! stalled stream is still read until its refreshes are answered or their deadlines pass, so
+//! a server that is only slow keeps the leases it renews (`Draining`).
+//!
 //! Each lease has at most one entry in the timer queue (a `BTreeSet` keyed by time and lease
 //! ID, driven by one `Sleep`): its next refresh when none is in flight, else the point at
 //! which the stream counts as stalled, else its deadline.
@@ -237,6 +242,27 @@ enum Conn {
     },
 }
 
+/// Where a stalled stream's answers come from: the stream, or the future still opening it
+/// (etcd sends a keep-alive stream's response headers with its first answer).
+enum DrainFrom {
+    Opening(OpenFuture),
+    Open(Box<MessageStream<pb::LeaseKeepAliveResponse>>),
+}
+
+/// A stream replaced because it stalled (silent for a third of a TTL after a refresh), read
+/// on until the refreshes it carried are answered or their deadlines pass: a server that is
+/// slow rather than gone still renews them, and an answer that comes here in time counts as
+/// it would have on a live stream. Its requests stay open (`_tx`) so that it is not ended
+/// under its answers.
+struct Draining {
+    _tx: mpsc::UnboundedSender<pb::LeaseKeepAliveRequest>,
+    rx: DrainFrom,
+    /// Refreshes sent on it and not answered yet: lease ID -> send time.
+    pending: HashMap<i64, Instant>,
+    /// The last of their deadlines: the stream is dropped then.
+    until: Pin<Box<Sleep>>,
+}
+
 struct Worker {
     shared: Arc<Shared>,
     stats: Arc<Stats>,
@@ -263,6 +289,8 @@ struct Worker {
     /// Refreshes in flight on the current stream for leases no longer kept (their answers
     /// are dropped).
     orphans: HashMap<i64, u32>,
+    /// The last stream that stalled, read on for its answers (see [`Draining`]).
+    draining: Option<Draining>,
     revoke_queue: VecDeque<i64>,
     revokes: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Resolves when the client is closed (taken once it has).
@@ -301,6 +329,22 @@ fn stall_after(ttl: i64) -> Duration {
     }
 }
 
+/// Record an acknowledged refresh of lease `id` (`e`) sent at `sent`: its TTL, deadline
+/// and status.
+fn renewed(e: &mut Entry, id: i64, sent: Instant, ttl: i64, now: Instant) {
+    let deadline = sent + ttl_duration(ttl);
+    e.ttl = ttl;
+    e.acked_sent = sent;
+    e.deadline = Some(deadline);
+    e.status.send_replace(LeaseStatus {
+        id,
+        ttl,
+        acknowledged_at: now.into_std(),
+        deadline: deadline.into_std(),
+        lost: None,
+    });
+}
+
 impl Worker {
     fn new(
         shared: Arc<Shared>,
@@ -327,6 +371,7 @@ impl Worker {
             token_generation: None,
             last_answer: None,
             orphans: HashMap::new(),
+            draining: None,
             revoke_queue: VecDeque::new(),
             revokes: Vec::new(),
             close_signal,
@@ -341,6 +386,7 @@ impl Worker {
             let mut progress = false;
             progress |= self.poll_commands(cx, &mut budget);
             progress |= self.poll_conn(cx, &mut budget);
+            progress |= self.poll_draining(cx, &mut budget);
             progress |= self.poll_timers(cx);
             progress |= self.poll_revokes(cx);
             if let Some(signal) = self.close_signal.as_mut()
@@ -354,6 +400,9 @@ impl Worker {
                 // Nothing to keep: end the stream (and any back-off).
                 self.conn = Conn::Idle;
                 self.orphans.clear();
+            }
+            if self.leases.is_empty() {
+                self.draining = None;
             }
             self.stats
                 .kept
@@ -600,19 +649,88 @@ impl Worker {
             self.lose(id, LeaseLost::NotAcknowledged);
             return;
         }
-        let deadline = sent + ttl_duration(answer.ttl);
-        e.ttl = answer.ttl;
-        e.acked_sent = sent;
-        e.deadline = Some(deadline);
-        e.status.send_replace(LeaseStatus {
-            id,
-            ttl: answer.ttl,
-            acknowledged_at: now.into_std(),
-            deadline: deadline.into_std(),
-            lost: None,
-        });
+        renewed(e, id, sent, answer.ttl, now);
         let at = self.refresh_at(id);
         self.schedule(id, at);
+    }
+
+    /// Read the stalled stream's answers (see [`Draining`]); drop it once it has nothing
+    /// more to give.
+    fn poll_draining(&mut self, cx: &mut Context<'_>, budget: &mut usize) -> bool {
+        let Some(d) = self.draining.as_mut() else {
+            return false;
+        };
+        if d.until.as_mut().poll(cx).is_ready() {
+            self.draining = None;
+            return true;
+        }
+        let mut progress = false;
+        while *budget > 0 {
+            let Some(d) = self.draining.as_mut() else {
+                break;
+            };
+            let rx = match &mut d.rx {
+                DrainFrom::Open(rx) => rx,
+                DrainFrom::Opening(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Ready(Ok((rx, _))) => {
+                        progress = true;
+                        d.rx = DrainFrom::Open(Box::new(rx));
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.draining = None;
+                        return true;
+                    }
+                    Poll::Pending => break,
+                },
+            };
+            match Pin::new(&mut **rx).poll_next(cx) {
+                Poll::Ready(Some(Ok(answer))) => {
+                    *budget -= 1;
+                    progress = true;
+                    let sent = d.pending.remove(&answer.id);
+                    if d.pending.is_empty() {
+                        self.draining = None;
+                    }
+                    let now = Instant::now();
+                    // The server answers: a refresh sent before this on the new stream is
+                    // slow, not lost, so that stream does not count as stalled for it.
+                    self.last_answer = Some(now);
+                    if let Some(sent) = sent {
+                        self.on_late_answer(answer, sent, now);
+                    }
+                }
+                Poll::Ready(_) => {
+                    // Ended or failed: nothing more will come.
+                    self.draining = None;
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    /// An answer on the stalled stream to a refresh sent at `sent`. It renews the lease from
+    /// `sent` unless it comes after the lease's deadline (the live stream decides then) or a
+    /// later refresh was acknowledged already; a TTL of 0 means the lease is gone.
+    fn on_late_answer(&mut self, answer: pb::LeaseKeepAliveResponse, sent: Instant, now: Instant) {
+        let id = answer.id;
+        let Some(e) = self.leases.get_mut(&id) else {
+            return;
+        };
+        if answer.ttl <= 0 {
+            self.lose(id, LeaseLost::Expired);
+            return;
+        }
+        if e.deadline.is_some_and(|d| now >= d) || sent <= e.acked_sent {
+            return;
+        }
+        renewed(e, id, sent, answer.ttl, now);
+        if e.in_flight.is_none() {
+            let at = self.refresh_at(id);
+            self.schedule(id, at);
+        }
     }
 
     /// Open a new stream and send every refresh that is due.
@@ -661,6 +779,47 @@ impl Worker {
             .collect();
         for id in due {
             self.send(id, now);
+        }
+    }
+
+    /// The open stream stalled: replace it, and read on the old one for the answers to the
+    /// refreshes it carried (see [`Draining`]).
+    fn stalled(&mut self) {
+        let old = std::mem::replace(&mut self.conn, Conn::Idle);
+        let from = match old {
+            Conn::Open { tx, rx } => Some((tx, DrainFrom::Open(rx))),
+            Conn::Opening { tx, fut } => Some((tx, DrainFrom::Opening(fut))),
+            other => {
+                self.conn = other;
+                None
+            }
+        };
+        let draining = match from {
+            Some((tx, rx)) => {
+                let pending: HashMap<i64, Instant> = self
+                    .leases
+                    .iter()
+                    .filter_map(|(id, e)| Some((*id, e.in_flight?)))
+                    .collect();
+                pending
+                    .keys()
+                    .filter_map(|id| self.leases.get(id)?.deadline)
+                    .max()
+                    .map(|until| Draining {
+                        _tx: tx,
+                        rx,
+                        pending,
+                        until: Box::pin(tokio::time::sleep_until(until)),
+                    })
+            }
+            None => None,
+        };
+        self.fail(Error::new(
+            ErrorKind::Unavailable,
+            "the keep-alive stream stalled",
+        ));
+        if draining.is_some() {
+            self.draining = draining;
         }
     }
 
@@ -828,13 +987,11 @@ impl Worker {
             if now >= stall {
                 let silent = self.last_answer.is_none_or(|a| a < sent);
                 if silent {
-                    self.fail(Error::new(
-                        ErrorKind::Unavailable,
-                        "the keep-alive stream stalled",
-                    ));
+                    self.stalled();
                     return;
                 }
-                // The stream answers others: wait for this answer up to the deadline.
+                // The server answers others (on this stream, or on a stalled one still read):
+                // it is slow, not gone. Wait for this answer up to the deadline.
                 let at = deadline.unwrap_or(now + UNKNOWN_TTL_STALL);
                 self.schedule(id, at);
             } else {
@@ -917,6 +1074,7 @@ impl Worker {
             self.lose(id, LeaseLost::Closed);
         }
         self.conn = Conn::Idle;
+        self.draining = None;
         self.revoke_queue.clear();
         self.revokes.clear();
         self.closed = true;
